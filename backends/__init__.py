@@ -1,0 +1,1 @@
+"""Lowerings of IR regions to code generators (installed as ``graphopt.backends``)."""

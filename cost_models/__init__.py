@@ -1,0 +1,1 @@
+"""Models that choose among lowerings (installed as ``graphopt.cost_models``)."""

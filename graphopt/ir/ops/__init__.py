@@ -1,0 +1,2 @@
+"""The built-in IR ops, one module per family. Importing this package registers them."""
+from . import creation, elementwise, linalg, nn, norm, opaque, reduce, shape  # noqa: F401
