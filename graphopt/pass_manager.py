@@ -154,6 +154,7 @@ class PassManager:
 
     def __init__(self, steps: Iterable[Pass | str], options: dict[str, dict[str, Any]] | None = None,
                  fixed_point: bool = True, max_iterations: int = 4, verify: bool | None = None):
+        _load_builtin_passes()  # so that the built-in pipeline levels are known below
         options = dict(options or {})
         self.passes: list[Pass] = []
         for step in steps:

@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from ..registry import OpDef, register_op
 
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _unary(name: str, fn, doc: str = "") -> None:
-    register_op(OpDef(name, lambda x, fn=fn: fn(x), category="elementwise", doc=doc))
+    # ``fn`` itself is the impl: a named, importable function, so emitted fx code reads ``torch.relu(x)``.
+    register_op(OpDef(name, fn, category="elementwise", doc=doc))
 
 
 for _name, _fn in {
@@ -23,13 +28,13 @@ for _name, _fn in {
     "atanh": torch.atanh, "reciprocal": torch.reciprocal, "floor": torch.floor, "ceil": torch.ceil,
     "round": torch.round, "sign": torch.sign, "logical_not": torch.logical_not,
     "bitwise_not": torch.bitwise_not, "isnan": torch.isnan, "silu": F.silu, "mish": F.mish,
-    "selu": torch.selu, "hardswish": F.hardswish, "identity": lambda x: x,
+    "selu": torch.selu, "hardswish": F.hardswish, "identity": identity,
 }.items():
     _unary(_name, _fn)
 
 
 def _binary(name: str, fn) -> None:
-    register_op(OpDef(name, lambda a, b, fn=fn: fn(a, b), category="elementwise"))
+    register_op(OpDef(name, fn, category="elementwise"))
 
 
 for _name, _fn in {

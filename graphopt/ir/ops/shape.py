@@ -58,7 +58,7 @@ def take(x: torch.Tensor, indices: torch.Tensor, axis: int = 0) -> torch.Tensor:
     axis = axis % x.dim()
     idx = torch.where(indices < 0, indices + x.shape[axis], indices).long()
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
 def index_select(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:

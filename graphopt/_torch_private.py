@@ -1,0 +1,106 @@
+"""The one adapter over torch's private APIs (torch._dynamo, torch._functorch, torch._decomp).
+
+Everything else in graphopt uses public torch only, so a torch upgrade that moves
+a private API breaks this file and nothing else.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+# ============================================================================
+# AOTAutograd for the torch.compile backend (owner: graphopt/compile_backend.py)
+# ============================================================================
+
+GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+
+def aot_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, fw_compiler: GraphCompiler,
+                bw_compiler: GraphCompiler, inference_compiler: GraphCompiler) -> Callable[..., Any]:
+    """Lower a Dynamo graph to core ATen with AOTAutograd and hand its graphs to the compilers.
+
+    AOTAutograd functionalizes the graph, applies the core ATen decompositions and,
+    when gradients are needed, splits it into a forward and a backward graph; each
+    compiler receives one ATen ``GraphModule`` with flat tensor inputs and returns
+    the callable that runs it.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                           inference_compiler=inference_compiler, decompositions=aot_decompositions())
+    return backend(gm, example_inputs)
+
+
+def aot_decompositions() -> dict[Any, Callable[..., Any]]:
+    """The core ATen decompositions, less those that are wrong under autograd.
+
+    The decomposition of ``_scaled_dot_product_flash_attention_for_cpu`` returns the
+    attention weights where the op returns the logsumexp its backward reads, so
+    gradients through it would be wrong (inductor excludes it for the same reason).
+    """
+    from torch._decomp import core_aten_decompositions
+
+    table = dict(core_aten_decompositions().items())
+    table.pop(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, None)
+    return table
+
+
+def boxed(fn: Callable[..., Any]) -> Callable[[list[Any]], Any]:
+    """Give ``fn`` AOTAutograd's boxed calling convention (one list of arguments it may free)."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(fn)
+
+
+def outside_fake_mode() -> AbstractContextManager[Any]:
+    """Suspend the fake-tensor mode AOTAutograd keeps active while it calls a compiler.
+
+    Inside it, tensors created by graphopt (folded constants, emitted buffers) are real.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+# ============================================================================
+# torch front end and emitter (owner: graphopt/frontends/torch.py, graphopt/emitters/torch.py)
+# ============================================================================
+
+def sym_expr(value: Any) -> Any:
+    """The sympy expression behind a ``SymInt``/``SymFloat``/``SymBool`` (``s0``, ``2*s0``)."""
+    return value.node.expr
+
+
+def propagate_fake_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Fill ``node.meta["val"]`` of a graph that lacks it by running it on fake copies of the inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*example_inputs)
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """pytree flattening: the leaves of ``tree`` and the ``TreeSpec`` that rebuilds it."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_flatten(tree)
+
+
+def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
+    from torch.utils import _pytree
+
+    return _pytree.tree_unflatten(list(leaves), spec)
+
+
+def is_op_overload(target: Any) -> bool:
+    """Whether an fx call target is an ATen-style ``OpOverload`` (``aten.add.Tensor``)."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def schema_arguments(op: Any) -> list[Any]:
+    """The declared arguments of an ``OpOverload`` (``name``, ``kwarg_only``, defaults)."""
+    return list(op._schema.arguments)

@@ -1,0 +1,178 @@
+"""The torch.compile backend: ``torch.compile(model, backend="graphopt", options={...})``.
+
+Dynamo hands each captured graph to :func:`graphopt_backend`. AOTAutograd lowers
+it to core ATen and, when gradients are needed, splits it into a forward and a
+backward graph. Each ATen graph goes through the IR: ``from_fx`` -> the pass
+pipeline -> ``to_torch``.
+
+Bad options are user errors and raise ``ValueError``. A failure of graphopt on a
+graph (conversion, a pass, emission) is logged as a warning and that graph runs
+as AOTAutograd produced it, so compilation never fails because of graphopt
+(unless ``fallback=False``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _torch_private
+from .errors import InvalidOptionError
+from .pass_manager import PassManager, pipeline
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEVEL = "O1"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The ``options`` of ``torch.compile(..., backend="graphopt", options=...)``.
+
+    ``level``: the pipeline to run. ``passes``: extra pass names run after it.
+    ``pass_options``: ``{pass name: {option: value}}``. ``verify``: check the IR
+    after every pass (default: on under ``GRAPHOPT_DEBUG=1``). ``fallback``: run a
+    graph unoptimized when graphopt fails on it, instead of raising. ``report``:
+    a path where a JSON report of every compiled graph is written.
+    """
+
+    level: str = DEFAULT_LEVEL
+    passes: tuple[str, ...] = ()
+    pass_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    verify: bool | None = None
+    fallback: bool = True
+    report: Path | None = None
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
+        """Check the user's options and build them; every problem is an ``InvalidOptionError``."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise InvalidOptionError(f"unknown graphopt option {', '.join(map(repr, unknown))}; "
+                                     f"valid options: {', '.join(valid)}")
+        parsed = cls(
+            level=_expect(options, "level", str, DEFAULT_LEVEL),
+            passes=tuple(_expect_names(options.get("passes", ()))),
+            pass_options=_expect_pass_options(options.get("pass_options", {})),
+            verify=_expect(options, "verify", bool, None),
+            fallback=_expect(options, "fallback", bool, True),
+            report=_report_path(options.get("report")),
+        )
+        parsed.pass_manager()  # resolves level, pass and option names
+        return parsed
+
+    def pass_manager(self) -> PassManager:
+        try:
+            pipeline(self.level)  # PassManager would take an unknown level for a pass name
+            return PassManager([self.level, *self.passes], options=dict(self.pass_options),
+                               verify=self.verify)
+        except KeyError as e:
+            raise InvalidOptionError(e.args[0]) from None
+
+
+def _expect(options: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = options.get(name, default)
+    if value is not default and not isinstance(value, kind):
+        raise InvalidOptionError(f"graphopt option {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _expect_names(passes: Any) -> list[str]:
+    if isinstance(passes, str) or not isinstance(passes, Sequence) or not all(isinstance(p, str) for p in passes):
+        raise InvalidOptionError(f"graphopt option 'passes' must be a list of pass names, got {passes!r}")
+    return list(passes)
+
+
+def _expect_pass_options(pass_options: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(pass_options, Mapping) or not all(isinstance(v, Mapping) for v in pass_options.values()):
+        raise InvalidOptionError("graphopt option 'pass_options' must map pass names to {option: value} dicts, "
+                                 f"got {pass_options!r}")
+    return {name: dict(values) for name, values in pass_options.items()}
+
+
+def _report_path(report: Any) -> Path | None:
+    if report is None:
+        return None
+    if not isinstance(report, (str, os.PathLike)):
+        raise InvalidOptionError(f"graphopt option 'report' must be a path, got {type(report).__name__}")
+    path = Path(report).resolve()
+    if not path.parent.is_dir():
+        raise InvalidOptionError(f"graphopt option 'report': directory {path.parent} does not exist")
+    return path
+
+
+def graphopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                     options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable[..., Any]:
+    """A ``torch.compile`` backend; registered under the name ``graphopt`` by an entry point."""
+    if mode is not None:
+        raise InvalidOptionError(f"graphopt has no torch.compile modes (got mode={mode!r}); "
+                                 f"pick a pipeline with options={{'level': ...}}")
+    compiler = GraphCompiler(BackendOptions.parse(options))
+    return _torch_private.aot_compile(gm, example_inputs, fw_compiler=compiler.for_kind("forward"),
+                                      bw_compiler=compiler.for_kind("backward"),
+                                      inference_compiler=compiler.for_kind("inference"))
+
+
+class GraphCompiler:
+    """Compiles the ATen graphs AOTAutograd produces for one Dynamo graph."""
+
+    _ids = itertools.count()
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
+        self.id = next(self._ids)
+
+    def for_kind(self, kind: str) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+            with _torch_private.outside_fake_mode():
+                return _torch_private.boxed(self.compile(gm, example_inputs, kind))
+
+        return compile_graph
+
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], kind: str) -> Callable[..., Any]:
+        """The optimized module for ``gm``, or ``gm`` itself when graphopt fails on it."""
+        label = f"graph{self.id}.{kind}"
+        try:
+            module, entry = self._optimize(gm, example_inputs)
+        except Exception as exc:
+            if not self.options.fallback:
+                raise
+            logger.warning("graphopt could not optimize %s (%s: %s); running it unoptimized",
+                           label, type(exc).__name__, exc)
+            module, entry = gm, {"fallback": f"{type(exc).__name__}: {exc}"}
+        if self.options.report is not None:
+            write_report_entry(self.options.report, {"graph": label, **entry})
+        return module
+
+    def _optimize(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Callable[..., Any], dict]:
+        from .frontends.torch import from_fx
+
+        graph = from_fx(gm, example_inputs)
+        nodes_before = len(graph)
+        manager = self.options.pass_manager()
+        graph = manager.run(graph).graph
+        module = graph.to_torch()
+        entry = {"nodes_before": nodes_before, "nodes_after": len(graph), "passes_fired": manager.report.fired,
+                 "passes": [dataclasses.asdict(r) for r in manager.report.records]}
+        return module, entry
+
+
+_report_entries: dict[Path, list[dict[str, Any]]] = {}
+"""Entries written so far to each report path by this process: one torch.compile run
+can compile several graphs (graph breaks; forward and backward), and its report lists them all."""
+
+
+def write_report_entry(path: Path, entry: dict[str, Any]) -> None:
+    entries = _report_entries.setdefault(path, [])
+    entries.append(entry)
+    path.write_text(json.dumps({"graphs": entries}, indent=2))

@@ -1,0 +1,796 @@
+"""Canonical IR op -> ONNX nodes, one lowering per op, aware of the target opset.
+
+A lowering ``fn(e, node, ins, outs)`` appends ONNX nodes to the emitter ``e``
+that read the ONNX names ``ins`` and write exactly ``outs``. Where ONNX lacks
+an op at the target opset (LayerNormalization before 17, Gelu before 20, ...)
+the lowering decomposes it into older ops with the same math.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from graphopt.frontends.onnx import TORCH_TO_ONNX
+from graphopt.ir import Node, TensorType
+
+from .onnx import EmitError, _Emitter
+
+Lowering = Callable[[_Emitter, Node, list, list], None]
+EMITTERS: dict[str, Lowering] = {}
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+def _register(*ops: str):
+    def wrap(fn: Lowering) -> Lowering:
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+
+    return wrap
+
+
+def _dtype(v) -> torch.dtype:
+    t = v.type
+    if isinstance(t, TensorType):
+        return t.dtype
+    return getattr(t, "dtype", torch.float32)
+
+
+def _shape(v) -> tuple:
+    if not isinstance(v.type, TensorType) or v.type.shape is None:
+        raise EmitError(f"%{v.name}: the lowering needs a known rank")
+    return v.type.shape
+
+
+def _axes_input(e: _Emitter, dims) -> str:
+    return e.ints(list(dims), "axes")
+
+
+# -------------------------------------------------------------- elementwise
+_UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
+          "neg": "Neg", "abs": "Abs", "erf": "Erf", "sin": "Sin", "cos": "Cos", "tan": "Tan", "asin": "Asin",
+          "acos": "Acos", "atan": "Atan", "sinh": "Sinh", "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh",
+          "atanh": "Atanh", "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round",
+          "sign": "Sign", "logical_not": "Not", "isnan": "IsNaN", "selu": "Selu", "identity": "Identity"}
+
+
+@_register(*_UNARY)
+def _unary(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    x = ins[0]
+    if n.op in ("exp", "log", "sqrt", "sin", "cos", "tan", "erf", "sigmoid", "tanh", "reciprocal", "asin", "acos",
+                "atan", "sinh", "cosh", "asinh", "acosh", "atanh"):
+        x = e.cast(x, _dtype(n.inputs[0]), _dtype(n.output))  # torch computes integer inputs in float
+    e.add(_UNARY[n.op], [x], outs)
+
+
+@_register("bitwise_not")
+def _bitwise_not(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    if _dtype(n.inputs[0]) == torch.bool:
+        e.add("Not", ins, outs)
+    else:
+        e.add("BitwiseNot", ins, outs)
+
+
+@_register("rsqrt")
+def _rsqrt(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Reciprocal", [e.add1("Sqrt", ins)], outs)
+
+
+@_register("silu")
+def _silu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Mul", [ins[0], e.add1("Sigmoid", ins)], outs)
+
+
+@_register("mish")
+def _mish(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    if e.opset >= 18:
+        e.add("Mish", ins, outs)
+    else:
+        e.add("Mul", [ins[0], e.add1("Tanh", [e.add1("Softplus", ins)])], outs)
+
+
+@_register("hardswish")
+def _hardswish(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("HardSwish", ins, outs)
+
+
+_ARITH = {"add": "Add", "sub": "Sub", "mul": "Mul", "pow": "Pow", "maximum": "Max", "minimum": "Min",
+          "bitwise_and": "BitwiseAnd", "bitwise_or": "BitwiseOr", "bitwise_xor": "BitwiseXor"}
+_COMPARE = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
+_LOGICAL = {"logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
+
+
+def _operands(e: _Emitter, n: Node, ins: list, dtype: torch.dtype) -> list:
+    """Inputs cast to one dtype: ONNX has no type promotion."""
+    return [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)]
+
+
+@_register(*_ARITH)
+def _arith(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    op = _ARITH[n.op]
+    if dtype == torch.bool and n.op.startswith("bitwise"):
+        op = {"bitwise_and": "And", "bitwise_or": "Or", "bitwise_xor": "Xor"}[n.op]
+    e.add(op, _operands(e, n, ins, dtype), outs)
+
+
+@_register(*_COMPARE)
+def _compare(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = torch.promote_types(_dtype(n.inputs[0]), _dtype(n.inputs[1]))
+    e.add(_COMPARE[n.op], _operands(e, n, ins, dtype), outs)
+
+
+@_register("ne")
+def _ne(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = torch.promote_types(_dtype(n.inputs[0]), _dtype(n.inputs[1]))
+    e.add("Not", [e.add1("Equal", _operands(e, n, ins, dtype))], outs)
+
+
+@_register(*_LOGICAL)
+def _logical(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add(_LOGICAL[n.op], _operands(e, n, ins, torch.bool), outs)
+
+
+@_register("div")
+def _div(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    mode = n.attrs.get("rounding_mode")
+    dtype = _dtype(n.output)
+    a, b = _operands(e, n, ins, dtype)
+    if mode is None or (mode == "trunc" and not dtype.is_floating_point):
+        e.add("Div", [a, b], outs)
+    elif mode == "trunc":
+        q = e.add1("Div", [a, b])
+        e.add("Mul", [e.add1("Sign", [q]), e.add1("Floor", [e.add1("Abs", [q])])], outs)
+    elif dtype.is_floating_point:
+        e.add("Floor", [e.add1("Div", [a, b])], outs)
+    else:  # integer floor division: (a - python_mod(a, b)) / b is exact
+        e.add("Div", [e.add1("Sub", [a, e.add1("Mod", [a, b], fmod=0)]), b], outs)
+
+
+@_register("fmod")
+def _fmod(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Mod", _operands(e, n, ins, _dtype(n.output)), outs, fmod=1)
+
+
+@_register("remainder")
+def _remainder(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    a, b = _operands(e, n, ins, dtype)
+    if not dtype.is_floating_point:
+        e.add("Mod", [a, b], outs, fmod=0)
+        return
+    floor = e.add1("Floor", [e.add1("Div", [a, b])])
+    e.add("Sub", [a, e.add1("Mul", [floor, b])], outs)
+
+
+@_register("atan2")
+def _atan2(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    """atan(y/x), shifted by +-pi in the left half plane; x == 0 gives +-pi/2."""
+    dtype = _dtype(n.output)
+    y, x = _operands(e, n, ins, dtype)
+    zero, pi = e.const(0.0, dtype), e.const(math.pi, dtype)
+    base = e.add1("Atan", [e.add1("Div", [y, x])])
+    y_neg = e.add1("Less", [y, zero])
+    shift = e.add1("Where", [y_neg, e.add1("Neg", [pi]), pi])
+    left = e.add1("Where", [e.add1("Less", [x, zero]), e.add1("Add", [base, shift]), base])
+    half = e.add1("Mul", [e.add1("Sign", [y]), e.const(math.pi / 2, dtype)])
+    e.add("Where", [e.add1("Equal", [x, zero]), half, left], outs)
+
+
+@_register("where")
+def _where(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    cond = e.cast(ins[0], _dtype(n.inputs[0]), torch.bool)
+    e.add("Where", [cond, e.cast(ins[1], _dtype(n.inputs[1]), dtype), e.cast(ins[2], _dtype(n.inputs[2]), dtype)],
+          outs)
+
+
+@_register("isinf")
+def _isinf(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("IsInf", ins, outs, detect_positive=int(n.attrs.get("detect_positive", True)),
+          detect_negative=int(n.attrs.get("detect_negative", True)))
+
+
+@_register("gelu")
+def _gelu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    approximate = n.attrs.get("approximate", "none")
+    if e.opset >= 20:
+        e.add("Gelu", ins, outs, approximate=approximate)
+        return
+    dtype = _dtype(n.output)
+    x = ins[0]
+    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = e.add1("Mul", [e.add1("Mul", [x, x]), x])
+        inner = e.add1("Add", [x, e.add1("Mul", [cube, e.const(0.044715, dtype)])])
+        t = e.add1("Tanh", [e.add1("Mul", [inner, e.const(math.sqrt(2 / math.pi), dtype)])])
+    else:  # 0.5 x (1 + erf(x / sqrt 2))
+        t = e.add1("Erf", [e.add1("Mul", [x, e.const(1 / math.sqrt(2), dtype)])])
+    one_plus = e.add1("Add", [t, e.const(1.0, dtype)])
+    e.add("Mul", [e.add1("Mul", [x, e.const(0.5, dtype)]), one_plus], outs)
+
+
+@_register("leaky_relu")
+def _leaky_relu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("LeakyRelu", ins, outs, alpha=float(n.attrs.get("negative_slope", 0.01)))
+
+
+@_register("elu", "celu")
+def _elu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add(n.op.capitalize(), ins, outs, alpha=float(n.attrs.get("alpha", 1.0)))
+
+
+@_register("softplus")
+def _softplus(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    """softplus(beta x)/beta, linear where beta x exceeds the threshold (torch's form)."""
+    beta, threshold = float(n.attrs.get("beta", 1.0)), float(n.attrs.get("threshold", 20.0))
+    dtype = _dtype(n.output)
+    x = ins[0]
+    scaled = x if beta == 1.0 else e.add1("Mul", [x, e.const(beta, dtype)])
+    soft = e.add1("Softplus", [scaled])
+    if beta != 1.0:
+        soft = e.add1("Div", [soft, e.const(beta, dtype)])
+    e.add("Where", [e.add1("Greater", [scaled, e.const(threshold, dtype)]), x, soft], outs)
+
+
+@_register("hardsigmoid")
+def _hardsigmoid(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("HardSigmoid", ins, outs, alpha=float(n.attrs.get("alpha", 1 / 6)), beta=float(n.attrs.get("beta", 0.5)))
+
+
+@_register("clamp")
+def _clamp(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    x = e.cast(ins[0], _dtype(n.inputs[0]), dtype)
+    lo, hi = n.attrs.get("min"), n.attrs.get("max")
+    e.add("Clip", [x, "" if lo is None else e.const(lo, dtype, "min"), "" if hi is None else e.const(hi, dtype, "max")],
+          outs)
+
+
+@_register("cast")
+def _cast(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Cast", ins, outs, to=TORCH_TO_ONNX[n.attrs["dtype"]])
+
+
+@_register("dropout")
+def _dropout(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    if n.attrs.get("training") and n.attrs.get("p", 0.5) > 0:
+        e.add("Dropout", [ins[0], e.const(float(n.attrs["p"]), _dtype(n.output)), e.const(True, torch.bool)], outs)
+    else:
+        e.add("Identity", ins, outs)
+
+
+# ------------------------------------------------------------------- linalg
+@_register("matmul")
+def _matmul(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("MatMul", ins, outs)
+
+
+@_register("linear")
+def _linear(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    x, w = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else ""
+    if len(_shape(n.inputs[0])) == 2:
+        e.add("Gemm", [x, w, bias] if bias else [x, w], outs, transB=1)
+        return
+    wt = e.add1("Transpose", [w], perm=[1, 0])
+    if bias:
+        e.add("Add", [e.add1("MatMul", [x, wt]), bias], outs)
+    else:
+        e.add("MatMul", [x, wt], outs)
+
+
+@_register("gemm")
+def _gemm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    a = n.attrs
+    e.add("Gemm", [i for i in ins if i] if ins[-1] else ins[:2], outs, alpha=float(a.get("alpha", 1.0)),
+          beta=float(a.get("beta", 1.0)), transA=int(a.get("trans_a", False)), transB=int(a.get("trans_b", False)))
+
+
+@_register("conv")
+def _conv(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    a = n.attrs
+    spatial = len(_shape(n.inputs[1])) - 2
+    padding = _per_dim(a.get("padding", (0,)), spatial)
+    common = dict(strides=_per_dim(a.get("stride", (1,)), spatial), dilations=_per_dim(a.get("dilation", (1,)), spatial),
+                  group=int(a.get("groups", 1)), pads=padding + padding,
+                  kernel_shape=list(_shape(n.inputs[1])[2:]))
+    inputs = ins if ins[-1] else ins[:2]
+    if a.get("transposed"):
+        e.add("ConvTranspose", inputs, outs, output_padding=_per_dim(a.get("output_padding", (0,)), spatial),
+              **common)
+    else:
+        e.add("Conv", inputs, outs, **common)
+
+
+def _per_dim(values, n: int) -> list[int]:
+    values = [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return values * n if len(values) == 1 else values
+
+
+@_register("einsum")
+def _einsum(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Einsum", ins, outs, equation=n.attrs["equation"])
+
+
+@_register("sdpa")
+def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    """softmax(q k^T * scale + mask) v with MatMul/Softmax; causal and boolean masks become additive."""
+    q, k, v = ins[:3]
+    mask = ins[3] if len(ins) > 3 else ""
+    if n.attrs.get("enable_gqa"):
+        raise EmitError(f"node {n.name}: sdpa with grouped-query heads has no ONNX lowering")
+    qshape, kshape = _shape(n.inputs[0]), _shape(n.inputs[1])
+    dtype = _dtype(n.output)
+    scale = n.attrs.get("scale")
+    if scale is None:
+        if not isinstance(qshape[-1], int):
+            raise EmitError(f"node {n.name}: sdpa default scale needs a static head size")
+        scale = 1 / math.sqrt(qshape[-1])
+    rank = len(kshape)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    scores = e.add1("MatMul", [e.add1("Mul", [q, e.const(math.sqrt(scale), dtype)]),
+                               e.add1("Mul", [e.add1("Transpose", [k], perm=perm), e.const(math.sqrt(scale), dtype)])])
+    if n.attrs.get("is_causal"):
+        lq, lk = qshape[-2], kshape[-2]
+        if not (isinstance(lq, int) and isinstance(lk, int)):
+            raise EmitError(f"node {n.name}: causal sdpa needs static sequence lengths")
+        causal = torch.ones(lq, lk, dtype=torch.bool).tril()
+        scores = e.add1("Where", [e.const(causal), scores, e.const(float("-inf"), dtype)])
+    if mask:
+        if _dtype(n.inputs[3]) == torch.bool:
+            scores = e.add1("Where", [mask, scores, e.const(float("-inf"), dtype)])
+        else:
+            scores = e.add1("Add", [scores, e.cast(mask, _dtype(n.inputs[3]), dtype)])
+    e.add("MatMul", [e.add1("Softmax", [scores], axis=-1), v], outs)
+
+
+# -------------------------------------------------------------------- norms
+def _ones_or(e: _Emitter, name: str, n: Node, size, dtype: torch.dtype, value: float) -> str:
+    if name:
+        return name
+    if not all(isinstance(s, int) for s in size):
+        raise EmitError(f"node {n.name}: absent affine parameters need a static size")
+    return e.const(torch.full(list(size), value, dtype=dtype), hint="affine")
+
+
+@_register("batch_norm")
+def _batch_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    channels = [_shape(n.inputs[0])[1]]
+    scale = _ones_or(e, ins[1], n, channels, dtype, 1.0)
+    bias = _ones_or(e, ins[2], n, channels, dtype, 0.0)
+    e.add("BatchNormalization", [ins[0], scale, bias, ins[3], ins[4]], outs, epsilon=float(n.attrs.get("eps", 1e-5)))
+
+
+@_register("layer_norm")
+def _layer_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = list(n.attrs["normalized_shape"])
+    eps = float(n.attrs.get("eps", 1e-5))
+    dtype = _dtype(n.output)
+    weight, bias = (ins + ["", ""])[1:3]
+    if e.opset >= 17:
+        weight = _ones_or(e, weight, n, shape, dtype, 1.0)
+        e.add("LayerNormalization", [ins[0], weight, bias] if bias else [ins[0], weight], outs, axis=-len(shape),
+              epsilon=eps)
+        return
+    axes = list(range(-len(shape), 0))
+    normalized = _normalize(e, ins[0], axes, eps, dtype)
+    _affine(e, normalized, weight, bias, outs)
+
+
+def _reduce_mean(e: _Emitter, x: str, axes: list[int]) -> str:
+    if e.opset >= 18:
+        return e.add1("ReduceMean", [x, _axes_input(e, axes)], keepdims=1)
+    return e.add1("ReduceMean", [x], axes=axes, keepdims=1)
+
+
+def _normalize(e: _Emitter, x: str, axes: list[int], eps: float, dtype: torch.dtype) -> str:
+    """(x - mean) / sqrt(var + eps) over ``axes`` (biased variance)."""
+    centered = e.add1("Sub", [x, _reduce_mean(e, x, axes)])
+    var = _reduce_mean(e, e.add1("Mul", [centered, centered]), axes)
+    return e.add1("Div", [centered, e.add1("Sqrt", [e.add1("Add", [var, e.const(eps, dtype)])])])
+
+
+def _affine(e: _Emitter, x: str, weight: str, bias: str, outs: list) -> None:
+    if weight and bias:
+        e.add("Add", [e.add1("Mul", [x, weight]), bias], outs)
+    elif weight:
+        e.add("Mul", [x, weight], outs)
+    elif bias:
+        e.add("Add", [x, bias], outs)
+    else:
+        e.add("Identity", [x], outs)
+
+
+@_register("group_norm")
+def _group_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    groups, eps = int(n.attrs["num_groups"]), float(n.attrs.get("eps", 1e-5))
+    shape = _shape(n.inputs[0])
+    dtype = _dtype(n.output)
+    weight, bias = (ins + ["", ""])[1:3]
+    if e.opset >= 21:
+        channels = [shape[1]]
+        e.add("GroupNormalization", [ins[0], _ones_or(e, weight, n, channels, dtype, 1.0),
+                                     _ones_or(e, bias, n, channels, dtype, 0.0)], outs, num_groups=groups,
+              epsilon=eps)
+        return
+    grouped = e.add1("Reshape", [ins[0], e.ints([0, groups, -1])])
+    normalized = _normalize(e, grouped, [2], eps, dtype)
+    restored = e.add1("Reshape", [normalized, e.add1("Shape", [ins[0]])])
+    trailing = [1] * (len(shape) - 2)
+    weight = weight and e.add1("Reshape", [weight, e.ints([-1, *trailing])])
+    bias = bias and e.add1("Reshape", [bias, e.ints([-1, *trailing])])
+    _affine(e, restored, weight, bias, outs)
+
+
+@_register("rms_norm")
+def _rms_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = list(n.attrs["normalized_shape"])
+    dtype = _dtype(n.output)
+    eps = n.attrs.get("eps")
+    eps = float(torch.finfo(dtype).eps) if eps is None else float(eps)
+    weight = ins[1] if len(ins) > 1 else ""
+    axes = list(range(-len(shape), 0))
+    if e.opset >= 23:
+        e.add("RMSNormalization", [ins[0], _ones_or(e, weight, n, shape, dtype, 1.0)], outs, axis=-len(shape),
+              epsilon=eps)
+        return
+    mean_sq = _reduce_mean(e, e.add1("Mul", [ins[0], ins[0]]), axes)
+    normalized = e.add1("Div", [ins[0], e.add1("Sqrt", [e.add1("Add", [mean_sq, e.const(eps, dtype)])])])
+    _affine(e, normalized, weight, "", outs)
+
+
+@_register("softmax", "log_softmax")
+def _softmax(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Softmax" if n.op == "softmax" else "LogSoftmax", ins, outs, axis=int(n.attrs.get("dim", -1)))
+
+
+# --------------------------------------------------------------- reductions
+_REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "amax": "ReduceMax", "amin": "ReduceMin", "prod": "ReduceProd"}
+
+
+def _reduce(e: _Emitter, op_type: str, x: str, dims, keepdim: bool, outs: list | int = 1) -> list:
+    """One ReduceX node in the opset's form (axes as an input for ReduceSum >= 13, all >= 18).
+
+    ``dims`` None or empty reduces every dim, as torch does.
+    """
+    if not dims:
+        return e.add(op_type, [x], outs, keepdims=int(keepdim))
+    if e.opset >= 18 or op_type == "ReduceSum":
+        return e.add(op_type, [x, _axes_input(e, dims)], outs, keepdims=int(keepdim))
+    return e.add(op_type, [x], outs, axes=list(dims), keepdims=int(keepdim))
+
+
+@_register(*_REDUCE)
+def _reduction(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    x = e.cast(ins[0], _dtype(n.inputs[0]), _dtype(n.output))  # torch sums bool/int into int64
+    _reduce(e, _REDUCE[n.op], x, n.attrs.get("dims"), n.attrs.get("keepdim", False), outs)
+
+
+@_register("any", "all")
+def _any_all(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    as_int = e.add1("Cast", [ins[0]], to=TORCH_TO_ONNX[torch.bool])
+    as_int = e.add1("Cast", [as_int], to=TORCH_TO_ONNX[torch.int32])
+    reduced = _reduce(e, "ReduceMax" if n.op == "any" else "ReduceMin", as_int, n.attrs.get("dims"),
+                      n.attrs.get("keepdim", False))[0]
+    e.add("Cast", [reduced], outs, to=TORCH_TO_ONNX[torch.bool])
+
+
+@_register("var")
+def _var(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dims = n.attrs.get("dims")
+    shape = _shape(n.inputs[0])
+    axes = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
+    count = math.prod(shape[a] for a in axes) if all(isinstance(shape[a], int) for a in axes) else None
+    if count is None:
+        raise EmitError(f"node {n.name}: var over symbolic dims needs static sizes")
+    dtype = _dtype(n.output)
+    centered = e.add1("Sub", [ins[0], _reduce(e, "ReduceMean", ins[0], axes, True)[0]])
+    total = _reduce(e, "ReduceSum", e.add1("Mul", [centered, centered]), axes, n.attrs.get("keepdim", False))[0]
+    divisor = max(count - float(n.attrs.get("correction", 1.0)), 0.0)
+    e.add("Div", [total, e.const(divisor, dtype)], outs)
+
+
+@_register("argmax", "argmin")
+def _argmax(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("ArgMax" if n.op == "argmax" else "ArgMin", ins, outs, axis=int(n.attrs.get("dim", 0)),
+          keepdims=int(n.attrs.get("keepdim", False)))
+
+
+@_register("cumsum")
+def _cumsum(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    x = e.cast(ins[0], _dtype(n.inputs[0]), _dtype(n.output))
+    e.add("CumSum", [x, e.const(int(n.attrs.get("dim", 0)), torch.int64)], outs)
+
+
+@_register("topk")
+def _topk(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    a = n.attrs
+    e.add("TopK", [ins[0], e.ints([int(a.get("k", 1))], "k")], outs, axis=int(a.get("dim", -1)),
+          largest=int(a.get("largest", True)), sorted=int(a.get("sorted", True)))
+
+
+# ------------------------------------------------------------------- shapes
+@_register("reshape")
+def _reshape(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = [int(s) for s in n.attrs["shape"]]
+    e.add("Reshape", [ins[0], e.ints(shape, "shape")], outs, allowzero=1 if 0 in shape else None)
+
+
+@_register("permute")
+def _permute(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    rank = len(n.attrs["dims"])
+    e.add("Transpose", ins, outs, perm=[int(d) % rank for d in n.attrs["dims"]])
+
+
+@_register("flatten")
+def _flatten(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = _shape(n.inputs[0])
+    rank = len(shape)
+    if rank == 0:
+        e.add("Reshape", [ins[0], e.ints([1], "shape")], outs)
+        return
+    start, end = n.attrs.get("start_dim", 0) % rank, n.attrs.get("end_dim", -1) % rank
+    tail = shape[end + 1:]
+    head = [0] * start + [-1]
+    if all(isinstance(d, int) for d in tail):
+        e.add("Reshape", [ins[0], e.ints(head + list(tail), "shape")], outs)
+        return
+    dynamic_tail = e.add1("Shape", [ins[0]], start=end + 1) if e.opset >= 15 else e.add1(
+        "Slice", [e.add1("Shape", [ins[0]]), e.ints([end + 1]), e.ints([INT64_MAX])])
+    e.add("Reshape", [ins[0], e.add1("Concat", [e.ints(head, "shape"), dynamic_tail], axis=0)], outs)
+
+
+@_register("squeeze")
+def _squeeze(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dims = n.attrs.get("dims")
+    if dims is None:
+        e.add("Squeeze", ins, outs)
+        return
+    shape = _shape(n.inputs[0])
+    rank = len(shape)
+    dims = [d % rank for d in dims if not isinstance(shape[d % rank], int) or shape[d % rank] == 1] if rank else []
+    if not dims:
+        e.add("Identity", ins, outs)
+    else:
+        e.add("Squeeze", [ins[0], _axes_input(e, dims)], outs)
+
+
+@_register("unsqueeze")
+def _unsqueeze(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Unsqueeze", [ins[0], _axes_input(e, n.attrs["dims"])], outs)
+
+
+@_register("expand")
+def _expand(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = [1 if int(s) == -1 else int(s) for s in n.attrs["shape"]]
+    e.add("Expand", [ins[0], e.ints(shape, "shape")], outs)
+
+
+@_register("broadcast_to")
+def _broadcast_to(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Expand", [ins[0], e.cast(ins[1], _dtype(n.inputs[1]), torch.int64)], outs)
+
+
+@_register("slice")
+def _slice(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    a = n.attrs
+    end = a.get("end")
+    end = INT64_MAX if end is None else min(int(end), INT64_MAX)
+    e.add("Slice", [ins[0], e.ints([int(a.get("start", 0) or 0)], "starts"), e.ints([end], "ends"),
+                    e.ints([int(a.get("dim", 0))], "axes"), e.ints([int(a.get("step", 1))], "steps")], outs)
+
+
+@_register("select")
+def _select(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Gather", [ins[0], e.const(int(n.attrs.get("index", 0)), torch.int64, "index")], outs,
+          axis=int(n.attrs.get("dim", 0)))
+
+
+@_register("take", "index_select")
+def _take(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    axis = n.attrs.get("axis", n.attrs.get("dim", 0))
+    e.add("Gather", ins, outs, axis=int(axis))
+
+
+@_register("gather")
+def _gather(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("GatherElements", ins, outs, axis=int(n.attrs.get("dim", 0)))
+
+
+@_register("embedding")
+def _embedding(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Gather", ins, outs, axis=0)
+
+
+@_register("concat")
+def _concat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = _dtype(n.output)
+    e.add("Concat", [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)], outs,
+          axis=int(n.attrs.get("dim", 0)))
+
+
+@_register("stack")
+def _stack(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dim = int(n.attrs.get("dim", 0))
+    axes = _axes_input(e, [dim])
+    e.add("Concat", [e.add1("Unsqueeze", [x, axes]) for x in ins], outs, axis=dim)
+
+
+@_register("split")
+def _split(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Split", [ins[0], e.ints(n.attrs["sizes"], "split")], outs, axis=int(n.attrs.get("dim", 0)))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@_register("pad")
+def _pad(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    rank = len(_shape(n.inputs[0]))
+    pads = [int(p) for p in n.attrs["pads"]]
+    begins, ends = [0] * rank, [0] * rank
+    for k in range(len(pads) // 2):
+        begins[rank - 1 - k], ends[rank - 1 - k] = pads[2 * k], pads[2 * k + 1]
+    mode = n.attrs.get("mode", "constant")
+    if mode == "circular" and e.opset < 19:
+        raise EmitError(f"node {n.name}: circular padding needs opset 19")
+    inputs = [ins[0], e.ints(begins + ends, "pads")]
+    if mode == "constant":
+        inputs.append(e.const(n.attrs.get("value", 0.0) or 0, _dtype(n.output), "pad_value"))
+    e.add("Pad", inputs, outs, mode=_PAD_MODES[mode])
+
+
+@_register("repeat")
+def _repeat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    repeats = [int(r) for r in n.attrs["repeats"]]
+    rank = len(_shape(n.inputs[0]))
+    x = ins[0]
+    if len(repeats) > rank:  # torch adds leading dims
+        x = e.add1("Unsqueeze", [x, _axes_input(e, range(len(repeats) - rank))])
+    e.add("Tile", [x, e.ints(repeats, "repeats")], outs)
+
+
+@_register("flip")
+def _flip(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dims = [int(d) for d in n.attrs["dims"]]
+    k = len(dims)
+    e.add("Slice", [ins[0], e.ints([-1] * k), e.ints([INT64_MIN] * k), e.ints(dims), e.ints([-1] * k)], outs)
+
+
+@_register("roll")
+def _roll(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    shape = _shape(n.inputs[0])
+    shifts, dims = list(n.attrs["shifts"]), list(n.attrs.get("dims") or [])
+    x = ins[0]
+    flat = not dims  # torch rolls the flattened tensor
+    if flat:
+        x = e.add1("Reshape", [x, e.ints([-1])])
+        shape, dims = (math.prod(shape),), [0]
+    for step, (shift, dim) in enumerate(zip(shifts, dims)):
+        size = shape[dim]
+        if not isinstance(size, int):
+            raise EmitError(f"node {n.name}: roll along a symbolic dim")
+        shift %= max(size, 1)
+        tail = e.add1("Slice", [x, e.ints([size - shift]), e.ints([INT64_MAX]), e.ints([dim])])
+        head = e.add1("Slice", [x, e.ints([0]), e.ints([size - shift]), e.ints([dim])])
+        last = step == len(dims) - 1 and not flat
+        x = e.add("Concat", [tail, head], outs if last else 1, axis=dim)[0]
+    if flat:
+        e.add("Reshape", [x, e.add1("Shape", [ins[0]])], outs)
+
+
+@_register("tril", "triu")
+def _trilu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Trilu", [ins[0], e.const(int(n.attrs.get("diagonal", 0)), torch.int64, "k")], outs,
+          upper=int(n.op == "triu"))
+
+
+@_register("shape")
+def _shape_op(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
+    if start == 0 and end is None:
+        e.add("Shape", ins, outs)
+    elif e.opset >= 15:
+        e.add("Shape", ins, outs, start=start, end=None if end is None else int(end))
+    else:
+        full = e.add1("Shape", ins)
+        e.add("Slice", [full, e.ints([start]), e.ints([INT64_MAX if end is None else int(end)])], outs)
+
+
+# ------------------------------------------------------------------ pooling
+def _window(n: Node) -> dict:
+    a = n.attrs
+    kernel = [int(k) for k in a["kernel_size"]]
+    k = len(kernel)
+    stride = _per_dim(a.get("stride") or kernel, k)
+    padding = _per_dim(a.get("padding", (0,)), k)
+    return dict(kernel_shape=kernel, strides=stride, pads=padding + padding, ceil_mode=int(a.get("ceil_mode", False)))
+
+
+@_register("max_pool")
+def _max_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    window = _window(n)
+    dilation = _per_dim(n.attrs.get("dilation", (1,)), len(window["kernel_shape"]))
+    e.add("MaxPool", ins, outs, dilations=dilation, **window)
+
+
+@_register("avg_pool")
+def _avg_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    if n.attrs.get("divisor_override"):
+        raise EmitError(f"node {n.name}: avg_pool divisor_override has no ONNX form")
+    e.add("AveragePool", ins, outs, count_include_pad=int(n.attrs.get("count_include_pad", True)), **_window(n))
+
+
+@_register("adaptive_avg_pool")
+def _adaptive_avg_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    out_size = [int(s) for s in n.attrs["output_size"]]
+    spatial = _shape(n.inputs[0])[2:]
+    if all(s == 1 for s in out_size):
+        e.add("GlobalAveragePool", ins, outs)
+        return
+    if not all(isinstance(d, int) and d % o == 0 for d, o in zip(spatial, out_size)):
+        raise EmitError(f"node {n.name}: adaptive pooling to {out_size} from {spatial} has no fixed window")
+    kernel = [d // o for d, o in zip(spatial, out_size)]
+    e.add("AveragePool", ins, outs, kernel_shape=kernel, strides=kernel)
+
+
+@_register("interpolate")
+def _interpolate(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    a = n.attrs
+    mode = a.get("mode", "nearest")
+    align = bool(a.get("align_corners"))
+    attrs: dict = {}
+    if mode == "nearest":
+        attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    elif mode in ("linear", "bilinear", "trilinear", "bicubic"):
+        attrs = dict(mode="cubic" if mode == "bicubic" else "linear",
+                     coordinate_transformation_mode="align_corners" if align else "pytorch_half_pixel")
+        if mode == "bicubic":
+            attrs["cubic_coeff_a"] = -0.75
+    else:
+        raise EmitError(f"node {n.name}: interpolate mode {mode!r} has no ONNX Resize form")
+    rank = len(_shape(n.inputs[0]))
+    if a.get("size") is not None:
+        size = _per_dim(a["size"], rank - 2)
+        out_shape = _shape(n.output)
+        sizes = e.ints([*out_shape[:2], *size]) if all(isinstance(d, int) for d in out_shape[:2]) else e.add1(
+            "Concat", [e.add1("Slice", [e.add1("Shape", ins), e.ints([0]), e.ints([2])]), e.ints(size)], axis=0)
+        e.add("Resize", [ins[0], "", "", sizes], outs, **attrs)
+    else:
+        scales = a["scale_factor"]
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * (rank - 2)
+        e.add("Resize", [ins[0], "", e.const([1.0, 1.0, *[float(s) for s in scales]], torch.float32, "scales")],
+              outs, **attrs)
+
+
+# ------------------------------------------------------------------ creation
+@_register("full")
+def _full(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = n.attrs.get("dtype", torch.float32)
+    value = torch.tensor([n.attrs.get("value", 0.0)]).to(dtype)
+    e.add("ConstantOfShape", [e.ints(list(n.attrs.get("shape", ())), "shape")], outs,
+          value=_value_attr(value))
+
+
+def _value_attr(value: torch.Tensor):
+    from .onnx import tensor_proto
+
+    return tensor_proto(value.reshape(1), "value")
+
+
+@_register("full_like")
+def _full_like(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    value = torch.tensor([n.attrs.get("value", 0.0)]).to(_dtype(n.output))
+    e.add("ConstantOfShape", [e.add1("Shape", ins)], outs, value=_value_attr(value))
+
+
+@_register("arange")
+def _arange(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    dtype = n.attrs.get("dtype", torch.int64)
+    a = n.attrs
+    e.add("Range", [e.const(a.get("start", 0), dtype), e.const(a.get("end", 0), dtype), e.const(a.get("step", 1), dtype)],
+          outs)

@@ -1,0 +1,171 @@
+"""The torch emitter: an IR graph as a ``torch.fx.GraphModule``.
+
+Each node becomes one ``call_function`` of its op's torch implementation (the
+module-level functions of ``graphopt.ir.ops``, or torch's own), ``torch.opaque``
+calls its original target, and several results are read with ``getitem``.
+Constants become attributes at their dotted names (``layer1.0.conv1.weight``),
+parameters as ``nn.Parameter`` so the emitted module can be fine-tuned, the rest
+as buffers. Nothing names a device: the module runs where its tensors are.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import _torch_private
+from ..ir import Graph, Node, Value
+from ..ir.ops.opaque import fill
+
+
+def emit_torch(graph: Graph) -> fx.GraphModule:
+    """A GraphModule computing ``graph``; it returns the captured model's output structure when known."""
+    return _Emitter(graph).run()
+
+
+def _identifier(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    return f"_{name}" if not name or name[0].isdigit() else name
+
+
+class _Emitter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.fx = fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[int, fx.Node] = {}
+        self.pending_results: dict[int, tuple[fx.Node, int]] = {}
+        self.counter = itertools.count()
+
+    def run(self) -> fx.GraphModule:
+        for v in self.graph.inputs:
+            self.env[id(v)] = self.fx.placeholder(_identifier(v.name))
+        for node in self.graph.nodes:
+            self._emit_node(node)
+        self.fx.output(self._output_structure())
+        return fx.GraphModule(self.root, self.fx, class_name=_identifier(self.graph.name))
+
+    # ------------------------------------------------------------------ values
+    def _node_for(self, v: Value) -> fx.Node:
+        if id(v) not in self.env:
+            if id(v) in self.pending_results:
+                call, k = self.pending_results.pop(id(v))
+                self.env[id(v)] = self.fx.create_node("call_function", operator.getitem, (call, k), name=v.name)
+            elif v.is_constant:
+                self.env[id(v)] = self.fx.get_attr(self._register_constant(v))
+            else:
+                raise ValueError(f"%{v.name} is used before it is defined")
+        return self.env[id(v)]
+
+    def _register_constant(self, v: Value) -> str:
+        """Attach a constant to the root module under its dotted name (a flat one on a clash)."""
+        data = v.data
+        if v.is_parameter:
+            if not isinstance(data, torch.nn.Parameter):
+                data = torch.nn.Parameter(data, requires_grad=data.is_floating_point() or data.is_complex())
+        elif isinstance(data, torch.nn.Parameter):
+            data = data.detach()
+        path = v.name if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", v.name) else _identifier(v.name)
+        if not self._install(path, data):
+            path = self._fresh_attr(_identifier(v.name))
+            self._install(path, data)
+        return path
+
+    def _install(self, path: str, data: Any) -> bool:
+        *prefix, field = path.split(".")
+        owner = self.root
+        for name in prefix:
+            child = owner._modules.get(name)
+            if child is None:
+                if hasattr(owner, name):
+                    return False
+                child = torch.nn.Module()
+                owner.add_module(name, child)
+            owner = child
+        if hasattr(owner, field):
+            return False
+        if isinstance(data, torch.nn.Parameter):
+            owner.register_parameter(field, data)
+        elif isinstance(data, torch.Tensor):
+            owner.register_buffer(field, data)
+        elif isinstance(data, torch.nn.Module):
+            owner.add_module(field, data)
+        else:
+            setattr(owner, field, data)
+        return True
+
+    def _fresh_attr(self, hint: str) -> str:
+        name = hint
+        while hasattr(self.root, name):
+            name = f"{hint}_{next(self.counter)}"
+        return name
+
+    def _attribute(self, obj: Any, hint: str) -> fx.Node:
+        """A get_attr node for an object an op takes that fx code cannot spell (a tensor, a module)."""
+        name = self._fresh_attr(hint)
+        self._install(name, obj)
+        return self.fx.get_attr(name)
+
+    def _lift(self, template: Any) -> Any:
+        if isinstance(template, torch.Tensor):
+            return self._attribute(template, "_tensor")
+        if isinstance(template, torch.nn.Module):
+            return self._attribute(template, "_submodule")
+        if isinstance(template, (list, tuple)) and not isinstance(template, torch.Size):
+            return type(template)(self._lift(t) for t in template)
+        if isinstance(template, dict):
+            return {k: self._lift(t) for k, t in template.items()}
+        return template
+
+    # ------------------------------------------------------------------- nodes
+    def _emit_node(self, node: Node) -> None:
+        inputs = tuple(None if v is None else self._node_for(v) for v in node.inputs)
+        if node.op == "torch.opaque":
+            target = node.attrs["target"]
+            args = self._lift(fill(tuple(node.attrs.get("args", ())), inputs))
+            kwargs = self._lift(fill(dict(node.attrs.get("kwargs") or {}), inputs))
+        else:
+            target, args, kwargs = node.opdef.torch_impl, inputs, self._lift(dict(node.attrs))
+        name = node.outputs[0].name if len(node.outputs) == 1 else node.name
+        call = self.fx.create_node("call_function", target, tuple(args), kwargs, name=name)
+        if _returns_sequence(node):
+            for k, out in enumerate(node.outputs):
+                self.pending_results[id(out)] = (call, k)
+        elif node.outputs:
+            self.env[id(node.output)] = call
+
+    # ----------------------------------------------------------------- outputs
+    def _output_structure(self) -> Any:
+        """The outputs in the captured structure (``out_spec``), else a tuple."""
+        meta = self.graph.meta.get("torch") or {}
+        spec, literals = meta.get("out_spec"), dict(meta.get("out_literals") or {})
+        results = iter(self._node_for(v) for v in self.graph.outputs)
+        if spec is None or spec.num_leaves != len(self.graph.outputs) + len(literals):
+            return tuple(results)
+        leaves = [literals[k] if k in literals else next(results) for k in range(spec.num_leaves)]
+        if _is_plain(spec):
+            return _torch_private.tree_unflatten(leaves, spec)
+        spec_node = self._attribute(spec, "_out_spec")
+        return self.fx.call_function(_torch_private.tree_unflatten, (leaves, spec_node))
+
+
+def _returns_sequence(node: Node) -> bool:
+    """Whether the impl returns a tuple: several results, or a canonical op with a variable count (split)."""
+    opdef = node.opdef
+    return len(node.outputs) != 1 or (callable(opdef.num_outputs) and opdef.category != "opaque")
+
+
+def _is_plain(spec: Any) -> bool:
+    """Whether a pytree spec is made of tuples, lists and str-keyed dicts only (fx can return those as is)."""
+    if spec.is_leaf():
+        return True
+    if spec.type is dict:
+        if not all(isinstance(k, str) for k in spec.context):
+            return False
+    elif spec.type not in (tuple, list):
+        return False
+    return all(_is_plain(spec.child(k)) for k in range(spec.num_children))

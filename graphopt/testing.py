@@ -1,0 +1,170 @@
+"""Comparing model outputs: what the real-model suite, the demo and the CLI check with.
+
+``flatten_outputs`` turns whatever a model returns (a tensor, nested tuples/lists,
+dicts, Hugging Face ``ModelOutput`` / diffusers ``BaseOutput``) into a flat list of
+tensors in a stable order; ``max_rel_error`` and ``assert_close_outputs`` compare
+two such outputs with an error scaled by the reference's magnitude.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PATHS", "PathResult", "SUITE_RTOL", "assert_close_outputs", "capture_and_optimize", "flatten_outputs",
+    "max_rel_error", "output_errors", "run_onnxruntime", "run_path",
+]
+
+
+def flatten_outputs(x: Any) -> list[torch.Tensor]:
+    """Flatten a model output into a list of tensors (depth-first, in order).
+
+    ``None`` entries are dropped (HF outputs keep unused fields as ``None``).
+    ``ModelOutput`` / ``BaseOutput`` are ordered dicts, so they go through the
+    mapping branch in field order; plain dicts keep insertion order.
+    """
+    if x is None:
+        return []
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in flatten_outputs(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in flatten_outputs(v)]
+    if hasattr(x, "to_tuple"):  # ModelOutput-like object that is not a Mapping
+        return flatten_outputs(x.to_tuple())
+    if isinstance(x, (int, float, bool)):
+        return [torch.tensor(x)]
+    raise TypeError(f"cannot flatten model output of type {type(x).__name__}")
+
+
+def _rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    ref64 = ref.detach().to(torch.float64).cpu()
+    got64 = got.detach().to(torch.float64).cpu()
+    if not ref.dtype.is_floating_point and not ref.dtype.is_complex:
+        # Integer/bool outputs must match exactly; report 0 or inf.
+        return 0.0 if torch.equal(ref64, got64) else float("inf")
+    # Non-finite values must agree positionally.
+    ref_bad, got_bad = ~torch.isfinite(ref64), ~torch.isfinite(got64)
+    if not torch.equal(ref_bad, got_bad):
+        return float("inf")
+    if ref_bad.any():
+        if not torch.equal(ref64[ref_bad].nan_to_num(), got64[got_bad].nan_to_num()):
+            return float("inf")
+        ref64, got64 = ref64[~ref_bad], got64[~got_bad]
+        if ref64.numel() == 0:
+            return 0.0
+    scale = max(ref64.abs().max().item(), 1e-6)
+    return (ref64 - got64).abs().max().item() / scale
+
+
+def output_errors(ref: Any, got: Any) -> list[float]:
+    """Per-output relative errors; raises ``AssertionError`` on structure mismatch."""
+    refs, gots = flatten_outputs(ref), flatten_outputs(got)
+    if len(refs) != len(gots):
+        raise AssertionError(f"output count differs: reference has {len(refs)}, got {len(gots)}")
+    for i, (r, g) in enumerate(zip(refs, gots)):
+        if r.shape != g.shape:
+            raise AssertionError(f"output {i}: shape differs: reference {tuple(r.shape)}, got {tuple(g.shape)}")
+    return [_rel_error(r, g) for r, g in zip(refs, gots)]
+
+
+def max_rel_error(ref: Any, got: Any) -> float:
+    """max over outputs of ``max|ref - got| / max(max|ref|, 1e-6)``.
+
+    Raises ``AssertionError`` when the outputs' count or shapes differ; returns
+    ``inf`` when integer outputs or non-finite positions differ.
+    """
+    return max(output_errors(ref, got), default=0.0)
+
+
+def assert_close_outputs(ref: Any, got: Any, rtol: float = 1e-4, what: str = "") -> None:
+    """Assert every output of ``got`` is within ``rtol`` (scaled error) of ``ref``."""
+    errors = output_errors(ref, got)
+    bad = [(i, e) for i, e in enumerate(errors) if not e <= rtol]
+    if not bad:
+        return
+    refs, gots = flatten_outputs(ref), flatten_outputs(got)
+    prefix = f"{what}: " if what else ""
+    lines = [f"{prefix}{len(bad)} of {len(errors)} outputs differ (rtol={rtol:g}):"]
+    for i, e in bad:
+        r, g = refs[i], gots[i]
+        detail = ""
+        if r.dtype.is_floating_point and r.numel():
+            diff = (r.detach().double() - g.detach().double()).abs().nan_to_num(nan=float("inf"))
+            flat = int(diff.argmax())
+            idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), r.shape)) if r.dim() else ()
+            detail = (
+                f"; worst at index {idx}: ref={r.reshape(-1)[flat].item():.6g} "
+                f"got={g.reshape(-1)[flat].item():.6g}; max|ref|={r.detach().abs().max().item():.4g}"
+            )
+        lines.append(
+            f"  output {i} {tuple(r.shape)} {str(r.dtype).removeprefix('torch.')}: rel error {e:.3g}{detail}"
+        )
+    raise AssertionError("\n".join(lines))
+
+
+# ------------------------------------------------------------ the three paths
+@dataclass
+class PathResult:
+    """How one path (IR → torch, IR → ONNX → onnxruntime, torch.compile) fared on one model."""
+
+    path: str
+    error: float | None = None  # max relative error against eager; None when the path failed
+    reason: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is not None and self.error <= SUITE_RTOL
+
+
+SUITE_RTOL = 1e-4
+PATHS = ("to_torch", "to_onnx", "torch_compile")
+
+
+def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O1"):
+    """capture → ``level``: the graph every path below starts from."""
+    import graphopt
+
+    graph = graphopt.capture(model, inputs)
+    return graphopt.optimize(graph, level)
+
+
+def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, graph=None,
+             level: str = "O1") -> PathResult:
+    """Run one path and compare it with ``reference`` (eager outputs). Failures become reasons."""
+    start = time.perf_counter()
+    try:
+        if path == "torch_compile":
+            torch._dynamo.reset()
+            got = torch.compile(model, backend="graphopt", options={"level": level, "fallback": False})(*inputs)
+        else:
+            graph = graph if graph is not None else capture_and_optimize(model, inputs, level)
+            got = graph.to_torch()(*inputs) if path == "to_torch" else run_onnxruntime(graph, inputs)
+        error = max_rel_error(reference, got)
+        reason = "" if error <= SUITE_RTOL else f"max relative error {error:.3g}"
+        return PathResult(path, error, reason, time.perf_counter() - start)
+    except Exception as exc:  # a failing path is reported with its reason, not raised
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return PathResult(path, None, f"{type(exc).__name__}: {first[:300]}", time.perf_counter() - start)
+
+
+def run_onnxruntime(graph, inputs: tuple) -> list[torch.Tensor]:
+    """Emit ``graph`` to ONNX and run it in onnxruntime on ``inputs`` (fed in graph-input order)."""
+    import onnxruntime as ort
+
+    model = graph.to_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    flat = [t for t in flatten_outputs(list(inputs))]
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]

@@ -1,0 +1,202 @@
+"""ONNX emitter: canonical ops lowered per opset match the IR's torch semantics in onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.emitters.onnx import EmitError, emit_onnx, save_onnx
+from graphopt.ir import Graph, TensorType
+from graphopt.ir.ops.opaque import Arg
+from ir_interpreter import run_graph
+
+
+def _ort(model: onnx.ModelProto, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: x.numpy() for i, x in zip(model.graph.input, inputs)})
+
+
+def _one_op_graph(op: str, shapes: list[tuple], attrs: dict, dtype=torch.float32, extra=None) -> Graph:
+    g = Graph("one_op")
+    xs = [g.add_input(f"x{i}", TensorType(dtype, s)) for i, s in enumerate(shapes)]
+    for data in extra or []:
+        xs.append(g.add_constant(data, "c"))
+    g.outputs = list(g.add_node(op, xs, attrs).outputs)
+    return g
+
+
+def _inputs(g: Graph, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for v in g.inputs:
+        t = v.type
+        if t.dtype.is_floating_point:
+            out.append(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
+        else:
+            out.append(torch.randint(1, 9, t.shape, generator=gen).to(t.dtype))
+    return out
+
+
+def _check(g: Graph, opset: int, rtol: float = 1e-5, atol: float = 1e-5) -> onnx.ModelProto:
+    model = emit_onnx(g, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    inputs = _inputs(g)
+    expected = run_graph(g, *inputs)
+    for want, got in zip(expected, _ort(model, inputs)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=rtol, atol=atol)
+    return model
+
+
+def _op_types(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+W8 = torch.randn(8)
+
+
+@pytest.mark.parametrize("op,attrs,shapes,extra,opset,present,absent", [
+    ("layer_norm", {"normalized_shape": [8], "eps": 1e-5}, [(2, 3, 8)], [W8, W8], 13, "ReduceMean", "LayerNormalization"),
+    ("layer_norm", {"normalized_shape": [8], "eps": 1e-5}, [(2, 3, 8)], [W8, W8], 17, "LayerNormalization", "ReduceMean"),
+    ("gelu", {"approximate": "none"}, [(4, 8)], [], 18, "Erf", "Gelu"),
+    ("gelu", {"approximate": "tanh"}, [(4, 8)], [], 18, "Tanh", "Gelu"),
+    ("gelu", {"approximate": "tanh"}, [(4, 8)], [], 20, "Gelu", "Tanh"),
+    ("group_norm", {"num_groups": 2, "eps": 1e-5}, [(2, 8, 5)], [W8, W8], 18, "ReduceMean", "GroupNormalization"),
+    ("group_norm", {"num_groups": 2, "eps": 1e-5}, [(2, 8, 5)], [W8, W8], 21, "GroupNormalization", "ReduceMean"),
+    ("mean", {"dims": [1], "keepdim": False}, [(3, 4, 5)], [], 13, "ReduceMean", None),
+    ("mean", {"dims": [1], "keepdim": True}, [(3, 4, 5)], [], 18, "ReduceMean", None),
+    ("sum", {"dims": [0, 2], "keepdim": False}, [(3, 4, 5)], [], 13, "ReduceSum", None),
+    ("rms_norm", {"normalized_shape": [8], "eps": 1e-6}, [(2, 8)], [W8], 18, "Sqrt", None),
+    ("mish", {}, [(4, 8)], [], 13, "Softplus", "Mish"),
+    ("mish", {}, [(4, 8)], [], 18, "Mish", None),
+])
+def test_per_opset_forms(op, attrs, shapes, extra, opset, present, absent) -> None:
+    model = _check(_one_op_graph(op, shapes, attrs, extra=extra), opset, rtol=1e-4, atol=1e-5)
+    assert present in _op_types(model)
+    assert absent is None or absent not in _op_types(model)
+    if absent == "ReduceMean" or op in ("mean", "sum"):
+        reduce_node = next((n for n in model.graph.node if n.op_type.startswith("Reduce")), None)
+        if reduce_node is not None:
+            axes_in_attr = any(a.name == "axes" for a in reduce_node.attribute)
+            assert axes_in_attr == (opset < 18 and reduce_node.op_type != "ReduceSum")
+
+
+@pytest.mark.parametrize("op,attrs,shapes,dtype", [
+    ("silu", {}, [(3, 5)], torch.float32),
+    ("rsqrt", {}, [(3, 5)], torch.float32),
+    ("atan2", {}, [(3, 5), (3, 5)], torch.float32),
+    ("remainder", {}, [(3, 5), (3, 5)], torch.float32),
+    ("div", {"rounding_mode": "floor"}, [(3, 5), (3, 5)], torch.int64),
+    ("div", {"rounding_mode": "trunc"}, [(3, 5), (3, 5)], torch.float32),
+    ("softplus", {"beta": 2.0, "threshold": 1.0}, [(3, 5)], torch.float32),
+    ("hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [(3, 5)], torch.float32),
+    ("clamp", {"min": -0.5, "max": 0.5}, [(3, 5)], torch.float32),
+    ("flatten", {"start_dim": 1, "end_dim": 2}, [(2, 3, 4, 5)], torch.float32),
+    ("stack", {"dim": 1}, [(2, 3), (2, 3)], torch.float32),
+    ("roll", {"shifts": [1, -2], "dims": [0, 1]}, [(3, 5)], torch.float32),
+    ("roll", {"shifts": [2], "dims": []}, [(3, 5)], torch.float32),
+    ("sum", {"dims": None, "keepdim": False}, [(3, 5)], torch.float32),
+    ("flip", {"dims": [1]}, [(3, 5)], torch.float32),
+    ("pad", {"pads": [1, 2, 0, 1], "mode": "reflect"}, [(1, 2, 4, 5)], torch.float32),
+    ("pad", {"pads": [1, 2], "mode": "constant", "value": 3.0}, [(2, 4)], torch.float32),
+    ("repeat", {"repeats": [2, 1, 3]}, [(3, 2)], torch.float32),
+    ("interpolate", {"scale_factor": [2.0, 2.0], "mode": "nearest"}, [(1, 2, 3, 4)], torch.float32),
+    ("interpolate", {"size": [5, 7], "mode": "bilinear", "align_corners": False}, [(1, 2, 3, 4)], torch.float32),
+    ("var", {"dims": [1], "correction": 1.0, "keepdim": False}, [(3, 5)], torch.float32),
+    ("any", {"dims": [1], "keepdim": False}, [(3, 5)], torch.bool),
+    ("topk", {"k": 2, "dim": 1, "largest": True, "sorted": True}, [(3, 5)], torch.float32),
+    ("cumsum", {"dim": 1}, [(3, 5)], torch.float32),
+    ("select", {"dim": 1, "index": 2}, [(3, 5)], torch.float32),
+    ("expand", {"shape": [4, -1, 5]}, [(1, 3, 1)], torch.float32),
+    ("squeeze", {"dims": [0, 1]}, [(1, 3, 5)], torch.float32),
+    ("adaptive_avg_pool", {"output_size": [2, 2]}, [(1, 3, 4, 6)], torch.float32),
+    ("max_pool", {"kernel_size": [3, 3], "stride": [2, 2], "padding": [1, 1]}, [(1, 2, 7, 7)], torch.float32),
+    ("avg_pool", {"kernel_size": [2, 2], "stride": [], "padding": [0, 0]}, [(1, 2, 6, 6)], torch.float32),
+    ("sdpa", {"is_causal": True}, [(1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)], torch.float32),
+    ("linear", {}, [(2, 3, 4), (5, 4), (5,)], torch.float32),
+    ("triu", {"diagonal": 1}, [(4, 4)], torch.float32),
+    ("full_like", {"value": 2.5}, [(2, 3)], torch.float32),
+    ("ne", {}, [(3, 5), (3, 5)], torch.int32),
+    ("logical_xor", {}, [(3, 5), (3, 5)], torch.bool),
+])
+def test_canonical_ops_match_torch(op, attrs, shapes, dtype) -> None:
+    if op == "any":
+        g = Graph("any")
+        x = g.add_input("x0", TensorType(torch.float32, shapes[0]))
+        positive = g.add_node("gt", [x, g.add_constant(torch.tensor(0.5))]).output
+        g.outputs = [g.add_node(op, [positive], attrs).output]
+    else:
+        g = _one_op_graph(op, shapes, attrs, dtype=dtype)
+    _check(g, opset=18, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_dtype_operands_are_cast() -> None:
+    """torch promotes int32 + float32 to float32; ONNX needs explicit casts."""
+    g = Graph("promote")
+    a = g.add_input("a", TensorType(torch.int32, (3,)))
+    b = g.add_input("b", TensorType(torch.float32, (3,)))
+    g.outputs = [g.add_node("add", [a, b]).output]
+    model = _check(g, opset=17)
+    assert "Cast" in _op_types(model)
+
+
+def test_torch_opaque_is_exported_and_spliced() -> None:
+    g = Graph("opaque")
+    x = g.add_input("x", TensorType(torch.float32, (1, 8, 3, 3)))
+    node = g.add_node("torch.opaque", [x], {"target": torch.ops.aten.pixel_shuffle.default, "args": (Arg(0), 2),
+                                            "kwargs": {}, "num_outputs": 1})
+    g.outputs = [g.add_node("relu", [node.output]).output]
+    model = _check(g, opset=17)
+    assert "DepthToSpace" in _op_types(model)
+
+
+def test_unexportable_torch_opaque_names_the_op() -> None:
+    g = Graph("opaque")
+    x = g.add_input("x", TensorType(torch.float32, (3, 3)))
+    node = g.add_node("torch.opaque", [x], {"target": torch.linalg.eigvalsh, "args": (Arg(0),), "kwargs": {},
+                                            "num_outputs": 1})
+    g.outputs = [node.output]
+    with pytest.raises(EmitError, match="eigvalsh"):
+        emit_onnx(g)
+
+
+def test_output_names_survive_optimization() -> None:
+    """Cleanup removes the Identity that produced ``y``; the emitted model still calls its output ``y``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"]),
+             helper.make_node("Identity", ["r"], ["z"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y, z]), opset_imports=[helper.make_opsetid("", 17)])
+    graph = graphopt.optimize(graphopt.load_onnx(model), "O1")
+    emitted = graph.to_onnx()
+    onnx.checker.check_model(emitted, full_check=True)
+    assert [o.name for o in emitted.graph.output] == ["y", "z"] and [i.name for i in emitted.graph.input] == ["x"]
+    data = torch.randn(2, 3)
+    for out in _ort(emitted, [data]):
+        np.testing.assert_allclose(out, data.relu().numpy())
+
+
+def test_save_onnx_writes_external_data_past_the_threshold(tmp_path) -> None:
+    g = Graph("weights")
+    x = g.add_input("x", TensorType(torch.float32, (2, 64)))
+    w = g.add_constant(torch.randn(64, 64), "w", parameter=True)
+    g.outputs = [g.add_node("matmul", [x, w]).output]
+    path = save_onnx(g, tmp_path / "model.onnx", external_data_threshold=1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    model = onnx.load(str(path))
+    data = torch.randn(2, 64)
+    np.testing.assert_allclose(_ort(model, [data])[0], (data @ w.data).numpy(), rtol=1e-5, atol=1e-5)
+    small = save_onnx(g, tmp_path / "inline.onnx")
+    assert not (tmp_path / "inline.onnx.data").exists() and onnx.load(str(small)).graph.initializer[0].raw_data
+
+
+def test_opset_below_13_is_refused() -> None:
+    g = _one_op_graph("relu", [(2,)], {})
+    with pytest.raises(EmitError, match="opset"):
+        emit_onnx(g, opset=11)

@@ -1,0 +1,174 @@
+"""The ``graphopt`` command line: optimize/inspect/passes on a small exported model, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from graphopt.cli import main
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.view(y.size(0), -1))  # exports as a Shape/Gather/Concat chain that folds away
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    torch.onnx.export(TinyConvNet().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["logits"], do_constant_folding=False)
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_optimize_writes_a_smaller_model_and_prints_the_table(model_path, tmp_path, capsys):
+    out_path = tmp_path / "opt.onnx"
+    report = tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--check", "3", "--report", report)
+    assert code == 0, err
+    optimized = onnx.load(str(out_path))
+    onnx.checker.check_model(optimized)
+    nodes_before = len(onnx.load(str(model_path)).graph.node)
+    assert len(optimized.graph.node) < nodes_before
+    assert "Conv" in out and "total nodes" in out and "size (KiB)" in out
+    total = next(line for line in out.splitlines() if line.startswith("total nodes")).split()
+    assert total[-2:] == [str(nodes_before), str(len(optimized.graph.node))]
+    assert "check: 3 random inputs" in out
+    records = json.loads(report.read_text())
+    assert {"fold_constants", "dce"} <= {r["name"] for r in records}
+
+
+def test_bench_prints_both_latencies(model_path, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "opt.onnx", "--bench", "--repeat", "3")
+    assert code == 0, err
+    assert "median ms" in out
+    assert any(line.startswith("before") for line in out.splitlines())
+    assert any(line.startswith("after") for line in out.splitlines())
+
+
+def test_failed_check_exits_3_and_keeps_the_existing_output(model_path, tmp_path, capsys):
+    out_path = tmp_path / "opt.onnx"
+    out_path.write_bytes(b"previous result")
+    # No difference is below a negative tolerance, so the check must fail.
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--check", "1", "--tol", "-1")
+    assert code == 3
+    assert "not written" in err
+    assert out_path.read_bytes() == b"previous result"
+
+
+def bad_input_cases(model_path: Path, tmp_path: Path) -> dict[str, tuple[list[str], Path]]:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx model \x00\xff")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    old_opset = tmp_path / "opset9.onnx"
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in "xy"]
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([relu], "g", io[:1], io[1:]),
+                                     opset_imports=[onnx.helper.make_opsetid("", 9)]), str(old_opset))
+    out = tmp_path / "out.onnx"
+    same_as_input = model_path.parent / ".." / model_path.parent.name / model_path.name
+    return {
+        "missing input": (["optimize", str(tmp_path / "nope.onnx"), "-o", str(out)], out),
+        "corrupt input": (["optimize", str(corrupt), "-o", str(out)], out),
+        "empty input": (["optimize", str(empty), "-o", str(out)], out),
+        "unsupported opset": (["optimize", str(old_opset), "-o", str(out)], out),
+        "unknown pass": (["optimize", str(model_path), "-o", str(out), "--passes", "dce,no_such_pass"], out),
+        "unknown level": (["optimize", str(model_path), "-o", str(out), "--level", "O9"], out),
+        "output is input": (["optimize", str(model_path), "-o", str(same_as_input)], out),
+        "missing output dir": (["optimize", str(model_path), "-o", str(tmp_path / "no_dir" / "out.onnx")],
+                               tmp_path / "no_dir"),
+        "inspect missing": (["inspect", str(tmp_path / "nope.onnx")], out),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing input", "corrupt input", "empty input", "unsupported opset", "unknown pass",
+                                  "unknown level", "output is input", "missing output dir", "inspect missing"])
+def test_bad_input_is_one_error_line_and_exit_2(case, model_path, tmp_path, capsys):
+    model_before = model_path.read_bytes()
+    argv, must_not_exist = bad_input_cases(model_path, tmp_path)[case]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: "), err
+    assert "Traceback" not in err + out
+    assert not must_not_exist.exists()
+    assert model_path.read_bytes() == model_before
+
+
+def test_bad_input_keeps_an_existing_output(model_path, tmp_path, capsys):
+    out_path = tmp_path / "opt.onnx"
+    out_path.write_bytes(b"previous result")
+    code, _, _ = run_cli(capsys, "optimize", model_path, "-o", out_path, "--passes", "no_such_pass")
+    assert code == 2
+    assert out_path.read_bytes() == b"previous result"
+    assert list(tmp_path.iterdir()) == [out_path]  # no temporary file left behind
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(tmp_path / "nope.onnx"),
+                             "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("graphopt: error: input file")
+    assert "Traceback" not in result.stderr
+
+
+def test_passes_lists_the_cleanup_passes_and_pipelines(capsys):
+    code, out, _ = run_cli(capsys, "passes")
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line and not line.startswith(" ")
+            and len(line.split()) > 1 and line.split()[1] in ("exact", "lossy")}
+    assert {"dce", "cse", "fold_constants", "eliminate_noops"} <= rows.keys()
+    assert rows["dce"] == "exact"
+    assert any(line.strip().startswith("O1: ") and "dce" in line for line in out.splitlines())
+
+
+def test_inspect_summarizes_the_model_and_its_ir(model_path, capsys):
+    code, out, err = run_cli(capsys, "inspect", model_path)
+    assert code == 0, err
+    assert "x: float32[1, 3, 8, 8]" in out
+    assert "logits: float32[1, 4]" in out
+    assert "Conv" in out and "BatchNormalization" in out
+    assert "IR after load:" in out and "opaque" in out
+    assert "parameters: " in out
+
+
+def test_readme_pass_table_matches_the_registry():
+    from graphopt.pass_manager import PASSES, pipeline
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Passes", 1)[1].split("\n## ", 1)[0]
+    documented = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert documented == set(PASSES)
+    assert f"`O1` runs `{', '.join(pipeline('O1'))}`" in section
+
+
+def test_demo_command_runs_the_demo(monkeypatch, capsys):
+    import graphopt.demo
+
+    calls = []
+    monkeypatch.setattr(graphopt.demo, "run_demo", lambda quick: calls.append(quick) or "demo table")
+    code, out, _ = run_cli(capsys, "demo", "--quick")
+    assert code == 0
+    assert calls == [True]
+    assert out.strip() == "demo table"
