@@ -4,7 +4,7 @@ Importing this package registers the passes and the named pipelines.
 """
 from graphopt.pass_manager import register_pipeline
 
-from . import cleanup, constant_folding  # noqa: F401
+from . import canonicalize, cleanup, constant_folding  # noqa: F401
 from .cleanup import CLEANUP_PIPELINE
 
 register_pipeline("O1", CLEANUP_PIPELINE)

@@ -1,8 +1,9 @@
 """Cleanup passes, pipeline O1: dead code, common subexpressions, no-op ops.
 
 All of them are exact: the rewritten graph computes the same outputs, bit for
-bit unless a docstring says otherwise. Constant folding, the fourth member of
-the pipeline, lives in ``constant_folding.py``.
+bit unless a docstring says otherwise. The other members of the pipeline
+live in ``constant_folding.py`` (folding) and ``canonicalize.py`` (re-import
+of ONNX nodes that folding made canonical).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 from graphopt.ir import Graph, Node, TensorType, Value
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-CLEANUP_PIPELINE = ["fold_constants", "eliminate_noops", "cse", "dce"]
+CLEANUP_PIPELINE = ["fold_constants", "refine_onnx_opaque", "eliminate_noops", "cse", "dce"]
 """Folding first (it turns shape computations into constants, which makes
-reshapes static and no-ops visible), then no-ops, then merging and sweeping."""
+reshapes static and no-ops visible), then re-importing the ONNX nodes that
+folding made canonical, then no-ops, then merging and sweeping."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -76,7 +78,15 @@ def same_type(a: Value, b: Value) -> bool:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The elements' bytes in row-major order: equal for tensors of equal dtype, shape and contents.
+
+    Whatever the strides (zero for an expanded tensor, anything for an empty
+    one) and lazy conjugate or negative bits, only the values count.
+    """
+    if t.numel() == 0:
+        return b""
+    flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 # ---------------------------------------------------------------------- DCE

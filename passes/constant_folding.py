@@ -13,6 +13,11 @@ from .cleanup import is_graph_output, is_pure, is_trainable
 SHAPE_ONLY_OPS = frozenset({"shape", "full_like"})
 """Ops whose result reads only the dtype and shape of their tensor inputs, never the data."""
 
+ENTRY_MOVING_OPS = frozenset({"take", "slice", "select", "squeeze", "unsqueeze", "reshape", "flatten", "concat",
+                              "identity", "index_select", "gather"})
+"""Ops whose result entries are entries of their first input, moved but never computed on: when they
+read a ``shape`` result, what they pick is static exactly when it is the same under two probe sizes."""
+
 _PROBE_SIZES = (2, 3)  # two sizes for symbolic dims: a result equal under both does not depend on them
 
 
@@ -25,8 +30,10 @@ class FoldConstants(Pass):
     inputs are all constants is evaluated once with its torch implementation;
     in execution order, so whole constant chains fold in one walk. Shape-only
     ops (``shape``, ``full_like``) fold when the dims they read are static,
-    even if other dims are symbolic: this is what turns ONNX
-    Shape→Gather→Concat→Reshape chains into static reshapes.
+    even if other dims are symbolic, and so do ops that merely pick entries
+    of a ``shape`` result (``Gather(Shape(x), 1)``) when the entries they pick
+    are static: this is what turns ONNX Shape→Gather→Concat→Reshape chains
+    into static reshapes.
 
     Results larger than ``max_output_bytes`` stay computed, so folding never
     bloats a model. Nodes reading a trainable parameter (``is_trainable``: a
@@ -52,14 +59,15 @@ class FoldConstants(Pass):
             if max(sizes, default=0) > self.max_output_bytes:
                 stats["skipped_too_large"] += 1
                 continue
-            results = _shape_only_results(node) if node.op in SHAPE_ONLY_OPS else _constant_results(node)
+            probed = _reads_shapes(node)
+            results = _probed_results(node) if probed else _constant_results(node)
             if results is None:
                 continue
             for out, data in zip(node.outputs, results):
                 out.replace_all_uses_with(_constant_for(graph, node, data, out.name))
             read += [v for v in node.inputs if v is not None and v.is_constant]
             graph.remove_node(node)
-            stats["shape_ops_folded" if node.op in SHAPE_ONLY_OPS else "nodes_folded"] += 1
+            stats["shape_ops_folded" if probed else "nodes_folded"] += 1
         stats["constants_dropped"] = _drop_unread(graph, read)
         modified = bool(stats["nodes_folded"] or stats["shape_ops_folded"])
         return PassResult(graph, modified, stats)
@@ -67,7 +75,7 @@ class FoldConstants(Pass):
     def _foldable(self, node: Node) -> bool:
         if not is_pure(node) or node.opdef.torch_impl is None or any(is_graph_output(o) for o in node.outputs):
             return False
-        if node.op in SHAPE_ONLY_OPS:
+        if node.op in SHAPE_ONLY_OPS or _reads_shapes(node):
             return True
         constant_inputs = [v for v in node.inputs if v is not None]
         return all(v.is_constant for v in constant_inputs) and (
@@ -83,18 +91,40 @@ def _constant_results(node: Node) -> list[torch.Tensor] | None:
     return _evaluate(node, [None if v is None else v.data for v in node.inputs])
 
 
-def _shape_only_results(node: Node) -> list[torch.Tensor] | None:
-    """Evaluate on storage-free stand-ins, twice with different sizes for symbolic dims; fold if both agree."""
+def _reads_shapes(node: Node) -> bool:
+    """A shape-only op, or an entry-moving op reading constants and ``shape`` results (one at least)."""
+    if node.op in SHAPE_ONLY_OPS:
+        return True
+    if node.op not in ENTRY_MOVING_OPS:
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    shapes = [v for v in inputs if v.producer is not None and v.producer.op == "shape"]
+    return bool(shapes) and all(v.is_constant or v in shapes for v in inputs)
+
+
+def _probed_results(node: Node) -> list[torch.Tensor] | None:
+    """Evaluate on stand-ins, twice with different sizes for symbolic dims; fold if both agree."""
     runs = []
     for size in _PROBE_SIZES:
-        stand_ins = [_stand_in(v, size) for v in node.inputs]
-        if any(s is None for s, v in zip(stand_ins, node.inputs) if v is not None):
+        args = [_probe(v, size) for v in node.inputs]
+        if any(a is None for a, v in zip(args, node.inputs) if v is not None):
             return None
-        runs.append(_evaluate(node, stand_ins))
+        runs.append(_evaluate(node, args))
     first, second = runs
     if first is None or second is None or not all(torch.equal(a, b) for a, b in zip(first, second)):
         return None
     return first
+
+
+def _probe(v: Value | None, size: int) -> torch.Tensor | None:
+    """What a shape-reading op sees for ``v``: its data, the probed result of a ``shape`` node, or a stand-in."""
+    if v is None or v.is_constant:
+        return None if v is None else v.data
+    if v.producer is not None and v.producer.op == "shape":
+        shape_node = v.producer
+        stand_in = _stand_in(shape_node.inputs[0], size)
+        return None if stand_in is None else shape_node.opdef.torch_impl(stand_in, **shape_node.attrs)
+    return _stand_in(v, size)
 
 
 def _stand_in(v: Value | None, size: int) -> torch.Tensor | None:

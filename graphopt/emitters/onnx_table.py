@@ -748,7 +748,7 @@ def _interpolate(e: _Emitter, n: Node, ins: list, outs: list) -> None:
         attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     elif mode in ("linear", "bilinear", "trilinear", "bicubic"):
         attrs = dict(mode="cubic" if mode == "bicubic" else "linear",
-                     coordinate_transformation_mode="align_corners" if align else "pytorch_half_pixel")
+                     coordinate_transformation_mode="align_corners" if align else "half_pixel")
         if mode == "bicubic":
             attrs["cubic_coeff_a"] = -0.75
     else:

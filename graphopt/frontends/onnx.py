@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,8 +305,6 @@ class _Importer:
         return onnx_type_to_ir(self.type_protos.get(name), self.fresh_dim)
 
     def run(self) -> Graph:
-        from .onnx_table import IMPORTERS
-
         g, gp = self.graph, self.proto.graph
         initializers = {t.name: t for t in gp.initializer}
         for vi in gp.input:
@@ -320,7 +318,7 @@ class _Importer:
         for sparse in gp.sparse_initializer:  # a Constant node keeps the sparse form
             self._import_opaque(onnx.helper.make_node("Constant", [], [sparse.values.name], sparse_value=sparse))
         for n in gp.node:
-            self._import_node(n, IMPORTERS)
+            self._import_node(n)
         g.outputs = [self.env[o.name] for o in gp.output]
         for o, v in zip(gp.output, g.outputs):
             if v.type == OpaqueType("onnx:unknown"):
@@ -349,61 +347,13 @@ class _Importer:
         self._import_opaque(node)
 
     # ------------------------------------------------------------ nodes
-    def _import_node(self, n: onnx.NodeProto, importers: dict) -> None:
-        importer = importers.get(n.op_type) if n.domain in DEFAULT_DOMAINS else None
-        if importer is not None and self._fits_canonical(n):
-            mark, constants = len(self.graph), set(self.graph.constants)
-            try:
-                outputs = importer(_NodeContext(self, n))
-            except _NoMatch:
-                outputs = None
-            except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
-                outputs = None
-            if outputs is not None and self._types_agree(n, outputs):
-                for name, v in zip(n.output, outputs):
-                    self._bind(name, v)
-                return
-            for node in reversed(self.graph.nodes[mark:]):
-                self._drop(node)
-            for name in set(self.graph.constants) - constants:
-                del self.graph.constants[name]
-                self.graph._names.discard(name)
-        self._import_opaque(n)
-
-    def _fits_canonical(self, n: onnx.NodeProto) -> bool:
-        """Canonical ops need plain tensor inputs of dtypes torch covers, and no subgraphs."""
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-            return False
-        for name in n.input:
-            if name and (name not in self.env or not isinstance(self.env[name].type, TensorType)
-                         or self.env[name].type.dtype not in CANONICAL_DTYPES):
-                return False
-        for name in n.output:
-            t = self.ir_type(name) if name else None
-            if t is not None and (not isinstance(t, TensorType) or t.dtype not in CANONICAL_DTYPES):
-                return False
-        return True
-
-    def _types_agree(self, n: onnx.NodeProto, outputs: Sequence[Value | None]) -> bool:
-        if len(outputs) != len(n.output):
-            return False
+    def _import_node(self, n: onnx.NodeProto) -> None:
+        outputs = convert_node(_Scope(self.graph, self.opset, self.env, self.ir_type), n)
+        if outputs is None:
+            self._import_opaque(n)
+            return
         for name, v in zip(n.output, outputs):
-            if v is None:
-                if name:
-                    return False
-                continue
-            expected = self.ir_type(name)
-            if expected is None:
-                continue
-            if not isinstance(v.type, TensorType) or v.type.dtype != expected.dtype:
-                return False
-            if v.type.shape is not None and expected.shape is not None:
-                if len(v.type.shape) != len(expected.shape):
-                    return False
-                if any(isinstance(a, int) and isinstance(b, int) and a != b
-                       for a, b in zip(v.type.shape, expected.shape)):
-                    return False
-        return True
+            self._bind(name, v)
 
     def _bind(self, name: str, v: Value) -> None:
         """Name an imported value after its ONNX output and keep the more precise ONNX type."""
@@ -417,14 +367,6 @@ class _Importer:
         if isinstance(expected, TensorType) and expected.shape is not None:
             v.type = expected
         self.env[name] = v
-
-    def _drop(self, node: Node) -> None:
-        for out in node.outputs:
-            for user, i in out.uses():
-                user.replace_input(i, None)
-        self.graph.remove_node(node)
-        for out in node.outputs:
-            self.graph._names.discard(out.name)
 
     def _import_opaque(self, n: onnx.NodeProto) -> None:
         implicit = _outer_names(n)
@@ -448,6 +390,127 @@ class _Importer:
                 self.env[name] = v
 
 
+# ------------------------------------------------------------ conversion
+class _Scope:
+    """Where one ONNX node is converted: the graph, IR values by ONNX name, the
+    IR types ONNX inference gave names (``ir_type``), and where new nodes go.
+
+    The importer converts with a scope over its whole environment; a pass that
+    retries an ``onnx.opaque`` node converts with a scope over that node alone.
+    """
+
+    def __init__(self, graph: Graph, opset: int, env: dict[str, Value],
+                 ir_type: Callable[[str], Type | None], before: Node | None = None):
+        self.graph = graph
+        self.opset = opset
+        self.env = env
+        self.ir_type = ir_type
+        self.before = before
+        self.created: list[Node] = []
+
+    def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict[str, Any], **kwargs: Any) -> Node:
+        node = self.graph.add_node(op, inputs, attrs, before=self.before, **kwargs)
+        self.created.append(node)
+        return node
+
+    def undo(self, constants_before: set[str]) -> None:
+        """Remove what a failed conversion added: its nodes, newest first, and its constants."""
+        for node in reversed(self.created):
+            for out in node.outputs:
+                for user, i in out.uses():
+                    user.replace_input(i, None)
+            self.graph.remove_node(node)
+            for out in node.outputs:
+                self.graph._names.discard(out.name)
+        self.created.clear()
+        for name in set(self.graph.constants) - constants_before:
+            del self.graph.constants[name]
+            self.graph._names.discard(name)
+
+
+def convert_node(scope: _Scope, n: onnx.NodeProto) -> list[Value | None] | None:
+    """The canonical IR values of an ONNX node's outputs, or None, leaving the graph as it was.
+
+    A mapping is kept only when the IR's type inference of every output agrees
+    with the type ONNX inference gave it.
+    """
+    from .onnx_table import IMPORTERS
+
+    importer = IMPORTERS.get(n.op_type) if n.domain in DEFAULT_DOMAINS else None
+    if importer is None or not _fits_canonical(scope, n):
+        return None
+    constants = set(scope.graph.constants)
+    try:
+        outputs = importer(_NodeContext(scope, n))
+    except (_NoMatch, TypeError, ValueError, RuntimeError, IndexError, KeyError):
+        outputs = None
+    if outputs is not None and _types_agree(scope, n, outputs):
+        return outputs
+    scope.undo(constants)
+    return None
+
+
+def reconvert_opaque(node: Node) -> list[Value | None] | None:
+    """Retry the canonical import of an ``onnx.opaque`` node with the inputs it reads now.
+
+    Folding can turn a computed shape input into a constant after loading; then
+    the node may map exactly. On success the new nodes stand just before
+    ``node`` and the values they produce are returned for the caller to swap
+    in; the old output types (ONNX's) are what the new types must agree with.
+    """
+    proto = onnx.NodeProto.FromString(node.attrs["node"])
+    if node.attrs.get("implicit"):
+        return None
+    env = {name: v for name, v in zip(proto.input, node.inputs) if name and v is not None}
+    known = {name: out.type for name, out in zip(proto.output, node.outputs)
+             if name and isinstance(out.type, TensorType) and "onnx_type" not in out.meta}
+    opset = dict(node.attrs.get("opsets", ())).get("", MIN_OPSET)
+    scope = _Scope(node.graph, opset, env, known.get, before=node)
+    constants = set(node.graph.constants)
+    outputs = convert_node(scope, proto)
+    if outputs is not None and any(v is not None and v.producer is None for v in outputs):
+        scope.undo(constants)  # a constant or an input cannot take over the outputs of a node
+        return None
+    return outputs
+
+
+def _fits_canonical(scope: _Scope, n: onnx.NodeProto) -> bool:
+    """Canonical ops need plain tensor inputs of dtypes torch covers, and no subgraphs."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+        return False
+    for name in n.input:
+        if name and (name not in scope.env or not isinstance(scope.env[name].type, TensorType)
+                     or scope.env[name].type.dtype not in CANONICAL_DTYPES):
+            return False
+    for name in n.output:
+        t = scope.ir_type(name) if name else None
+        if t is not None and (not isinstance(t, TensorType) or t.dtype not in CANONICAL_DTYPES):
+            return False
+    return True
+
+
+def _types_agree(scope: _Scope, n: onnx.NodeProto, outputs: Sequence[Value | None]) -> bool:
+    if len(outputs) != len(n.output):
+        return False
+    for name, v in zip(n.output, outputs):
+        if v is None:
+            if name:
+                return False
+            continue
+        expected = scope.ir_type(name)
+        if expected is None:
+            continue
+        if not isinstance(v.type, TensorType) or v.type.dtype != expected.dtype:
+            return False
+        if v.type.shape is not None and expected.shape is not None:
+            if len(v.type.shape) != len(expected.shape):
+                return False
+            if any(isinstance(a, int) and isinstance(b, int) and a != b
+                   for a, b in zip(v.type.shape, expected.shape)):
+                return False
+    return True
+
+
 class _NoMatch(Exception):
     """The ONNX node does not fit a canonical op: keep it opaque."""
 
@@ -455,10 +518,10 @@ class _NoMatch(Exception):
 class _NodeContext:
     """What one importer sees: the node's attributes, inputs, constant inputs, and a node builder."""
 
-    def __init__(self, importer: _Importer, node: onnx.NodeProto):
-        self.importer = importer
+    def __init__(self, scope: _Scope, node: onnx.NodeProto):
+        self.scope = scope
         self.node = node
-        self.opset = importer.opset
+        self.opset = scope.opset
         self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
     def attr(self, name: str, default: Any = None) -> Any:
@@ -475,7 +538,7 @@ class _NodeContext:
     def input(self, i: int) -> Value:
         if not self.has_input(i):
             raise _NoMatch(f"input {i} is absent")
-        return self.importer.env[self.node.input[i]]
+        return self.scope.env[self.node.input[i]]
 
     def inputs(self) -> list[Value]:
         return [self.input(i) for i in range(len(self.node.input))]
@@ -499,22 +562,22 @@ class _NodeContext:
         return len(self.shape(v))
 
     def constant(self, data: torch.Tensor, hint: str = "const") -> Value:
-        return self.importer.graph.add_constant(data, hint)
+        return self.scope.graph.add_constant(data, hint)
 
     def op(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> Value:
         return self.op_multi(op, inputs, **attrs)[0]
 
     def op_multi(self, op: str, inputs: Sequence[Value | None], **attrs: Any) -> list[Value]:
-        graph = self.importer.graph
         meta = {"source": f"{self.node.name}:{self.node.op_type}"}
         try:
-            node = graph.add_node(op, inputs, attrs, name=self.node.name or None, meta=meta)
+            node = self.scope.add_node(op, inputs, attrs, name=self.node.name or None, meta=meta)
         except (TypeError, ValueError, RuntimeError, NotImplementedError):
             # meta inference fails on data-dependent shapes; ONNX inference may know the result
-            types = [self.importer.ir_type(name) for name in self.node.output]
+            types = [self.scope.ir_type(name) for name in self.node.output]
             if len(types) != get_op(op).output_count(attrs) or not all(isinstance(t, TensorType) for t in types):
                 raise _NoMatch(f"cannot type {op}") from None
-            node = graph.add_node(op, inputs, attrs, output_types=types, name=self.node.name or None, meta=meta)
+            node = self.scope.add_node(op, inputs, attrs, output_types=types, name=self.node.name or None,
+                                       meta=meta)
         return list(node.outputs)
 
 

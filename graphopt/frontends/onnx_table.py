@@ -421,28 +421,94 @@ def _transpose(c: _NodeContext) -> list:
 
 def _static_output_shape(c: _NodeContext) -> list[int]:
     """The output shape ONNX inference found, one unknown dim as -1: how a computed shape input becomes static."""
-    t = c.importer.ir_type(c.node.output[0])
+    t = c.scope.ir_type(c.node.output[0])
     _require(t is not None and t.shape is not None, "output shape unknown")
     shape = [d if isinstance(d, int) else -1 for d in t.shape]
     _require(shape.count(-1) <= 1, "several unknown output dims")
     return shape
 
 
+def _shape_entries(v: Value) -> list | None:
+    """The entries of a shape tensor: an int where known, a dim symbol where it copies one, else None.
+
+    Exporters build shapes as ``Concat(Unsqueeze(Gather(Shape(x), i)), constants...)``;
+    after folding only the dynamic dims stay computed, and those read a dim of
+    ``x``, whose symbol the IR knows. None when even the length is unknown.
+    """
+    if v.data is not None:
+        return [int(e) for e in v.data.reshape(-1).tolist()]
+    node, length = v.producer, _static_length(v)
+    if node is not None and node.op == "concat":
+        pieces = [_shape_entries(piece) for piece in node.inputs]
+        return None if None in pieces else [e for piece in pieces for e in piece]
+    if node is not None and node.op in ("unsqueeze", "squeeze", "reshape") and length is not None:
+        entries = _shape_entries(node.inputs[0])
+        return entries if entries is not None and len(entries) == length else [None] * length
+    dims = _dims_read(v)
+    if dims is not None:
+        return dims
+    return None if length is None else [None] * length
+
+
+def _static_length(v: Value) -> int | None:
+    shape = v.type.shape
+    if shape is None or len(shape) > 1 or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape[0] if shape else 1
+
+
+def _dims_read(v: Value) -> list | None:
+    """The dims ``shape(x)`` or ``take(shape(x), constant)`` reads: ints and symbols of ``x``'s type."""
+    node = v.producer
+    index = None
+    if node is not None and node.op == "take" and node.inputs[1].data is not None and node.attrs.get("axis", 0) == 0:
+        index, node = node.inputs[1].data.reshape(-1).tolist(), node.inputs[0].producer
+    if node is None or node.op != "shape" or node.inputs[0].type.shape is None:
+        return None
+    dims = list(node.inputs[0].type.shape)[node.attrs.get("start", 0):node.attrs.get("end")]
+    return dims if index is None else [dims[i] for i in index]
+
+
+def _reshape_target(entries: list, in_shape: tuple) -> list[int]:
+    """A torch reshape target for ONNX shape entries: at most one -1, solved from the element count if needed.
+
+    An unknown entry (a -1 or a run-time value) is the input's element count over
+    the other entries; it is static when the input's symbolic dims and the
+    target's cancel. Then one symbolic entry may remain, and becomes the -1.
+    """
+    unknown = [i for i, e in enumerate(entries) if e is None or e == -1]
+    _require(len(unknown) <= 1, "several unknown dims")
+    symbols = sorted(e for e in entries if isinstance(e, str))
+    if unknown:
+        in_symbols = sorted(d for d in in_shape if isinstance(d, str))
+        if in_symbols == symbols and symbols:
+            known = math.prod(e for e in entries if isinstance(e, int) and e != -1)
+            total = math.prod(d for d in in_shape if isinstance(d, int))
+            _require(known > 0 and total % known == 0, "sizes do not divide")
+            entries = [total // known if i == unknown[0] else e for i, e in enumerate(entries)]
+            unknown = []
+    _require(len(unknown) + len(symbols) <= 1, "several unknown dims")
+    shape = [e if isinstance(e, int) else -1 for e in entries]
+    _require(-1 not in shape or 0 not in shape, "-1 next to an empty dim is ambiguous")
+    return shape
+
+
 @_register("Reshape")
 def _reshape(c: _NodeContext) -> list:
     x = c.input(0)
-    if c.input(1).data is None:
+    if c.input(1).data is None and _output_is_known(c):
         return [c.op("reshape", [x], shape=_static_output_shape(c))]
-    shape = c.const_ints(1)
-    if not c.attr("allowzero", 0) and 0 in shape:
-        in_shape = c.shape(x)
-        shape = [in_shape[i] if s == 0 else s for i, s in enumerate(shape)]
-        symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
-        if symbolic:
-            _require(len(symbolic) == 1 and -1 not in shape, "several unknown dims")
-            shape[symbolic[0]] = -1
-    _require(shape.count(-1) <= 1)
-    return [c.op("reshape", [x], shape=shape)]
+    entries = _shape_entries(c.input(1))
+    _require(entries is not None, "target length unknown")
+    in_shape = c.shape(x)
+    if not c.attr("allowzero", 0) and 0 in entries:
+        entries = [in_shape[i] if e == 0 else e for i, e in enumerate(entries)]
+    return [c.op("reshape", [x], shape=_reshape_target(entries, in_shape))]
+
+
+def _output_is_known(c: _NodeContext) -> bool:
+    t = c.scope.ir_type(c.node.output[0])
+    return t is not None and t.shape is not None and sum(not isinstance(d, int) for d in t.shape) <= 1
 
 
 @_register("Flatten")
@@ -474,7 +540,7 @@ def _squeeze(c: _NodeContext) -> list:
 
 @_register("Expand")
 def _expand(c: _NodeContext) -> list:
-    t = c.importer.ir_type(c.node.output[0])
+    t = c.scope.ir_type(c.node.output[0])
     if c.input(1).data is None and t is not None and t.is_static:
         return [c.op("expand", [c.input(0)], shape=list(t.shape))]
     return [c.op("broadcast_to", [c.input(0), c.input(1)])]
@@ -641,3 +707,44 @@ def _global_pool(c: _NodeContext) -> list:
     dims = list(range(2, c.rank(x)))
     op = "mean" if c.node.op_type == "GlobalAveragePool" else "amax"
     return [c.op(op, [x], dims=dims, keepdim=True)]
+
+
+# --------------------------------------------------------------- resampling
+_TORCH_LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+@_register("Resize")
+def _resize(c: _NodeContext) -> list:
+    """The Resize forms that are ``F.interpolate`` exactly: nearest (asymmetric, floor), linear and cubic
+    (a = -0.75, edges not excluded) with half-pixel or align-corners coordinates."""
+    x = c.input(0)
+    rank = c.rank(x)
+    _require(_is_float(x) and 3 <= rank <= 5)
+    _require(not c.attr("antialias", 0) and "axes" not in c.attrs
+             and c.attr("keep_aspect_ratio_policy", "stretch") == "stretch")
+    size, scale_factor = _resize_target(c, x)
+    out_spatial = c.scope.ir_type(c.node.output[0])
+    mode, transform = c.attr("mode", "nearest"), c.attr("coordinate_transformation_mode", "half_pixel")
+    if mode == "nearest":
+        _require(transform == "asymmetric" and c.attr("nearest_mode", "round_prefer_floor") == "floor")
+        return [c.op("interpolate", [x], size=size, scale_factor=scale_factor, mode="nearest")]
+    if mode == "cubic":
+        _require(rank == 4 and c.attr("cubic_coeff_a", -0.75) == -0.75 and not c.attr("exclude_outside", 0))
+    _require(mode in ("linear", "cubic") and transform in ("half_pixel", "pytorch_half_pixel", "align_corners"))
+    torch_mode = "bicubic" if mode == "cubic" else _TORCH_LINEAR_MODES[rank]
+    if transform != "half_pixel":  # the others read index 0 for an output dim of size 1, torch does not
+        _require(out_spatial is not None and out_spatial.shape is not None
+                 and all(isinstance(d, int) and d > 1 for d in out_spatial.shape[2:]), "output size 1")
+    return [c.op("interpolate", [x], size=size, scale_factor=scale_factor, mode=torch_mode,
+                 align_corners=transform == "align_corners")]
+
+
+def _resize_target(c: _NodeContext, x: Value) -> tuple[list[int] | None, list[float] | None]:
+    """(size, scale_factor) of the spatial dims: Resize keeps batch and channels."""
+    if c.has_input(3):
+        sizes = c.const_ints(3)
+        _require(list(c.shape(x)[:2]) == sizes[:2], "resizing batch or channels")
+        return sizes[2:], None
+    scales = [float(s) for s in c.const(2).reshape(-1).tolist()]
+    _require(scales[:2] == [1.0, 1.0] and all(s > 0 for s in scales), "resizing batch or channels")
+    return None, scales[2:]

@@ -189,7 +189,11 @@ class Graph:
         if output_types is None:
             from .registry import infer_types
 
-            output_types = infer_types(node)
+            try:
+                output_types = infer_types(node)
+            except Exception:
+                node._drop_uses()  # the node never joins the graph: its inputs must not list it
+                raise
         names = list(output_names or [])
         for k, t in enumerate(output_types):
             hint = names[k] if k < len(names) else (node.name if len(output_types) == 1 else f"{node.name}_{k}")
@@ -268,10 +272,10 @@ class Graph:
         self._nodes = ordered
 
     # --------------------------------------------------------------- analyses
-    def verify(self) -> None:
+    def verify(self, check_types: bool = False) -> None:
         from .verifier import verify
 
-        verify(self)
+        verify(self, check_types)
 
     def to_networkx(self) -> networkx.MultiDiGraph:
         from .analysis import to_networkx

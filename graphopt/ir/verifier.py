@@ -1,7 +1,8 @@
 """Structural checks of a graph: the invariants every pass must keep."""
 from __future__ import annotations
 
-from .graph import Graph
+from .graph import Graph, Node
+from .registry import infer_types
 from .types import TensorType
 
 
@@ -9,10 +10,13 @@ class VerificationError(Exception):
     """The graph breaks an IR invariant; the message names the node and the rule."""
 
 
-def verify(graph: Graph) -> None:
+def verify(graph: Graph, check_types: bool = False) -> None:
     """Check topological order, that every use is defined, use lists, names and types.
 
-    Raises ``VerificationError`` naming the first broken rule.
+    With ``check_types``, every node of a modelled op whose types are static is
+    also re-typed by the op registry and must agree with its recorded types
+    (slower: it runs each op on meta tensors). Raises ``VerificationError``
+    naming the first broken rule.
     """
     defined: set[int] = set()
     names: set[str] = set()
@@ -56,6 +60,8 @@ def verify(graph: Graph) -> None:
             if out.producer is not node or out.index != k:
                 raise VerificationError(f"{where}: output {k} %{out.name} does not point back at its producer")
             define(out, where)
+        if check_types:
+            _check_types(node, where)
     for v in graph.values():
         for user, i in v._uses:
             if user.graph is not graph or user.inputs[i] is not v:
@@ -63,3 +69,16 @@ def verify(graph: Graph) -> None:
     for k, v in enumerate(graph.outputs):
         if id(v) not in defined:
             raise VerificationError(f"graph output {k} %{v.name} is not defined in the graph")
+
+
+def _check_types(node: Node, where: str) -> None:
+    if node.opdef.category == "opaque" or node.opdef.torch_impl is None:
+        return
+    typed = [v.type for v in (*node.inputs, *node.outputs) if v is not None]
+    if not all(isinstance(t, TensorType) and t.is_static for t in typed):
+        return
+    inferred = infer_types(node)
+    recorded = [o.type for o in node.outputs]
+    if inferred != recorded:
+        shown = ", ".join(str(t) for t in inferred)
+        raise VerificationError(f"{where}: recorded types {', '.join(map(str, recorded))} but the op gives {shown}")

@@ -200,3 +200,15 @@ def test_opset_below_13_is_refused() -> None:
     g = _one_op_graph("relu", [(2,)], {})
     with pytest.raises(EmitError, match="opset"):
         emit_onnx(g, opset=11)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("target", [{"size": [7, 3]}, {"size": [1, 9]}, {"scale_factor": [2.0, 1.5]},
+                                    {"scale_factor": [0.5, 0.75]}], ids=["up_down", "to_1", "scale_up", "scale_down"])
+def test_interpolate_lowering_matches_torch(mode: str, align_corners: bool, target: dict) -> None:
+    if mode == "nearest" and align_corners:
+        pytest.skip("torch has no align_corners for nearest")
+    attrs = {"size": None, "scale_factor": None, **target, "mode": mode,
+             "align_corners": align_corners if mode != "nearest" else None}
+    _check(_one_op_graph("interpolate", [(1, 2, 6, 8)], attrs), opset=18, rtol=1e-4, atol=1e-5)

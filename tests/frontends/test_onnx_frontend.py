@@ -211,3 +211,52 @@ def test_bad_file_gives_a_one_line_error(tmp_path) -> None:
     assert "broken.onnx" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError):
         graphopt.load_onnx(tmp_path / "missing.onnx")
+
+
+_RESIZE_CASES = {
+    "nearest_scales": (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                       (1, 2, 5, 6), "scales", [1, 1, 2.0, 1.5], True),
+    "nearest_sizes_down": (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                           (1, 2, 5, 6), "sizes", [1, 2, 3, 4], True),
+    "linear_half_pixel": (dict(mode="linear"), (1, 2, 5, 6), "sizes", [1, 2, 7, 9], True),
+    "linear_half_pixel_to_1": (dict(mode="linear"), (1, 2, 5, 6), "sizes", [1, 2, 1, 3], True),
+    "linear_align_corners_to_1": (dict(mode="linear", coordinate_transformation_mode="align_corners"),
+                                  (1, 2, 5, 6), "sizes", [1, 2, 1, 3], False),
+    "linear_scales_down": (dict(mode="linear"), (2, 1, 6, 8), "scales", [1, 1, 0.5, 0.75], True),
+    "linear_pytorch_half_pixel": (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+                                  (1, 2, 5, 6), "sizes", [1, 2, 8, 3], True),
+    "linear_align_corners": (dict(mode="linear", coordinate_transformation_mode="align_corners"),
+                             (1, 2, 5, 6), "sizes", [1, 2, 9, 4], True),
+    "linear_1d": (dict(mode="linear"), (1, 3, 7), "scales", [1, 1, 2.0], True),
+    "trilinear": (dict(mode="linear"), (1, 1, 3, 4, 5), "sizes", [1, 1, 5, 3, 7], True),
+    "cubic_half_pixel": (dict(mode="cubic", cubic_coeff_a=-0.75), (1, 2, 5, 6), "sizes", [1, 2, 9, 4], True),
+    "cubic_align_corners": (dict(mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="align_corners"),
+                            (1, 2, 5, 6), "scales", [1, 1, 2.0, 2.0], True),
+    "nearest_round": (dict(mode="nearest"), (1, 2, 5, 6), "scales", [1, 1, 2.0, 2.0], False),
+    "cubic_default_a": (dict(mode="cubic"), (1, 2, 5, 6), "sizes", [1, 2, 9, 4], True),
+    "cubic_a_half": (dict(mode="cubic", cubic_coeff_a=-0.5), (1, 2, 5, 6), "sizes", [1, 2, 9, 4], False),
+    "cubic_exclude_outside": (dict(mode="cubic", exclude_outside=1), (1, 2, 5, 6), "sizes", [1, 2, 9, 4], False),
+    "linear_pytorch_half_pixel_to_1": (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+                                       (1, 2, 5, 6), "sizes", [1, 2, 1, 3], False),
+    "linear_asymmetric": (dict(mode="linear", coordinate_transformation_mode="asymmetric"),
+                          (1, 2, 5, 6), "scales", [1, 1, 2.0, 2.0], False),
+}
+
+
+@pytest.mark.parametrize("case", list(_RESIZE_CASES))
+def test_resize_maps_to_interpolate_exactly_when_torch_computes_the_same(case: str) -> None:
+    attrs, shape, kind, target, canonical = _RESIZE_CASES[case]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    dtype = np.float32 if kind == "scales" else np.int64
+    init = onnx.numpy_helper.from_array(np.array(target, dtype), kind)
+    inputs = ["x", "", "scales"] if kind == "scales" else ["x", "", "", "sizes"]
+    node = helper.make_node("Resize", inputs, ["y"], **attrs)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [init]),
+                              opset_imports=[helper.make_opsetid("", 19)])
+    graph = graphopt.load_onnx(model)
+    assert [n.op for n in graph.nodes] == (["interpolate"] if canonical else ["onnx.opaque"])
+    data = np.random.rand(*shape).astype(np.float32)
+    expected = _ort(model, {"x": data})[0]
+    np.testing.assert_allclose(_run_torch(graph, torch.from_numpy(data))[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_ort(graph.to_onnx(), {"x": data})[0], expected, rtol=1e-5, atol=1e-5)

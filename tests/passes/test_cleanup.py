@@ -8,7 +8,7 @@ import torch
 
 from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.opaque import Arg
-from graphopt.passes.cleanup import EliminateCommonSubexpressions, EliminateDeadCode, EliminateNoOps
+from graphopt.passes.cleanup import EliminateCommonSubexpressions, EliminateDeadCode, EliminateNoOps, tensor_bytes
 
 from ir_interpreter import run_exact, run_graph
 
@@ -96,6 +96,15 @@ def test_cse_compares_attributes_by_value():
     result = run_exact(EliminateCommonSubexpressions(), g)
     assert result.stats["nodes_merged"] == 2  # NaN equals NaN, a tuple equals a list
     assert g.op_counts() == {"add": 1, "full": 1, "mul": 1, "reshape": 1}
+
+
+def test_tensor_bytes_reads_values_whatever_the_layout():
+    values = torch.tensor([[1.5, -2.0], [1.5, -2.0]])
+    assert tensor_bytes(torch.tensor([1.5, -2.0]).expand(2, 2)) == tensor_bytes(values)  # zero stride
+    assert tensor_bytes(torch.empty_strided((0, 3), (0, 0))) == tensor_bytes(torch.empty(0, 3)) == b""
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    assert tensor_bytes(z.conj()) == tensor_bytes(z.conj().resolve_conj())
+    assert tensor_bytes(values._neg_view()) == tensor_bytes(-values)
 
 
 def test_cse_merges_duplicated_small_constants_but_not_big_ones_or_trainable_weights():

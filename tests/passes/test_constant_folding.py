@@ -75,6 +75,20 @@ def test_shape_folds_only_the_static_part_of_a_symbolic_shape():
     assert folded.data.tolist() == [3, 4]
 
 
+def test_picking_static_entries_of_a_symbolic_shape_folds_and_symbolic_ones_stay():
+    g = Graph()
+    x = g.add_input("x", f32("batch", 4, 6))
+    shape = g.add_node("shape", [x]).output
+    picks = {i: g.add_node("take", [shape, g.add_constant(torch.tensor(i), "i")], {"axis": 0}).output
+             for i in (0, 2)}
+    is_one = g.add_node("eq", [picks[0], g.add_constant(torch.tensor(1), "one")]).output  # never probed
+    g.outputs = [g.add_node("mul", [picks[2], picks[0]]).output, is_one]
+    result = run_exact(FoldConstants(), g)
+    assert result.stats["shape_ops_folded"] == 1
+    assert picks[2].producer.graph is None and picks[0].producer.graph is g and is_one.producer.graph is g
+    assert g.outputs[0].producer.inputs[0].data.item() == 6
+
+
 def test_full_like_folds_only_for_static_shapes():
     g = Graph()
     x = g.add_input("x", f32(2, 3))
