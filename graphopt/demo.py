@@ -16,6 +16,7 @@ import torch
 
 from .api import capture, optimize
 from .models import ModelCase, demo_cases
+from .testing import max_rel_error
 
 LEVEL = "O1"
 
@@ -33,7 +34,7 @@ class DemoRow:
     compile_ms: float
 
 
-def run_case(case: ModelCase, repeats: int = 5) -> DemoRow:
+def run_case(case: ModelCase, repeats: int = 15) -> DemoRow:
     """Build ``case``, run it through both graphopt paths and measure them against eager."""
     model, inputs = case.build()
     with torch.no_grad():
@@ -49,36 +50,18 @@ def run_case(case: ModelCase, repeats: int = 5) -> DemoRow:
             nodes_before=nodes_before,
             nodes_after=len(graph),
             passes_fired=graph.meta["report"].fired,
-            diff_graphopt=largest_difference(expected, module(*inputs)),
-            diff_compile=largest_difference(expected, compiled(*inputs)),
+            diff_graphopt=max_rel_error(expected, module(*inputs)),
+            diff_compile=max_rel_error(expected, compiled(*inputs)),
             eager_ms=median_ms(model, inputs, repeats),
             graphopt_ms=median_ms(module, inputs, repeats),
             compile_ms=median_ms(compiled, inputs, repeats),
         )
 
 
-def tensors(output: object) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in tensors(item)]
-    raise TypeError(f"the demo compares tensor outputs, got {type(output).__name__}")
-
-
-def largest_difference(expected: object, actual: object) -> float:
-    """max |expected - actual| over all outputs, relative to the largest |expected|."""
-    worst = 0.0
-    for e, a in zip(tensors(expected), tensors(actual), strict=True):
-        if e.shape != a.shape:
-            return float("inf")
-        if e.numel():
-            e, a = e.double(), a.double()
-            worst = max(worst, (e - a).abs().max().item() / max(e.abs().max().item(), 1e-12))
-    return worst
-
-
 def median_ms(fn: Callable[..., object], inputs: Sequence[torch.Tensor], repeats: int) -> float:
-    fn(*inputs)  # warm-up
+    """Median wall time of ``repeats`` calls after two warm-up calls, in milliseconds."""
+    fn(*inputs)
+    fn(*inputs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -101,7 +84,7 @@ def format_rows(rows: Sequence[DemoRow]) -> str:
 def run_demo(quick: bool = False) -> str:
     """The demo table; ``quick`` runs only the first model with fewer timing runs."""
     cases = demo_cases()[:1] if quick else demo_cases()
-    rows = [run_case(case, repeats=3 if quick else 5) for case in cases]
+    rows = [run_case(case, repeats=5 if quick else 15) for case in cases]
     return format_rows(rows)
 
 

@@ -596,6 +596,53 @@ def _take(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     e.add("Gather", ins, outs, axis=int(axis))
 
 
+@_register("index")
+def _index(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    """Advanced indexing as one GatherND over the indexed dims moved to the front.
+
+    GatherND puts the broadcast index shape first, as torch does for indexed dims
+    that are not consecutive; a consecutive block keeps its place in torch, so
+    one that does not start at dim 0 is transposed back.
+    """
+    shape = _shape(n.inputs[0])
+    dims = [int(d) for d in n.attrs["dims"]]
+    front = dims + [d for d in range(len(shape)) if d not in dims]
+    x = ins[0] if front == list(range(len(shape))) else e.add1("Transpose", [ins[0]], perm=front)
+    in_place = dims[0] > 0 and dims == list(range(dims[0], dims[0] + len(dims)))
+    start = dims[0] if in_place else 0
+    index_rank = max(len(_shape(v)) for v in n.inputs[1:])
+    batch = tuple(_shape(n.output)[start:start + index_rank])
+    needs_expand = any(tuple(_shape(v)) != batch for v in n.inputs[1:])
+    target = _broadcast_shape(e, batch, ins[1:]) if needs_expand else ""
+    coords = [_index_coordinate(e, name, v, batch, target) for name, v in zip(ins[1:], n.inputs[1:])]
+    indices = e.add1("Concat", coords, axis=-1)
+    if not in_place:
+        e.add("GatherND", [x, indices], outs)
+        return
+    gathered = e.add1("GatherND", [x, indices])  # batch dims, then dims[:start], then the dims after the block
+    after = len(shape) - len(dims) + index_rank
+    perm = [*range(index_rank, index_rank + start), *range(index_rank), *range(index_rank + start, after)]
+    e.add("Transpose", [gathered], outs, perm=perm)
+
+
+def _broadcast_shape(e: _Emitter, batch: tuple, indices: list) -> str:
+    """The common shape of the index tensors: a constant when static, else broadcast at run time."""
+    if all(isinstance(d, int) for d in batch):
+        return e.ints(batch, "index_shape")
+    common = e.add1("Shape", [indices[0]])
+    for idx in indices[1:]:
+        common = e.add1("Shape", [e.add1("Expand", [idx, common])])
+    return common
+
+
+def _index_coordinate(e: _Emitter, name: str, v, batch: tuple, target: str) -> str:
+    """One index tensor as int64, broadcast, with a trailing axis for GatherND (which wraps negatives)."""
+    idx = e.cast(name, _dtype(v), torch.int64)
+    if tuple(_shape(v)) != batch:
+        idx = e.add1("Expand", [idx, target])
+    return e.add1("Unsqueeze", [idx, _axes_input(e, [-1])])
+
+
 @_register("gather")
 def _gather(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     e.add("GatherElements", ins, outs, axis=int(n.attrs.get("dim", 0)))

@@ -482,13 +482,16 @@ def _gather(cx, a):
 
 @converts("index.Tensor")
 def _index(cx, a):
-    """``x[:, idx]`` with one integer index tensor is a ``take`` along that axis."""
-    indices = list(a["indices"])
-    used = [k for k, i in enumerate(indices) if i is not None]
-    _expect(len(used) == 1)
-    index = cx.tensor(indices[used[0]])
-    _expect(not index.type.dtype.is_floating_point and index.type.dtype != torch.bool)
-    return cx.emit("take", [cx.tensor(a["self"]), index], axis=used[0])
+    """``x[:, idx]`` with one integer index tensor is a ``take`` along that axis; several are an ``index``.
+
+    Bool masks stay opaque: their result shape depends on the data.
+    """
+    dims = [k for k, i in enumerate(a["indices"]) if i is not None]
+    indices = [cx.tensor(a["indices"][k]) for k in dims]
+    _expect(bool(dims) and all(i.type.dtype in (torch.int64, torch.int32) for i in indices))
+    if len(dims) == 1:
+        return cx.emit("take", [cx.tensor(a["self"]), indices[0]], axis=dims[0])
+    return cx.emit("index", [cx.tensor(a["self"]), *indices], dims=dims)
 
 
 @converts("embedding.default")

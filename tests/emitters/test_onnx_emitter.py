@@ -212,3 +212,50 @@ def test_interpolate_lowering_matches_torch(mode: str, align_corners: bool, targ
     attrs = {"size": None, "scale_factor": None, **target, "mode": mode,
              "align_corners": align_corners if mode != "nearest" else None}
     _check(_one_op_graph("interpolate", [(1, 2, 6, 8)], attrs), opset=18, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,index_shapes,dims,transposes", [
+    ((5, 6, 7), [(2, 1), (1, 4)], [0, 1], 0),  # leading: GatherND as is
+    ((2, 16), [(2, 1, 1, 1), (1, 1, 1, 16)], [0, 1], 0),  # the HF mask builders' form
+    ((4, 5, 6, 7), [(2, 3), (3,)], [1, 2], 2),  # consecutive, not leading: the index shape stays in place
+    ((4, 5, 6, 7), [(), ()], [1, 2], 2),  # 0-d indices select
+    ((4, 5, 6, 7), [(2, 3), (3,)], [1, 3], 1),  # apart: the index shape leads
+    ((4, 5, 6, 7), [(2, 1, 1), (1, 3), (3,)], [0, 2, 3], 1),
+], ids=["leading", "hf_mask", "middle", "scalars", "apart", "three"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_index_lowering_matches_torch(x_shape, index_shapes, dims, transposes, index_dtype) -> None:
+    """Random indices, negative ones included, through onnxruntime against torch's advanced indexing."""
+    g = Graph("index")
+    x = g.add_input("x", TensorType(torch.float32, x_shape))
+    indices = [g.add_input(f"i{k}", TensorType(index_dtype, s)) for k, s in enumerate(index_shapes)]
+    g.outputs = [g.add_node("index", [x, *indices], {"dims": dims}).output]
+    model = emit_onnx(g, opset=13)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("Transpose") == transposes
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(x_shape, generator=gen)
+    values = [torch.randint(-x_shape[d], x_shape[d], s, generator=gen, dtype=index_dtype)
+              for s, d in zip(index_shapes, dims)]
+    key = [slice(None)] * (max(dims) + 1)
+    for d, idx in zip(dims, values):
+        key[d] = idx.long()
+    (got,) = _ort(model, [data, *values])
+    np.testing.assert_array_equal(got, data[tuple(key)].numpy())
+
+
+def test_index_lowering_broadcasts_symbolic_index_shapes() -> None:
+    g = Graph("index")
+    x = g.add_input("x", TensorType(torch.float32, ("n", 5, "m")))
+    rows = g.add_input("rows", TensorType(torch.int64, ("b", 1)))
+    cols = g.add_input("cols", TensorType(torch.int64, (1, "s")))
+    g.outputs = [g.add_node("index", [x, rows, cols], {"dims": [0, 2]},
+                            output_types=[TensorType(torch.float32, ("b", "s", 5))]).output]
+    model = emit_onnx(g, opset=18)
+    onnx.checker.check_model(model, full_check=True)
+    gen = torch.Generator().manual_seed(0)
+    for n, m, b, s in [(3, 4, 2, 5), (6, 2, 1, 3)]:
+        data = torch.randn(n, 5, m, generator=gen)
+        r = torch.randint(-n, n, (b, 1), generator=gen)
+        c = torch.randint(-m, m, (1, s), generator=gen)
+        (got,) = _ort(model, [data, r, c])
+        np.testing.assert_array_equal(got, data[r, :, c].numpy())

@@ -137,6 +137,40 @@ def test_shape_ops_are_canonical():
     assert_types_agree_with_registry(graph)
 
 
+class MultiIndex(nn.Module):
+    """HF mask builders' ``mask[batch_idx, kv_idx]`` with broadcast index tensors, plus torch's other layouts."""
+
+    def forward(self, mask, x, rows, cols):
+        batch_idx = torch.arange(mask.shape[0]).view(-1, 1, 1, 1)
+        kv_idx = torch.arange(mask.shape[1]).view(1, 1, 1, -1)
+        leading = mask[batch_idx, kv_idx]
+        middle = x[:, rows, cols]  # consecutive: the index shape stays in place
+        apart = x[rows, :, cols.int()]  # not consecutive: the index shape leads
+        return leading, middle, apart, x[:, rows]
+
+
+def test_several_index_tensors_are_canonical():
+    rows, cols = torch.tensor([[0, -1], [2, 1]]), torch.tensor([3, -4])
+    inputs = (torch.rand(2, 16) > 0.5, torch.randn(3, 4, 5), rows.clamp(min=-3, max=2), cols)
+    graph = round_trip(MultiIndex(), inputs)
+    assert opaque_targets(graph) == []
+    assert sorted(tuple(n.attrs["dims"]) for n in graph.find("index")) == [(0, 1), (0, 2), (1, 2)]
+    assert [n.attrs["axis"] for n in graph.find("take")] == [1]
+    assert_types_agree_with_registry(graph)
+    for want, got in zip(MultiIndex()(*inputs), graph.to_torch()(*inputs)):
+        assert torch.equal(want, got)
+
+
+def test_bool_mask_indexing_stays_opaque():
+    """A mask's result size depends on the data: no canonical op models it."""
+    class M(nn.Module):
+        def forward(self, x, keep):
+            return x[keep] * 2
+
+    graph = round_trip(M(), (torch.randn(4, 3), torch.tensor([True, False, True, True])))
+    assert opaque_targets(graph) == ["aten.index.Tensor"]
+
+
 def test_pooling_and_interpolation_are_canonical():
     class M(nn.Module):
         def forward(self, x):
@@ -265,6 +299,26 @@ def test_source_meta_names_the_aten_op_and_module():
     conv = graph.find("conv")[0]
     assert conv.meta["source"] == "aten.convolution.default"
     assert conv.meta["module"].endswith("conv")
+
+
+@pytest.mark.parametrize("name", [
+    "transformers.bert",
+    pytest.param("transformers.gpt2", marks=pytest.mark.slow),
+    pytest.param("transformers.llama", marks=pytest.mark.slow),
+])
+def test_hf_mask_builders_capture_without_opaque_ops(name):
+    """HF attention-mask builders index masks with broadcast tensors; that lands on ``index`` and exports."""
+    from graphopt.models import get_case
+    from graphopt.testing import run_path
+
+    model, inputs = get_case(name).build()
+    with torch.no_grad():
+        reference = model(*inputs)
+    graph = capture(model, inputs)
+    assert opaque_targets(graph) == []
+    assert "index" in graph.op_counts()
+    result = run_path("to_onnx", model, inputs, reference, graph=graph)
+    assert result.reason == "", result.reason
 
 
 # ------------------------------------------------------------------- from_fx

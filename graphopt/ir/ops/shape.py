@@ -61,6 +61,19 @@ def take(x: torch.Tensor, indices: torch.Tensor, axis: int = 0) -> torch.Tensor:
     return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
+def index(x: torch.Tensor, *indices: torch.Tensor, dims=()) -> torch.Tensor:
+    """Advanced indexing ``x[..., i, ..., j, ...]`` by integer index tensors at ``dims`` (others are full).
+
+    The index tensors broadcast together; their shape replaces the indexed dims in
+    place when ``dims`` are consecutive, else it leads the result (torch's rules).
+    Negative indices wrap. ``dims`` are ascending; ``None`` marks a full dim for ATen.
+    """
+    per_dim: list[torch.Tensor | None] = [None] * (max(dims) + 1)
+    for dim, idx in zip(dims, indices):
+        per_dim[dim] = idx
+    return torch.ops.aten.index.Tensor(x, per_dim)
+
+
 def index_select(x: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.index_select(x, dim, index)
 
@@ -121,6 +134,6 @@ def shape(x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tens
 
 _num_split = {"split": lambda attrs: len(attrs["sizes"])}
 for _fn in (reshape, permute, flatten, squeeze, unsqueeze, expand, broadcast_to, slice, select, take,
-            index_select, gather, embedding, concat, stack, pad, repeat, flip, roll, tril, triu, shape):
+            index, index_select, gather, embedding, concat, stack, pad, repeat, flip, roll, tril, triu, shape):
     register_op(OpDef(_fn.__name__, _fn, category="shape", doc=(_fn.__doc__ or "").strip(), flops=lambda n: 0))
 register_op(OpDef("split", split, category="shape", num_outputs=_num_split["split"], flops=lambda n: 0))
