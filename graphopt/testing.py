@@ -144,7 +144,7 @@ def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, g
     start = time.perf_counter()
     try:
         if path == "torch_compile":
-            torch._dynamo.reset()
+            torch.compiler.reset()
             got = torch.compile(model, backend="graphopt", options={"level": level, "fallback": False})(*inputs)
         else:
             graph = graph if graph is not None else capture_and_optimize(model, inputs, level)

@@ -251,13 +251,17 @@ def _single_concat(node: Node) -> Value | None:
 
 
 def _neutral_operand(node: Node) -> Value | None:
-    """``x+0``, ``0+x``, ``x-0``, ``x*1``, ``1*x``, ``x/1`` where the constant changes neither shape nor dtype."""
+    """``x+0``, ``0+x``, ``x-0``, ``x*1``, ``1*x``, ``x/1`` where the constant changes neither shape nor dtype.
+
+    A trainable parameter is not a constant here: a norm weight that starts at ones
+    must survive so the model can still be fine-tuned.
+    """
     element, commutative = _NEUTRAL[node.op]
     if node.attrs.get("rounding_mode") is not None:
         return None
     a, b = node.inputs
     for x, c in [(a, b), (b, a)] if commutative else [(a, b)]:
-        if c.is_constant and bool((c.data == element).all()) and same_type(node.output, x):
+        if c.is_constant and not is_trainable(c) and bool((c.data == element).all()) and same_type(node.output, x):
             return x
     return None
 

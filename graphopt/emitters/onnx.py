@@ -106,6 +106,7 @@ class _Emitter:
         self.extra_opsets: dict[str, int] = {}
         self.aliases: dict[str, Value] = {}  # outer-scope names re-created for subgraphs
         self.functions: list[onnx.FunctionProto] = list(self.meta.get("functions", []))
+        self.transposed: dict[int, str] = {}  # constant -> its pre-transposed initializer
         self._counter = 0
 
     # ------------------------------------------------------------ naming
@@ -148,6 +149,16 @@ class _Emitter:
     def ints(self, values: Sequence[int], hint: str = "ints") -> str:
         return self.const(torch.tensor(list(values), dtype=torch.int64), hint=hint)
 
+    def transposed_constant(self, v: Value) -> str:
+        """A 2-D constant as a transposed initializer, made once per constant.
+
+        Lets ``linear`` lower to a plain MatMul with no Transpose node; the original
+        initializer is dropped at the end if nothing else reads it.
+        """
+        if id(v) not in self.transposed:
+            self.transposed[id(v)] = self.const(v.data.t().contiguous(), hint=f"{v.name}_t")
+        return self.transposed[id(v)]
+
     def cast(self, name: str, src: torch.dtype, dst: torch.dtype) -> str:
         return name if src == dst else self.add1("Cast", [name], to=TORCH_TO_ONNX[dst])
 
@@ -182,6 +193,7 @@ class _Emitter:
         for k, v in enumerate(g.outputs):
             if self.name(v) != output_names[k]:
                 self.add("Identity", [self.name(v)], [output_names[k]])
+        self._drop_replaced_initializers()
         graph = onnx.helper.make_graph(
             self.nodes, self.meta.get("graph_name") or g.name,
             [onnx.helper.make_value_info(v.name, _io_type(v)) for v in g.inputs],
@@ -202,6 +214,13 @@ class _Emitter:
         for key, value in self.meta.get("model_metadata", {}).items():
             model.metadata_props.add(key=key, value=value)
         return model
+
+    def _drop_replaced_initializers(self) -> None:
+        """Remove originals of pre-transposed constants that no node (or subgraph) reads any more."""
+        replaced = {self.name(v) for v in self.graph.constants.values() if id(v) in self.transposed}
+        if replaced:
+            read = _names_read(self.nodes)
+            self.initializers = [t for t in self.initializers if t.name not in replaced or t.name in read]
 
     def _plan_outputs(self) -> list[str]:
         """ONNX names of the graph outputs: the loaded model's names where the graph still has them.
@@ -343,3 +362,15 @@ def _io_type(v: Value) -> onnx.TypeProto:
     if isinstance(v.type, TensorType) or "onnx_type" in v.meta:
         return ir_type_to_onnx(v)
     raise EmitError(f"graph input/output %{v.name} has type {v.type}, which ONNX cannot express")
+
+
+def _names_read(nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Every value name the nodes read, including from inside their subgraphs."""
+    read: set[str] = set()
+    for node in nodes:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                read |= _names_read(sub.node)
+                read.update(o.name for o in sub.output)
+    return read

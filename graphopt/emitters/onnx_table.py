@@ -275,7 +275,8 @@ def _linear(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     if len(_shape(n.inputs[0])) == 2:
         e.add("Gemm", [x, w, bias] if bias else [x, w], outs, transB=1)
         return
-    wt = e.add1("Transpose", [w], perm=[1, 0])
+    weight = n.inputs[1]
+    wt = e.transposed_constant(weight) if weight.is_constant else e.add1("Transpose", [w], perm=[1, 0])
     if bias:
         e.add("Add", [e.add1("MatMul", [x, wt]), bias], outs)
     else:
@@ -518,6 +519,11 @@ def _topk(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 def _reshape(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     shape = [int(s) for s in n.attrs["shape"]]
     e.add("Reshape", [ins[0], e.ints(shape, "shape")], outs, allowzero=1 if 0 in shape else None)
+
+
+@_register("contiguous")
+def _contiguous(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Identity", ins, outs)  # a memory format: ONNX tensors have no strides
 
 
 @_register("permute")

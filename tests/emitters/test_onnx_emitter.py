@@ -259,3 +259,17 @@ def test_index_lowering_broadcasts_symbolic_index_shapes() -> None:
         c = torch.randint(-m, m, (1, s), generator=gen)
         (got,) = _ort(model, [data, r, c])
         np.testing.assert_array_equal(got, data[r, :, c].numpy())
+
+
+def test_linear_with_constant_weight_lowers_to_matmul_on_a_transposed_initializer() -> None:
+    g = _one_op_graph("linear", [(2, 5, 8)], {}, extra=[torch.randn(4, 8), torch.randn(4)])
+    model = _check(g, opset=18)
+    assert _op_types(model) == {"MatMul", "Add"}
+    assert [tuple(t.dims) for t in model.graph.initializer if t.name.startswith("c")] == [(4,), (8, 4)]
+    shared = Graph("shared")
+    x = shared.add_input("x", TensorType(torch.float32, (2, 5, 8)))
+    w = shared.add_constant(torch.randn(4, 8), "w")
+    lin = shared.add_node("linear", [x, w, None])
+    shared.outputs = [lin.output, shared.add_node("neg", [w]).output]
+    model = _check(shared, opset=18)
+    assert {t.name for t in model.graph.initializer} == {"w", "w_t"}  # w is still read by Neg

@@ -356,6 +356,22 @@ def test_o1_on_a_captured_model_keeps_weights_and_training_dropout():
     assert "eliminate_noops" in g.meta["report"].fired
 
 
+def test_noops_keep_a_trainable_weight_that_starts_at_one():
+    import graphopt
+
+    class ScaledTanh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return torch.tanh(x) * self.scale
+
+    model = ScaledTanh()
+    g = graphopt.optimize(graphopt.capture(model, (torch.randn(2, 8),)), verify=True)
+    assert len(g.find("mul")) == 1 and any(v.data is model.scale for v in g.constants.values())
+
+
 # ------------------------------------------------------- a loaded ONNX model
 def test_o1_shrinks_an_onnx_model_with_noops_and_duplicated_initializers():
     pytest.importorskip("onnx")
