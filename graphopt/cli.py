@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = commands.add_parser("optimize", help="optimize an ONNX model and print what changed")
     opt.add_argument("input", metavar="IN.onnx")
     opt.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
-    opt.add_argument("--level", default="O1", help="pipeline to run (default: O1; see `graphopt passes`)")
+    opt.add_argument("--level", default="O2", help="pipeline to run (default: O2; see `graphopt passes`)")
     opt.add_argument("--passes", default="", metavar="A,B", help="extra passes to run after the pipeline")
     opt.add_argument("--check", type=int, default=0, metavar="N",
                      help="run N random inputs through onnxruntime on both models and compare the outputs")

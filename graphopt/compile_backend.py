@@ -30,7 +30,7 @@ from .pass_manager import PassManager, pipeline
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEVEL = "O1"
+DEFAULT_LEVEL = "O2"
 
 
 @dataclass(frozen=True)

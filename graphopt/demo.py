@@ -1,6 +1,6 @@
 """``graphopt demo``: a ResNet, a ViT and a DiT (random weights) through both torch paths.
 
-Each model runs eagerly, through ``capture -> optimize("O1") -> to_torch`` and
+Each model runs eagerly, through ``capture -> optimize("O2") -> to_torch`` and
 through ``torch.compile(backend="graphopt")``; the table shows the IR before and
 after the passes, which passes fired, each path's largest output difference from
 eager (relative to the largest eager magnitude) and the median latencies.
@@ -18,7 +18,7 @@ from .api import capture, optimize
 from .models import ModelCase, demo_cases
 from .testing import max_rel_error
 
-LEVEL = "O1"
+LEVEL = "O2"
 
 
 @dataclass

@@ -130,7 +130,7 @@ SUITE_RTOL = 1e-4
 PATHS = ("to_torch", "to_onnx", "torch_compile")
 
 
-def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O1"):
+def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O2"):
     """capture → ``level``: the graph every path below starts from."""
     import graphopt
 
@@ -139,7 +139,7 @@ def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O1
 
 
 def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, graph=None,
-             level: str = "O1") -> PathResult:
+             level: str = "O2") -> PathResult:
     """Run one path and compare it with ``reference`` (eager outputs). Failures become reasons."""
     start = time.perf_counter()
     try:

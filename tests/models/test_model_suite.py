@@ -1,4 +1,4 @@
-"""The real-model suite: every zoo model through capture → O1 → each emitter, against eager.
+"""The real-model suite: every zoo model through capture → O2 → each emitter, against eager.
 
 First the captured graph itself: it verifies with types re-inferred by the op
 registry, and every ATen op maps to a canonical op (no ``torch.opaque``). Then the
@@ -50,10 +50,10 @@ def test_model_path_matches_eager(name: str, path: str):
     assert result.ok, f"{name} via {path}: {result.reason} (tolerance {SUITE_RTOL:g})"
 
 
-def test_cleanup_fires_on_real_models():
-    """O1 changes the captured graph of a transformer, a DiT and a Swin (what the demo shows)."""
+def test_passes_fire_on_real_models():
+    """O2 shrinks the captured graph of a transformer, a DiT and a Swin (what the demo shows)."""
     for name in ("transformers.bert", "diffusers.dit", "timm.swin_tiny_patch4_window7_224"):
         model, inputs = MODEL_CASES[name].build()
         graph = capture_and_optimize(model, inputs)
-        assert graph.meta["report"].fired, f"O1 changed nothing on {name}"
+        assert graph.meta["report"].fired, f"O2 changed nothing on {name}"
         assert len(graph) < graph.meta["report"].records[0].nodes_before, name

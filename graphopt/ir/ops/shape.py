@@ -132,8 +132,14 @@ def shape(x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tens
     return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
 
 
+def contiguous(x: torch.Tensor, memory_format: str = "contiguous_format") -> torch.Tensor:
+    """The same values laid out in ``memory_format`` (``"contiguous_format"`` or ``"channels_last"``)."""
+    return x.contiguous(memory_format=getattr(torch, memory_format))
+
+
 _num_split = {"split": lambda attrs: len(attrs["sizes"])}
 for _fn in (reshape, permute, flatten, squeeze, unsqueeze, expand, broadcast_to, slice, select, take,
-            index, index_select, gather, embedding, concat, stack, pad, repeat, flip, roll, tril, triu, shape):
+            index, index_select, gather, embedding, concat, stack, pad, repeat, flip, roll, tril, triu, shape,
+            contiguous):
     register_op(OpDef(_fn.__name__, _fn, category="shape", doc=(_fn.__doc__ or "").strip(), flops=lambda n: 0))
 register_op(OpDef("split", split, category="shape", num_outputs=_num_split["split"], flops=lambda n: 0))

@@ -1,0 +1,300 @@
+"""graphopt against other ONNX graph optimizers on the model zoo: node counts, onnxruntime latency, time, error.
+
+Each zoo model is exported with ``torch.onnx.export`` (the TorchScript exporter,
+``dynamo=False``, and the dynamo exporter where it works), then rewritten by
+
+- ``onnxslim``: ``onnxslim.slim(model)``;
+- ``ort-extended``: onnxruntime's own offline optimisation at
+  ``ORT_ENABLE_EXTENDED``, saved with ``SessionOptions.optimized_model_filepath``;
+- ``graphopt``: ``load_onnx`` → ``optimize(level)`` → ``to_onnx``.
+
+Every variant runs in onnxruntime on the CPU with the same session options
+(2 intra-op threads) and ``ORT_DISABLE_ALL``, so the models are compared as
+written; ``ort-best`` is the original under ``ORT_ENABLE_ALL``, onnxruntime's
+best at load time. Latency is the median of ``--repeats`` runs, with the
+interquartile range; ratios are against the original, summarised by their
+geometric mean. Prints the tables and writes them to
+``benchmarks/results/onnx_compare.md``.
+
+    python benchmarks/onnx_compare.py [--models a,b] [--repeats 30] [--exporters legacy,dynamo] [--level O2]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+import graphopt
+from graphopt.models import MODEL_CASES
+from graphopt.pass_manager import PIPELINES, pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
+THREADS = 2
+WARMUP = 3
+VARIANTS = ("original", "ort-best", "onnxslim", "ort-extended", "graphopt")
+
+
+# ------------------------------------------------------------------ exporting
+def export(model: torch.nn.Module, inputs: tuple, exporter: str) -> onnx.ModelProto:
+    """The model as ``torch.onnx.export`` writes it; inputs are named ``input_0``, ``input_1``, ..."""
+    names = [f"input_{k}" for k in range(len(inputs))]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            buffer = io.BytesIO()
+            torch.onnx.export(model, inputs, buffer, dynamo=False, input_names=names)
+            return onnx.load_from_string(buffer.getvalue())
+        program = torch.onnx.export(model, inputs, dynamo=True, input_names=names, verbose=False)
+        return program.model_proto
+
+
+# ------------------------------------------------------------------ optimizers
+def run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(model)
+
+
+def run_ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def graphopt_runner(level: str) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    def run_graphopt(model: onnx.ModelProto) -> onnx.ModelProto:
+        return graphopt.optimize(graphopt.load_onnx(model), level).to_onnx()
+
+    return run_graphopt
+
+
+def default_level() -> str:
+    pipeline("O1")  # loads the built-in pipelines
+    return "O2" if "O2" in PIPELINES else "O1"
+
+
+# ------------------------------------------------------------------- measuring
+def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = level
+    return options
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+
+    @staticmethod
+    def of(times_ms: list[float]) -> Timing:
+        q1, median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+        return Timing(median, q1, q3)
+
+
+@dataclass
+class Row:
+    model: str
+    exporter: str
+    variant: str
+    nodes: int | None = None
+    timing: Timing | None = None
+    optimize_s: float | None = None
+    max_diff: float | None = None
+    error: str = ""
+
+
+@dataclass
+class Candidate:
+    """One variant ready to time: its model and the level onnxruntime loads it at."""
+
+    row: Row
+    model: onnx.ModelProto
+    level: ort.GraphOptimizationLevel
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def max_abs_diff(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    if len(reference) != len(got) or any(r.shape != g.shape for r, g in zip(reference, got)):
+        return math.inf
+    diffs = [0.0 if r.size == 0 else float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64))))
+             for r, g in zip(reference, got)]
+    return max(diffs, default=0.0)
+
+
+def compare(name: str, exporter: str, repeats: int, level: str) -> list[Row]:
+    model, inputs = MODEL_CASES[name].build()
+    try:
+        original = export(model, inputs, exporter)
+    except Exception as exc:  # an exporter that cannot handle the model is a result, not a crash
+        return [Row(name, exporter, "original", error=_reason(exc))]
+    disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    candidates = [Candidate(Row(name, exporter, "original", len(original.graph.node), optimize_s=0.0), original, disabled),
+                  Candidate(Row(name, exporter, "ort-best"), original, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
+    rows = [c.row for c in candidates]
+    tools = {"onnxslim": run_onnxslim, "ort-extended": run_ort_extended, "graphopt": graphopt_runner(level)}
+    for variant, tool in tools.items():
+        row = Row(name, exporter, variant)
+        rows.append(row)
+        try:
+            start = time.perf_counter()
+            optimized = tool(copy_model(original))  # tools may rewrite their argument in place
+            row.optimize_s = time.perf_counter() - start
+            row.nodes = len(optimized.graph.node)
+            candidates.append(Candidate(row, optimized, disabled))
+        except Exception as exc:
+            row.error = _reason(exc)
+    time_candidates(candidates, {f"input_{k}": t.numpy() for k, t in enumerate(inputs)}, repeats)
+    return rows
+
+
+def time_candidates(candidates: list[Candidate], feeds: dict[str, np.ndarray], repeats: int) -> None:
+    """Time the variants round-robin, so that load from other processes falls on all of them alike.
+
+    Fills in each row's timing and its largest output difference from the first candidate's (the original).
+    """
+    live = []
+    outputs: dict[int, list[np.ndarray]] = {}
+    for c in candidates:
+        try:
+            session = ort.InferenceSession(c.model.SerializeToString(), session_options(c.level),
+                                           providers=["CPUExecutionProvider"])
+            session_feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+            for _ in range(WARMUP):
+                outputs[id(c)] = session.run(None, session_feeds)
+            live.append((c, session, session_feeds))
+        except Exception as exc:
+            c.row.error = _reason(exc)
+    times: dict[int, list[float]] = {id(c): [] for c, _, _ in live}
+    for _ in range(repeats):
+        for c, session, session_feeds in live:
+            start = time.perf_counter()
+            session.run(None, session_feeds)
+            times[id(c)].append((time.perf_counter() - start) * 1e3)
+    reference = outputs.get(id(candidates[0]))
+    for c, _, _ in live:
+        c.row.timing = Timing.of(times[id(c)])
+        c.row.max_diff = max_abs_diff(reference, outputs[id(c)]) if reference is not None else math.nan
+
+
+def _reason(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:120]}".replace("|", "/")
+
+
+# -------------------------------------------------------------------- tables
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
+
+
+def ratios(rows: list[Row], variant: str) -> tuple[list[float], list[float]]:
+    """Node and latency ratios of ``variant`` against the original of the same export."""
+    originals = {(r.model, r.exporter): r for r in rows if r.variant == "original" and not r.error}
+    nodes, latency = [], []
+    for r in rows:
+        base = originals.get((r.model, r.exporter))
+        if r.variant != variant or r.error or base is None:
+            continue
+        if r.nodes is not None:
+            nodes.append(r.nodes / base.nodes)
+        latency.append(r.timing.median_ms / base.timing.median_ms)
+    return nodes, latency
+
+
+def detail_table(rows: list[Row]) -> list[str]:
+    originals = {(r.model, r.exporter): r for r in rows if r.variant == "original" and not r.error}
+    lines = ["| model | export | variant | nodes | ×nodes | ms (median) | IQR ms | ×latency | optimize s | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.model} | {r.exporter} | {r.variant} | failed: {r.error} | | | | | | |")
+            continue
+        base = originals.get((r.model, r.exporter))
+        nodes = "" if r.nodes is None else str(r.nodes)
+        node_ratio = "" if r.nodes is None or base is None else f"{r.nodes / base.nodes:.2f}"
+        latency_ratio = "" if base is None else f"{r.timing.median_ms / base.timing.median_ms:.2f}"
+        optimize = "" if r.optimize_s is None else f"{r.optimize_s:.2f}"
+        lines.append(f"| {r.model} | {r.exporter} | {r.variant} | {nodes} | {node_ratio} | "
+                     f"{r.timing.median_ms:.3f} | {r.timing.q1_ms:.3f}–{r.timing.q3_ms:.3f} | "
+                     f"{latency_ratio} | {optimize} | {r.max_diff:.1e} |")
+    return lines
+
+
+def summary_table(rows: list[Row]) -> list[str]:
+    lines = ["| variant | models | geomean ×nodes | geomean ×latency | total optimize s | worst max abs diff | failures |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        done = [r for r in rows if r.variant == variant and not r.error]
+        failed = sum(r.variant == variant and bool(r.error) for r in rows)
+        nodes, latency = ratios(rows, variant)
+        total = sum(r.optimize_s or 0.0 for r in done)
+        worst = max((r.max_diff for r in done if r.max_diff is not None), default=0.0)
+        node_cell = f"{geomean(nodes):.3f}" if nodes else ""
+        lines.append(f"| {variant} | {len(done)} | {node_cell} | {geomean(latency):.3f} | {total:.1f} | "
+                     f"{worst:.1e} | {failed} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated zoo names (default: every model of the zoo)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per variant (default 30)")
+    parser.add_argument("--exporters", default="legacy,dynamo", help="legacy, dynamo or both (default)")
+    parser.add_argument("--level", help="graphopt pipeline (default O2 when registered, else O1)")
+    args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (quartiles need two runs)")
+    torch.set_num_threads(THREADS)
+    level = args.level or default_level()
+    names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
+    exporters = args.exporters.split(",")
+    rows: list[Row] = []
+    for name in names:
+        for exporter in exporters:
+            rows += compare(name, exporter, args.repeats, level)
+            print(f"{name} ({exporter}): done", file=sys.stderr, flush=True)
+    header = (f"onnxruntime {ort.__version__}, {machine()}, {THREADS} threads, {args.repeats} runs; "
+              f"graphopt level {level}; onnxslim {_version('onnxslim')}; torch {torch.__version__}")
+    text = "\n".join([header, "", *summary_table(rows), "", *detail_table(rows)])
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(f"# ONNX optimizers compared\n\n{text}\n")
+    return 0
+
+
+def machine() -> str:
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
