@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "onnx_backend.md"
 
 
 def main(argv: list[str]) -> int:
-    level = argv[1] if len(argv) > 1 else "O1"
+    level = argv[1] if len(argv) > 1 else "O2"
     start = time.perf_counter()
     cases = collect_cases()
     baseline, failures = [], []

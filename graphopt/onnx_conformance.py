@@ -159,7 +159,7 @@ def baseline_failure(case: BackendCase) -> str | None:
     return None
 
 
-def graphopt_failure(case: BackendCase, level: str = "O1") -> str | None:
+def graphopt_failure(case: BackendCase, level: str = "O2") -> str | None:
     """Why the graphopt round trip fails the case, or None when it passes."""
     import graphopt
 

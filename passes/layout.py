@@ -396,7 +396,10 @@ def _cancel_transforms(graph: Graph, kind: _Kind, inference: bool) -> dict[str, 
     before = _count(graph, kind)
     for seed in seeds:
         trial = graph.clone()
-        _propagate(trial, kind, seed, inference)
+        try:
+            _propagate(trial, kind, seed, inference)
+        except TypeError:  # a rebuilt node reads a value of unknown rank: it cannot be typed, so leave it
+            continue
         now, trial_counts = _count(graph, kind), _count(trial, kind)
         if trial_counts[0] < now[0] and trial_counts[1] <= now[1]:
             _propagate(graph, kind, seed, inference)

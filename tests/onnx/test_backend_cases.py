@@ -1,4 +1,4 @@
-"""ONNX's own backend test cases through graphopt (load -> O1 -> emit -> onnxruntime).
+"""ONNX's own backend test cases through graphopt (load -> O2 -> emit -> onnxruntime).
 
 Cases onnxruntime itself fails or gets wrong on the unmodified model are skipped
 as baseline failures; every other case must give the expected outputs. The
