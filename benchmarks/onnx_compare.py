@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +39,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from graphopt.pass_manager import PIPELINES, pipeline
+from report import failure_cell, geomean, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
 THREADS = 2
@@ -84,10 +82,6 @@ def graphopt_runner(level: str) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
 
     return run_graphopt
 
-
-def default_level() -> str:
-    pipeline("O1")  # loads the built-in pipelines
-    return "O2" if "O2" in PIPELINES else "O1"
 
 
 # ------------------------------------------------------------------- measuring
@@ -151,7 +145,7 @@ def compare(name: str, exporter: str, repeats: int, level: str) -> list[Row]:
     try:
         original = export(model, inputs, exporter)
     except Exception as exc:  # an exporter that cannot handle the model is a result, not a crash
-        return [Row(name, exporter, "original", error=_reason(exc))]
+        return [Row(name, exporter, "original", error=failure_cell(exc))]
     disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     candidates = [Candidate(Row(name, exporter, "original", len(original.graph.node), optimize_s=0.0), original, disabled),
                   Candidate(Row(name, exporter, "ort-best"), original, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
@@ -167,7 +161,7 @@ def compare(name: str, exporter: str, repeats: int, level: str) -> list[Row]:
             row.nodes = len(optimized.graph.node)
             candidates.append(Candidate(row, optimized, disabled))
         except Exception as exc:
-            row.error = _reason(exc)
+            row.error = failure_cell(exc)
     time_candidates(candidates, {f"input_{k}": t.numpy() for k, t in enumerate(inputs)}, repeats)
     return rows
 
@@ -188,7 +182,7 @@ def time_candidates(candidates: list[Candidate], feeds: dict[str, np.ndarray], r
                 outputs[id(c)] = session.run(None, session_feeds)
             live.append((c, session, session_feeds))
         except Exception as exc:
-            c.row.error = _reason(exc)
+            c.row.error = failure_cell(exc)
     times: dict[int, list[float]] = {id(c): [] for c, _, _ in live}
     for _ in range(repeats):
         for c, session, session_feeds in live:
@@ -201,15 +195,8 @@ def time_candidates(candidates: list[Candidate], feeds: dict[str, np.ndarray], r
         c.row.max_diff = max_abs_diff(reference, outputs[id(c)]) if reference is not None else math.nan
 
 
-def _reason(exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:120]}".replace("|", "/")
-
 
 # -------------------------------------------------------------------- tables
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
-
 
 def ratios(rows: list[Row], variant: str) -> tuple[list[float], list[float]]:
     """Node and latency ratios of ``variant`` against the original of the same export."""
@@ -264,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated zoo names (default: every model of the zoo)")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per variant (default 30)")
     parser.add_argument("--exporters", default="legacy,dynamo", help="legacy, dynamo or both (default)")
-    parser.add_argument("--level", help="graphopt pipeline (default O2 when registered, else O1)")
+    parser.add_argument("--level", default="O2", help="graphopt pipeline (default O2)")
     args = parser.parse_args(argv)
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (quartiles need two runs)")
     torch.set_num_threads(THREADS)
-    level = args.level or default_level()
+    level = args.level
     names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
     exporters = args.exporters.split(",")
     rows: list[Row] = []
@@ -285,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(f"# ONNX optimizers compared\n\n{text}\n")
     return 0
 
-
-def machine() -> str:
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
 def _version(package: str) -> str:

@@ -19,9 +19,6 @@ emission, or the first (compiling) call. Prints the tables and writes them to
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +32,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from graphopt.pass_manager import PIPELINES, pipeline
+from report import failure_cell, geomean, machine
 from graphopt.testing import max_rel_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "torch_compare.md"
@@ -55,10 +52,6 @@ class Row:
     max_rel_error: float | None = None
     error: str = ""
 
-
-def default_level() -> str:
-    pipeline("O1")  # loads the built-in pipelines
-    return "O2" if "O2" in PIPELINES else "O1"
 
 
 def prepare(way: str, model: torch.nn.Module, inputs: tuple, level: str) -> Callable[..., Any]:
@@ -90,7 +83,7 @@ def compare(name: str, repeats: int, level: str) -> list[Row]:
                 row.max_rel_error = max_rel_error(reference, got)
                 live.append((row, run))
             except Exception as exc:  # a way that fails on a model is a result, not a crash
-                row.error = _reason(exc)
+                row.error = failure_cell(exc)
         time_round_robin(live, inputs, repeats)
     return rows
 
@@ -109,15 +102,8 @@ def time_round_robin(live: list[tuple[Row, Callable[..., Any]]], inputs: tuple, 
         row.q1_ms, row.median_ms, row.q3_ms = statistics.quantiles(times[id(row)], n=4, method="inclusive")
 
 
-def _reason(exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:120]}".replace("|", "/")
-
 
 # -------------------------------------------------------------------- tables
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
-
 
 def latency_ratio(row: Row, eager: dict[str, Row]) -> float | None:
     base = eager.get(row.model)
@@ -157,19 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: every model of the zoo)")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per way (default 30)")
-    parser.add_argument("--level", help="graphopt pipeline (default O2 when registered, else O1)")
+    parser.add_argument("--level", default="O2", help="graphopt pipeline (default O2)")
     args = parser.parse_args(argv)
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (quartiles need two runs)")
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
-    level = args.level or default_level()
+    level = args.level
     names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
     rows: list[Row] = []
     for name in names:
         rows += compare(name, args.repeats, level)
         print(f"{name}: done", file=sys.stderr, flush=True)
-    header = (f"torch {torch.__version__}, CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
+    header = (f"torch {torch.__version__}, {machine()}, "
               f"{THREADS} threads, {args.repeats} calls; graphopt level {level}")
     text = "\n".join([header, "", *summary_table(rows), "", *detail_table(rows)])
     print(text)

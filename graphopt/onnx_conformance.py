@@ -148,15 +148,8 @@ def baseline_failure(case: BackendCase) -> str | None:
         model = prepared_model(case)
     except Exception as err:  # the version converter rejects some old models
         return f"version conversion failed: {_first_line(err)}"
-    for inputs, expected in case.data_sets:
-        try:
-            actual = run_ort(model, inputs)
-        except Exception as err:
-            return f"onnxruntime fails: {_first_line(err)}"
-        reason = outputs_match(expected, actual, case.rtol, case.atol)
-        if reason:
-            return f"onnxruntime disagrees: {reason}"
-    return None
+    reason = _data_set_failure(case, model)
+    return None if reason is None else f"onnxruntime {reason}"
 
 
 def graphopt_failure(case: BackendCase, level: str = "O2") -> str | None:
@@ -170,14 +163,20 @@ def graphopt_failure(case: BackendCase, level: str = "O2") -> str | None:
         emitted = graph.to_onnx()
     except Exception as err:
         return f"graphopt raised {type(err).__name__}: {_first_line(err)}"
+    reason = _data_set_failure(case, emitted)
+    return None if reason is None else f"onnxruntime on the emitted model {reason}"
+
+
+def _data_set_failure(case: BackendCase, model: onnx.ModelProto) -> str | None:
+    """How onnxruntime fails the case's data sets on ``model``, or None when every output matches."""
     for inputs, expected in case.data_sets:
         try:
-            actual = run_ort(emitted, inputs)
+            actual = run_ort(model, inputs)
         except Exception as err:
-            return f"onnxruntime fails on the emitted model: {_first_line(err)}"
+            return f"fails: {_first_line(err)}"
         reason = outputs_match(expected, actual, case.rtol, case.atol)
         if reason:
-            return reason
+            return f"disagrees: {reason}"
     return None
 
 
