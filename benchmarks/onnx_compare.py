@@ -4,16 +4,22 @@ Each zoo model is exported with ``torch.onnx.export`` (the TorchScript exporter,
 ``dynamo=False``, and the dynamo exporter where it works), then rewritten by
 
 - ``onnxslim``: ``onnxslim.slim(model)``;
+- ``onnxsim``: onnx-simplifier's ``simplify(model)`` (constant folding and
+  shape inference), where it is installed;
 - ``ort-extended``: onnxruntime's own offline optimisation at
   ``ORT_ENABLE_EXTENDED``, saved with ``SessionOptions.optimized_model_filepath``;
-- ``graphopt``: ``load_onnx`` → ``optimize(level)`` → ``to_onnx``.
+  it writes onnxruntime's contrib ops (FusedConv, SkipLayerNormalization, ...);
+- ``graphopt``: ``load_onnx`` → ``optimize(level)`` → ``to_onnx()``, standard ONNX;
+- ``graphopt-ort``: the same graph → ``to_onnx(target="onnxruntime")``, with
+  onnxruntime's contrib ops, the like-for-like rival of ``ort-extended``.
 
 Every variant runs in onnxruntime on the CPU with the same session options
-(2 intra-op threads) and ``ORT_DISABLE_ALL``, so the models are compared as
+(2 intra-op threads, no spinning between runs) and ``ORT_DISABLE_ALL``, so the models are compared as
 written; ``ort-best`` is the original under ``ORT_ENABLE_ALL``, onnxruntime's
 best at load time. Latency is the median of ``--repeats`` runs, with the
 interquartile range; ratios are against the original, summarised by their
-geometric mean. Prints the tables and writes them to
+geometric mean. A third table counts, over all exports, how often each
+graphopt pass fired. Prints the tables and writes them to
 ``benchmarks/results/onnx_compare.md``.
 
     python benchmarks/onnx_compare.py [--models a,b] [--repeats 30] [--exporters legacy,dynamo] [--level O2]
@@ -44,7 +50,8 @@ from report import failure_cell, geomean, machine
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
 THREADS = 2
 WARMUP = 3
-VARIANTS = ("original", "ort-best", "onnxslim", "ort-extended", "graphopt")
+VARIANTS = ("original", "ort-best", "onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort")
+OFFLINE_TOOLS = ("onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort")
 
 
 # ------------------------------------------------------------------ exporting
@@ -68,6 +75,15 @@ def run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(model)
 
 
+def run_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim's own check found the simplified model's outputs differ")
+    return simplified
+
+
 def run_ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -76,12 +92,22 @@ def run_ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(options.optimized_model_filepath)
 
 
-def graphopt_runner(level: str) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
-    def run_graphopt(model: onnx.ModelProto) -> onnx.ModelProto:
-        return graphopt.optimize(graphopt.load_onnx(model), level).to_onnx()
+@dataclass
+class GraphoptRun:
+    """One graphopt optimisation of an export, emitted for both targets, with its pass report."""
 
-    return run_graphopt
+    seconds: float
+    standard: onnx.ModelProto
+    onnxruntime: onnx.ModelProto
+    report: object
 
+
+def run_graphopt(model: onnx.ModelProto, level: str) -> GraphoptRun:
+    start = time.perf_counter()
+    graph = graphopt.optimize(graphopt.load_onnx(model), level)
+    standard = graph.to_onnx()
+    seconds = time.perf_counter() - start
+    return GraphoptRun(seconds, standard, graph.to_onnx(target="onnxruntime"), graph.meta["report"])
 
 
 # ------------------------------------------------------------------- measuring
@@ -90,6 +116,8 @@ def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.graph_optimization_level = level
+    # Sessions are timed in turn: threads spinning after one session's run would steal cores from the next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -140,7 +168,7 @@ def max_abs_diff(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
     return max(diffs, default=0.0)
 
 
-def compare(name: str, exporter: str, repeats: int, level: str) -> list[Row]:
+def compare(name: str, exporter: str, repeats: int, level: str, reports: list) -> list[Row]:
     model, inputs = MODEL_CASES[name].build()
     try:
         original = export(model, inputs, exporter)
@@ -150,20 +178,34 @@ def compare(name: str, exporter: str, repeats: int, level: str) -> list[Row]:
     candidates = [Candidate(Row(name, exporter, "original", len(original.graph.node), optimize_s=0.0), original, disabled),
                   Candidate(Row(name, exporter, "ort-best"), original, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
     rows = [c.row for c in candidates]
-    tools = {"onnxslim": run_onnxslim, "ort-extended": run_ort_extended, "graphopt": graphopt_runner(level)}
-    for variant, tool in tools.items():
+
+    def add(variant: str, make: Callable[[], tuple[onnx.ModelProto, float]]) -> None:
         row = Row(name, exporter, variant)
         rows.append(row)
         try:
-            start = time.perf_counter()
-            optimized = tool(copy_model(original))  # tools may rewrite their argument in place
-            row.optimize_s = time.perf_counter() - start
+            optimized, row.optimize_s = make()
             row.nodes = len(optimized.graph.node)
             candidates.append(Candidate(row, optimized, disabled))
         except Exception as exc:
             row.error = failure_cell(exc)
+
+    for variant, tool in {"onnxslim": run_onnxslim, "onnxsim": run_onnxsim, "ort-extended": run_ort_extended}.items():
+        add(variant, lambda tool=tool: _timed(tool, copy_model(original)))  # tools may rewrite their argument
+    try:
+        run = run_graphopt(copy_model(original), level)
+        reports.append(run.report)
+        add("graphopt", lambda: (run.standard, run.seconds))
+        add("graphopt-ort", lambda: (run.onnxruntime, run.seconds))
+    except Exception as exc:
+        rows += [Row(name, exporter, v, error=failure_cell(exc)) for v in ("graphopt", "graphopt-ort")]
     time_candidates(candidates, {f"input_{k}": t.numpy() for k, t in enumerate(inputs)}, repeats)
     return rows
+
+
+def _timed(tool: Callable[[onnx.ModelProto], onnx.ModelProto], model: onnx.ModelProto) -> tuple[onnx.ModelProto, float]:
+    start = time.perf_counter()
+    optimized = tool(model)
+    return optimized, time.perf_counter() - start
 
 
 def time_candidates(candidates: list[Candidate], feeds: dict[str, np.ndarray], repeats: int) -> None:
@@ -231,9 +273,26 @@ def detail_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def fewest_nodes(rows: list[Row]) -> dict[str, int]:
+    """For each offline tool, on how many exports it wrote the fewest nodes (ties count for each)."""
+    wins = dict.fromkeys(OFFLINE_TOOLS, 0)
+    exports = {(r.model, r.exporter) for r in rows}
+    for key in exports:
+        counts = {r.variant: r.nodes for r in rows if (r.model, r.exporter) == key and r.variant in OFFLINE_TOOLS
+                  and not r.error and r.nodes is not None}
+        if counts:
+            best = min(counts.values())
+            for variant, nodes in counts.items():
+                wins[variant] += nodes == best
+    return wins
+
+
 def summary_table(rows: list[Row]) -> list[str]:
-    lines = ["| variant | models | geomean ×nodes | geomean ×latency | total optimize s | worst max abs diff | failures |",
-             "|---|---|---|---|---|---|---|"]
+    wins = fewest_nodes(rows)
+    exports = len({(r.model, r.exporter) for r in rows if r.variant == "original" and not r.error})
+    lines = ["| variant | models | geomean ×nodes | fewest nodes | geomean ×latency | total optimize s | "
+             "worst max abs diff | failures |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         done = [r for r in rows if r.variant == variant and not r.error]
         failed = sum(r.variant == variant and bool(r.error) for r in rows)
@@ -241,8 +300,28 @@ def summary_table(rows: list[Row]) -> list[str]:
         total = sum(r.optimize_s or 0.0 for r in done)
         worst = max((r.max_diff for r in done if r.max_diff is not None), default=0.0)
         node_cell = f"{geomean(nodes):.3f}" if nodes else ""
-        lines.append(f"| {variant} | {len(done)} | {node_cell} | {geomean(latency):.3f} | {total:.1f} | "
+        win_cell = f"{wins[variant]}/{exports}" if variant in wins else ""
+        lines.append(f"| {variant} | {len(done)} | {node_cell} | {win_cell} | {geomean(latency):.3f} | {total:.1f} | "
                      f"{worst:.1e} | {failed} |")
+    return lines
+
+
+def passes_table(reports: list) -> list[str]:
+    """How often each graphopt pass fired over the exports, and what it did in all (its summed statistics)."""
+    fired: dict[str, int] = {}
+    stats: dict[str, dict[str, float]] = {}
+    for report in reports:
+        for name in report.fired:
+            fired[name] = fired.get(name, 0) + 1
+        for record in report.records:
+            totals = stats.setdefault(record.name, {})
+            for key, value in record.stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+    lines = [f"| pass | exports where it fired (of {len(reports)}) | summed statistics |", "|---|---|---|"]
+    for name in sorted(stats, key=lambda n: (-fired.get(n, 0), n)):
+        summed = ", ".join(f"{k} {v:g}" for k, v in stats[name].items() if v)
+        lines.append(f"| {name} | {fired.get(name, 0)} | {summed} |")
     return lines
 
 
@@ -259,25 +338,30 @@ def main(argv: list[str] | None = None) -> int:
     level = args.level
     names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
     exporters = args.exporters.split(",")
+    header = (f"onnxruntime {ort.__version__}, {machine()}, {THREADS} threads, {args.repeats} runs; "
+              f"graphopt level {level}; onnxslim {_version('onnxslim')}; onnxsim {_version('onnxsim')}; "
+              f"torch {torch.__version__}")
     rows: list[Row] = []
+    reports: list = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         for exporter in exporters:
-            rows += compare(name, exporter, args.repeats, level)
+            rows += compare(name, exporter, args.repeats, level, reports)
             print(f"{name} ({exporter}): done", file=sys.stderr, flush=True)
-    header = (f"onnxruntime {ort.__version__}, {machine()}, {THREADS} threads, {args.repeats} runs; "
-              f"graphopt level {level}; onnxslim {_version('onnxslim')}; torch {torch.__version__}")
-    text = "\n".join([header, "", *summary_table(rows), "", *detail_table(rows)])
+        text = "\n".join([header, "", *summary_table(rows), "", *passes_table(reports), "", *detail_table(rows)])
+        RESULTS.write_text(f"# ONNX optimizers compared\n\n{text}\n")  # a cut-off run keeps its rows
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(f"# ONNX optimizers compared\n\n{text}\n")
     return 0
 
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version(package)
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 if __name__ == "__main__":

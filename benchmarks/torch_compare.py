@@ -151,16 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     level = args.level
     names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
+    header = (f"torch {torch.__version__}, {machine()}, "
+              f"{THREADS} threads, {args.repeats} calls; graphopt level {level}")
     rows: list[Row] = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         rows += compare(name, args.repeats, level)
         print(f"{name}: done", file=sys.stderr, flush=True)
-    header = (f"torch {torch.__version__}, {machine()}, "
-              f"{THREADS} threads, {args.repeats} calls; graphopt level {level}")
-    text = "\n".join([header, "", *summary_table(rows), "", *detail_table(rows)])
+        text = "\n".join([header, "", *summary_table(rows), "", *detail_table(rows)])
+        RESULTS.write_text(f"# graphopt against eager and torch.compile\n\n{text}\n")  # a cut-off run keeps its rows
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(f"# graphopt against eager and torch.compile\n\n{text}\n")
     return 0
 
 

@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .emitters.onnx import TARGETS
+
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -54,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
     opt.add_argument("--level", default="O2", help="pipeline to run (default: O2; see `graphopt passes`)")
     opt.add_argument("--passes", default="", metavar="A,B", help="extra passes to run after the pipeline")
+    opt.add_argument("--target", default="onnx", choices=TARGETS,
+                     help="onnx: standard ops only (default); onnxruntime: also its fused contrib ops")
+    opt.add_argument("--opset", type=int, metavar="N",
+                     help="opset to write (default: the input's); 23 and up lowers attention to Attention")
     opt.add_argument("--check", type=int, default=0, metavar="N",
                      help="run N random inputs through onnxruntime on both models and compare the outputs")
     opt.add_argument("--tol", type=float, default=1e-4,
@@ -92,7 +98,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     original = read_onnx(src)
     graph = optimize(load_onnx(original), level=args.level, passes=passes)
-    optimized = graph.to_onnx()
+    optimized = graph.to_onnx(opset=emit_opset(graph, args.opset), target=args.target)
     print(op_table(original, optimized))
     if args.check:
         print(check_outputs(original, optimized, args.check, args.tol))
@@ -125,6 +131,23 @@ def writable_path(name: str, src: Path, flag: str) -> Path:
     if not path.parent.is_dir():
         raise GraphoptError(f"{flag}: directory {path.parent} does not exist; create it first")
     return path
+
+
+def emit_opset(graph, opset: int | None) -> int | None:
+    """The opset to write, refused where graphopt cannot write it faithfully."""
+    from .emitters.onnx import MIN_OPSET
+
+    if opset is None:
+        return None
+    if opset < MIN_OPSET:
+        raise GraphoptError(f"--opset {opset} is too old: graphopt writes opset {MIN_OPSET} and up")
+    loaded = graph.meta.get("onnx", {}).get("opset_imports", {}).get("", opset)
+    kept = sorted({n.attrs["op_type"] for n in graph.nodes if n.op == "onnx.opaque"})
+    if opset != loaded and kept:
+        raise GraphoptError(f"--opset {opset}: the model keeps ONNX ops graphopt writes verbatim ({', '.join(kept)}), "
+                            f"which it cannot move off opset {loaded}; convert the input with "
+                            f"onnx.version_converter first, or leave out --opset")
+    return opset
 
 
 def check_pipeline(level: str, passes: Sequence[str]) -> None:

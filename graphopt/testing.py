@@ -127,7 +127,8 @@ class PathResult:
 
 
 SUITE_RTOL = 1e-4
-PATHS = ("to_torch", "to_onnx", "torch_compile")
+PATHS = ("to_torch", "to_onnx", "to_onnxruntime", "torch_compile")
+"""``to_onnx`` writes standard ONNX; ``to_onnxruntime`` adds onnxruntime's contrib ops (``target="onnxruntime"``)."""
 
 
 def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O2"):
@@ -148,7 +149,10 @@ def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, g
             got = torch.compile(model, backend="graphopt", options={"level": level, "fallback": False})(*inputs)
         else:
             graph = graph if graph is not None else capture_and_optimize(model, inputs, level)
-            got = graph.to_torch()(*inputs) if path == "to_torch" else run_onnxruntime(graph, inputs)
+            if path == "to_torch":
+                got = graph.to_torch()(*inputs)
+            else:
+                got = run_onnxruntime(graph, inputs, target="onnxruntime" if path == "to_onnxruntime" else "onnx")
         error = max_rel_error(reference, got)
         reason = "" if error <= SUITE_RTOL else f"max relative error {error:.3g}"
         return PathResult(path, error, reason, time.perf_counter() - start)
@@ -157,13 +161,17 @@ def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, g
         return PathResult(path, None, f"{type(exc).__name__}: {first[:300]}", time.perf_counter() - start)
 
 
-def run_onnxruntime(graph, inputs: tuple) -> list[torch.Tensor]:
-    """Emit ``graph`` to ONNX and run it in onnxruntime on ``inputs`` (fed in graph-input order)."""
+def run_onnxruntime(graph, inputs: tuple, target: str = "onnx") -> list[torch.Tensor]:
+    """Emit ``graph`` to ONNX for ``target`` and run it in onnxruntime on ``inputs`` (fed in graph-input order).
+
+    onnxruntime's own graph rewrites are off, so what runs is what graphopt wrote.
+    """
     import onnxruntime as ort
 
-    model = graph.to_onnx()
+    model = graph.to_onnx(target=target)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     flat = [t for t in flatten_outputs(list(inputs))]
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}

@@ -27,6 +27,7 @@ class _Chain:
     scores: Node  # matmul(q, kᵀ)
     inner: list[Node] = field(default_factory=list)  # scores..softmax, whose results only the chain reads
     prescales: list[Node] = field(default_factory=list)  # constant multiplies of q or kᵀ folded into the scale
+    guard: list[Node] = field(default_factory=list)  # where(isnan(p), 0, p) between softmax and the second matmul
 
 
 @register_pass
@@ -63,7 +64,10 @@ class FuseAttention(Pass):
     probabilities are read by nothing else (attention weights returned as an
     output stay as they are, computed once); chains that share their
     ``matmul(q, kᵀ)`` fuse together. Dropout between softmax and the second
-    matmul must already be gone (O1 removes inference dropout).
+    matmul must already be gone (O1 removes inference dropout). The exporters'
+    guard ``where(isnan(p), 0, p)`` after the softmax (torch's "safe softmax",
+    zeros for rows masked everywhere) is part of the chain: it is what sdpa
+    computes.
 
     Exact up to float rounding: sdpa scales ``q`` and ``k`` by ``√scale``
     (or the scores by ``scale``) where the model did otherwise, so results
@@ -96,8 +100,10 @@ def _match(softmax: Node) -> _Chain | None:
     rank = _rank(probs)
     if rank is None or rank < 2 or softmax.attrs.get("dim", -1) % rank != rank - 1:
         return None
-    readers = probs.users()
-    if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not probs:
+    guard = _nan_guard(probs)
+    read = guard[0].output if guard else probs
+    readers = read.users()
+    if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not read:
         return None
     out = readers[0]
     for mask, is_causal, masked, x in _unmasked_candidates(softmax.inputs[0]):
@@ -109,10 +115,25 @@ def _match(softmax: Node) -> _Chain | None:
         k_scale, k_transposed, k_nodes = _peel_scale(scores.inputs[1])
         chain = _Chain(q=q, k_transposed=k_transposed, v=out.inputs[1], mask=mask,
                        scale=scale * q_scale * k_scale, is_causal=is_causal, enable_gqa=False, out=out,
-                       scores=scores, inner=[softmax, *masked, *scale_nodes, scores], prescales=q_nodes + k_nodes)
+                       scores=scores, inner=[softmax, *masked, *scale_nodes, scores], prescales=q_nodes + k_nodes,
+                       guard=guard)
         if _shapes_fit(chain, softmax.graph):
             return chain
     return None
+
+
+def _nan_guard(probs: Value) -> list[Node]:
+    """``[where, isnan]`` of a ``where(isnan(probs), 0, probs)`` that alone reads ``probs``, else ``[]``."""
+    readers = {u.op: u for u in probs.users()}
+    where, isnan = readers.get("where"), readers.get("isnan")
+    if len(readers) != 2 or where is None or isnan is None or is_graph_output(isnan.output):
+        return []
+    cond, zero, kept = where.inputs
+    if cond is not isnan.output or kept is not probs or isnan.output.users() != [where]:
+        return []
+    if not zero.is_constant or zero.data.numel() != 1 or bool(zero.data.ne(0).any()):
+        return []
+    return [where, isnan]
 
 
 def _unmasked_candidates(x: Value) -> list[tuple[Value | None, bool, list[Node], Value]]:
@@ -240,7 +261,8 @@ def _self_contained(chains: list[_Chain]) -> list[_Chain]:
     while True:
         inside = {id(n) for c in chains for n in c.inner}
         kept = [c for c in chains if all(_read_only_by(n, inside) for n in c.inner if n.op != "softmax")
-                and _read_only_by(c.inner[0], {id(c.out)})]
+                and _read_only_by(c.inner[0], {id(n) for n in c.guard} if c.guard else {id(c.out)})
+                and (not c.guard or _read_only_by(c.guard[0], {id(c.out)}))]
         if len(kept) == len(chains):
             return kept
         chains = kept
@@ -269,7 +291,7 @@ def _rewrite(graph: Graph, chain: _Chain, fused_scores: set[int]) -> None:
     replace_value(chain.out.output, sdpa.output)
     graph.remove_node(chain.out)
     transpose = [kt.producer] if kt.producer is not None and kt.producer.op == "permute" else []
-    for node in chain.inner + chain.prescales + transpose:
+    for node in chain.guard + chain.inner + chain.prescales + transpose:
         if node.graph is not None and not node.output.uses() and not is_graph_output(node.output):
             graph.remove_node(node)
 

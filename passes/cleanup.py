@@ -23,14 +23,23 @@ folding made canonical, then no-ops, then merging and sweeping."""
 
 
 # ------------------------------------------------------------------ helpers
+_IMPURE_ONNX_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                              "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan"})
+"""Standard ONNX ops that draw random numbers or run subgraphs; every other one is a function of its inputs."""
+
+
 def is_pure(node: Node) -> bool:
     """Whether a node may be removed, merged or evaluated ahead of time.
 
     Dropout is registered impure because training-mode dropout draws random
-    numbers; in inference mode, or with ``p=0``, it is deterministic.
+    numbers; in inference mode, or with ``p=0``, it is deterministic. An
+    ``onnx.opaque`` node is pure when it is a standard ONNX op that neither
+    draws random numbers nor runs a subgraph; custom domains are not trusted.
     """
     if node.op == "dropout":
         return not node.attrs.get("training", False) or node.attrs.get("p", 0.5) == 0
+    if node.op == "onnx.opaque":
+        return node.attrs.get("domain", "") in ("", "ai.onnx") and node.attrs.get("op_type") not in _IMPURE_ONNX_OPS
     return node.opdef.pure
 
 
@@ -246,6 +255,11 @@ def _whole_slice(node: Node) -> Value | None:
     return x if isinstance(size, int) or to_end else None
 
 
+def _zero_pad(node: Node) -> Value | None:
+    """A pad by nothing on every side (a window size that already divides, say)."""
+    return node.inputs[0] if not any(node.attrs["pads"]) and same_type(node.output, node.inputs[0]) else None
+
+
 def _single_concat(node: Node) -> Value | None:
     return node.inputs[0] if len(node.inputs) == 1 else None
 
@@ -274,6 +288,7 @@ _FORWARDERS: dict[str, Callable[[Node], Value | None]] = {
     "dropout": _inference_dropout,
     "slice": _whole_slice,
     "concat": _single_concat,
+    "pad": _zero_pad,
     **dict.fromkeys(_NEUTRAL, _neutral_operand),
 }
 """For each op, a function giving the value a node of that op merely passes on, or None."""

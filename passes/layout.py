@@ -138,6 +138,8 @@ class _Permutes(_Kind):
             return _Shadow([x[0], *node.inputs[1:]], {**node.attrs, "dim": key[node.attrs.get("dim", 0) % rank]}, key)
         if node.op in _REDUCTIONS and node.attrs.get("dims") is not None:
             return self._reduction(node, x[0], key)
+        if node.op == "reshape":
+            return self._reshape(node, x[0], key)
         trailing = _trailing_dims(node)
         if trailing and all(key[d] == d for d in range(rank - trailing, rank)):
             return _Shadow([x[0], *node.inputs[1:]], dict(node.attrs), key)
@@ -161,6 +163,22 @@ class _Permutes(_Kind):
             else:
                 return None
         return _Shadow(inputs, dict(node.attrs), key)
+
+    @staticmethod
+    def _reshape(node: Node, x: Value, key: Key) -> _Shadow | None:
+        """A reshape of leading dims the permute leaves in place (batch and heads merged, say) commutes with it."""
+        before, after, source = _shape(node.inputs[0]), _shape(node.output), _shape(x)
+        if not all(s is not None and all(isinstance(d, int) for d in s) for s in (before, after, source)):
+            return None
+        common = 0
+        while common < min(len(before), len(after)) and before[-1 - common] == after[-1 - common]:
+            common += 1
+        lead_in, lead_out = len(before) - common, len(after) - common
+        if lead_in == 0 or lead_out == 0 or any(key[d] != d for d in range(lead_in)):
+            return None
+        shape = [*after[:lead_out], *source[lead_in:]]
+        return _Shadow([x], {**node.attrs, "shape": shape},
+                       (*range(lead_out), *(lead_out + key[d] - lead_in for d in range(lead_in, len(key)))))
 
     @staticmethod
     def _reduction(node: Node, x: Value, key: Key) -> _Shadow:

@@ -365,7 +365,8 @@ def layer_norm(root: Node) -> Rewrite | None:
 
 
 _MEAN_SQUARE_PLUS_EPS = op("add", op("mean", _square(X), bind="mean"), Const(name="eps"))
-_RMS_NORM = any_of(op("mul", X, op("rsqrt", _MEAN_SQUARE_PLUS_EPS)), _div(X, op("sqrt", _MEAN_SQUARE_PLUS_EPS)))
+_RMS_NORM = any_of(op("mul", X, op("rsqrt", _MEAN_SQUARE_PLUS_EPS)), _div(X, op("sqrt", _MEAN_SQUARE_PLUS_EPS)),
+                   op("mul", X, op("reciprocal", op("sqrt", _MEAN_SQUARE_PLUS_EPS))))
 
 
 @rule("mul", "div")

@@ -58,6 +58,19 @@ def test_optimize_writes_a_smaller_model_and_prints_the_table(model_path, tmp_pa
     assert {"fold_constants", "dce"} <= {r["name"] for r in records}
 
 
+@pytest.mark.parametrize("target, opset, op", [("onnxruntime", None, "FusedConv"), ("onnx", 23, "Conv")])
+def test_target_and_opset_choose_what_is_written(model_path, tmp_path, capsys, target, opset, op):
+    out_path = tmp_path / "opt.onnx"
+    extra = ["--opset", str(opset)] if opset else []
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--target", target, *extra, "--check", "2")
+    assert code == 0, err
+    written = onnx.load(str(out_path))
+    assert op in {n.op_type for n in written.graph.node}
+    loaded = {o.domain: o.version for o in onnx.load(str(model_path)).opset_import}[""]
+    assert {o.domain: o.version for o in written.opset_import}[""] == (opset or loaded)
+    assert ("com.microsoft" in {n.domain for n in written.graph.node}) == (target == "onnxruntime")
+
+
 def test_bench_prints_both_latencies(model_path, tmp_path, capsys):
     code, out, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "opt.onnx", "--bench", "--repeat", "3")
     assert code == 0, err
@@ -86,6 +99,11 @@ def bad_input_cases(model_path: Path, tmp_path: Path) -> dict[str, tuple[list[st
     io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in "xy"]
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([relu], "g", io[:1], io[1:]),
                                      opset_imports=[onnx.helper.make_opsetid("", 9)]), str(old_opset))
+    random_like = tmp_path / "random_like.onnx"
+    noise = onnx.helper.make_node("RandomNormalLike", ["x"], ["n"])
+    add = onnx.helper.make_node("Add", ["x", "n"], ["y"])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([noise, add], "g", io[:1], io[1:]),
+                                     opset_imports=[onnx.helper.make_opsetid("", 17)]), str(random_like))
     out = tmp_path / "out.onnx"
     same_as_input = model_path.parent / ".." / model_path.parent.name / model_path.name
     return {
@@ -99,11 +117,14 @@ def bad_input_cases(model_path: Path, tmp_path: Path) -> dict[str, tuple[list[st
         "missing output dir": (["optimize", str(model_path), "-o", str(tmp_path / "no_dir" / "out.onnx")],
                                tmp_path / "no_dir"),
         "inspect missing": (["inspect", str(tmp_path / "nope.onnx")], out),
+        "opset too old": (["optimize", str(model_path), "-o", str(out), "--opset", "9"], out),
+        "opset kept ops cannot move": (["optimize", str(random_like), "-o", str(out), "--opset", "23"], out),
     }
 
 
 @pytest.mark.parametrize("case", ["missing input", "corrupt input", "empty input", "unsupported opset", "unknown pass",
-                                  "unknown level", "output is input", "missing output dir", "inspect missing"])
+                                  "unknown level", "output is input", "missing output dir", "inspect missing",
+                                  "opset too old", "opset kept ops cannot move"])
 def test_bad_input_is_one_error_line_and_exit_2(case, model_path, tmp_path, capsys):
     model_before = model_path.read_bytes()
     argv, must_not_exist = bad_input_cases(model_path, tmp_path)[case]

@@ -21,6 +21,8 @@ from graphopt.frontends.onnx import TORCH_TO_ONNX, ir_type_to_onnx, torch_to_num
 from graphopt.ir import Graph, Node, ScalarType, TensorType, Value
 
 DEFAULT_OPSET = 18
+TARGETS = ("onnx", "onnxruntime")
+"""What the model is for: any ONNX runtime (standard ops only), or onnxruntime (its contrib ops too)."""
 MIN_OPSET = 13
 TWO_GB = 2**31
 
@@ -29,8 +31,12 @@ class EmitError(ValueError):
     """The graph holds something the target opset cannot express; the message names the node."""
 
 
-def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: int = TWO_GB) -> onnx.ModelProto:
+def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: int = TWO_GB,
+              target: str = "onnx") -> onnx.ModelProto:
     """Lower ``graph`` to an ONNX model for ``opset`` (default: the loaded model's opset, else 18).
+
+    ``target="onnxruntime"`` also uses onnxruntime's fused contrib ops
+    (``onnxruntime_ops``); the model then needs onnxruntime to run.
 
     ``external_data_threshold`` is kept for ``save_onnx``: the proto returned here
     always holds its initializers inline.
@@ -40,7 +46,9 @@ def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: i
         opset = onnx_meta.get("opset_imports", {}).get("", DEFAULT_OPSET)
     if opset < MIN_OPSET:
         raise EmitError(f"cannot emit opset {opset}: graphopt emits opset {MIN_OPSET} and up")
-    return _Emitter(graph, opset).run()
+    if target not in TARGETS:
+        raise EmitError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    return _Emitter(graph, opset, target).run()
 
 
 def save_onnx(model: onnx.ModelProto | Graph, path: str | os.PathLike, external_data_threshold: int = TWO_GB,
@@ -95,9 +103,10 @@ def tensor_proto(data: torch.Tensor, name: str) -> onnx.TensorProto:
 class _Emitter:
     """Builds the ONNX graph node by node, naming every IR value once."""
 
-    def __init__(self, graph: Graph, opset: int):
+    def __init__(self, graph: Graph, opset: int, target: str = "onnx"):
         self.graph = graph
         self.opset = opset
+        self.target = target
         self.meta = graph.meta.get("onnx", {})
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -165,8 +174,10 @@ class _Emitter:
     # -------------------------------------------------------------- run
     def run(self) -> onnx.ModelProto:
         from .onnx_table import EMITTERS
+        from .onnxruntime_ops import plan_contrib_ops
 
         g = self.graph
+        contrib = plan_contrib_ops(g, self.opset) if self.target == "onnxruntime" else None
         output_names = self._plan_outputs()
         for v in g.inputs:
             if "onnx_default" in v.meta:
@@ -175,6 +186,8 @@ class _Emitter:
             self.initializers.append(tensor_proto(v.data, v.name))
         for node in g.nodes:
             outs = [self.name(o) for o in node.outputs]
+            if contrib is not None and contrib.emit(self, node):
+                continue
             if node.op == "onnx.opaque":
                 self._emit_onnx_opaque(node, outs)
             elif node.op == "torch.opaque":
@@ -193,7 +206,7 @@ class _Emitter:
         for k, v in enumerate(g.outputs):
             if self.name(v) != output_names[k]:
                 self.add("Identity", [self.name(v)], [output_names[k]])
-        self._drop_replaced_initializers()
+        self._drop_unread_initializers()
         graph = onnx.helper.make_graph(
             self.nodes, self.meta.get("graph_name") or g.name,
             [onnx.helper.make_value_info(v.name, _io_type(v)) for v in g.inputs],
@@ -215,12 +228,15 @@ class _Emitter:
             model.metadata_props.add(key=key, value=value)
         return model
 
-    def _drop_replaced_initializers(self) -> None:
-        """Remove originals of pre-transposed constants that no node (or subgraph) reads any more."""
-        replaced = {self.name(v) for v in self.graph.constants.values() if id(v) in self.transposed}
-        if replaced:
-            read = _names_read(self.nodes)
-            self.initializers = [t for t in self.initializers if t.name not in replaced or t.name in read]
+    def _drop_unread_initializers(self) -> None:
+        """Remove the graph's constants that no node (or subgraph) reads any more.
+
+        A lowering may write a constant in another form (a pre-transposed linear
+        weight, a group-norm weight shaped for broadcasting) instead of reading it.
+        """
+        read = _names_read(self.nodes) | {self.name(v) for v in self.graph.outputs}
+        constants = {self.name(v) for v in self.graph.constants.values()}
+        self.initializers = [t for t in self.initializers if t.name not in constants or t.name in read]
 
     def _plan_outputs(self) -> list[str]:
         """ONNX names of the graph outputs: the loaded model's names where the graph still has them.

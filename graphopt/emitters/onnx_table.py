@@ -292,18 +292,22 @@ def _gemm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 @_register("conv")
 def _conv(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    inputs = ins if ins[-1] else ins[:2]
+    if n.attrs.get("transposed"):
+        spatial = len(_shape(n.inputs[1])) - 2
+        e.add("ConvTranspose", inputs, outs, output_padding=_per_dim(n.attrs.get("output_padding", (0,)), spatial),
+              **conv_attributes(n))
+    else:
+        e.add("Conv", inputs, outs, **conv_attributes(n))
+
+
+def conv_attributes(n: Node) -> dict:
+    """The ONNX Conv attributes of an IR conv (shared with the fused convolutions of other domains)."""
     a = n.attrs
     spatial = len(_shape(n.inputs[1])) - 2
     padding = _per_dim(a.get("padding", (0,)), spatial)
-    common = dict(strides=_per_dim(a.get("stride", (1,)), spatial), dilations=_per_dim(a.get("dilation", (1,)), spatial),
-                  group=int(a.get("groups", 1)), pads=padding + padding,
-                  kernel_shape=list(_shape(n.inputs[1])[2:]))
-    inputs = ins if ins[-1] else ins[:2]
-    if a.get("transposed"):
-        e.add("ConvTranspose", inputs, outs, output_padding=_per_dim(a.get("output_padding", (0,)), spatial),
-              **common)
-    else:
-        e.add("Conv", inputs, outs, **common)
+    return dict(strides=_per_dim(a.get("stride", (1,)), spatial), dilations=_per_dim(a.get("dilation", (1,)), spatial),
+                group=int(a.get("groups", 1)), pads=padding + padding, kernel_shape=list(_shape(n.inputs[1])[2:]))
 
 
 def _per_dim(values, n: int) -> list[int]:
@@ -318,14 +322,28 @@ def _einsum(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 @_register("sdpa")
 def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    """softmax(q k^T * scale + mask) v with MatMul/Softmax; causal and boolean masks become additive."""
+    """softmax(q k^T * scale + mask) v: one Attention node from opset 23, else MatMul/Softmax.
+
+    Attention reads rank-3 inputs as packed heads, unlike torch, and onnxruntime refuses a mask
+    that broadcasts over its last two dims; those cases keep the decomposition, where causal and
+    boolean masks become additive.
+    """
     q, k, v = ins[:3]
     mask = ins[3] if len(ins) > 3 else ""
-    if n.attrs.get("enable_gqa"):
-        raise EmitError(f"node {n.name}: sdpa with grouped-query heads has no ONNX lowering")
     qshape, kshape = _shape(n.inputs[0]), _shape(n.inputs[1])
     dtype = _dtype(n.output)
     scale = n.attrs.get("scale")
+    boolean_mask = bool(mask) and _dtype(n.inputs[3]) == torch.bool
+    if mask and not boolean_mask:
+        mask = e.cast(mask, _dtype(n.inputs[3]), dtype)
+    if (e.opset >= 23 and all(len(_shape(x)) == 4 for x in n.inputs[:3])
+            and (not mask or tuple(_shape(n.inputs[3])[-2:]) == (qshape[-2], kshape[-2]))):
+        e.add("Attention", [q, k, v, mask] if mask else [q, k, v], outs, is_causal=int(bool(n.attrs.get("is_causal"))),
+              scale=None if scale is None else float(scale))  # absent: 1/sqrt(head size), as torch
+        return
+    if n.attrs.get("enable_gqa"):
+        raise EmitError(f"node {n.name}: sdpa with grouped-query heads lowers only to Attention (opset 23, rank 4, "
+                        "a mask over the last two dims in full)")
     if scale is None:
         if not isinstance(qshape[-1], int):
             raise EmitError(f"node {n.name}: sdpa default scale needs a static head size")
@@ -340,12 +358,19 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
             raise EmitError(f"node {n.name}: causal sdpa needs static sequence lengths")
         causal = torch.ones(lq, lk, dtype=torch.bool).tril()
         scores = e.add1("Where", [e.const(causal), scores, e.const(float("-inf"), dtype)])
-    if mask:
-        if _dtype(n.inputs[3]) == torch.bool:
-            scores = e.add1("Where", [mask, scores, e.const(float("-inf"), dtype)])
-        else:
-            scores = e.add1("Add", [scores, e.cast(mask, _dtype(n.inputs[3]), dtype)])
-    e.add("MatMul", [e.add1("Softmax", [scores], axis=-1), v], outs)
+    if boolean_mask:
+        scores = e.add1("Where", [mask, scores, e.const(float("-inf"), dtype)])
+    elif mask:
+        scores = e.add1("Add", [scores, mask])
+    e.add("MatMul", [attention_probabilities(e, scores, bool(mask), dtype), v], outs)
+
+
+def attention_probabilities(e: _Emitter, scores: str, masked: bool, dtype: torch.dtype) -> str:
+    """Softmax over the keys; under a mask, a row masked everywhere gives zeros (NaN in plain Softmax), as in sdpa."""
+    probs = e.add1("Softmax", [scores], axis=-1)
+    if not masked:
+        return probs
+    return e.add1("Where", [e.add1("IsNaN", [probs]), e.const(0.0, dtype), probs])
 
 
 # -------------------------------------------------------------------- norms
@@ -408,6 +433,11 @@ def _affine(e: _Emitter, x: str, weight: str, bias: str, outs: list) -> None:
 
 @_register("group_norm")
 def _group_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+    """GroupNormalization from opset 21; before it, the 5 nodes torch.onnx exports and runtimes fuse.
+
+    InstanceNormalization over x viewed as (N, G, -1) normalizes each group; the per-channel
+    affine follows with weight and bias as (C, 1, ..., 1), pre-shaped when they are constants.
+    """
     groups, eps = int(n.attrs["num_groups"]), float(n.attrs.get("eps", 1e-5))
     shape = _shape(n.inputs[0])
     dtype = _dtype(n.output)
@@ -419,12 +449,24 @@ def _group_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
               epsilon=eps)
         return
     grouped = e.add1("Reshape", [ins[0], e.ints([0, groups, -1])])
-    normalized = _normalize(e, grouped, [2], eps, dtype)
-    restored = e.add1("Reshape", [normalized, e.add1("Shape", [ins[0]])])
-    trailing = [1] * (len(shape) - 2)
-    weight = weight and e.add1("Reshape", [weight, e.ints([-1, *trailing])])
-    bias = bias and e.add1("Reshape", [bias, e.ints([-1, *trailing])])
-    _affine(e, restored, weight, bias, outs)
+    if dtype == torch.float64:  # onnxruntime has no double InstanceNormalization kernel
+        normalized = _normalize(e, grouped, [2], eps, dtype)
+    else:
+        normalized = e.add1("InstanceNormalization", [grouped, e.const(torch.ones(groups), dtype),
+                                                      e.const(torch.zeros(groups), dtype)], epsilon=eps)
+    static = all(isinstance(s, int) for s in shape)
+    restored = e.add1("Reshape", [normalized, e.ints(shape) if static else e.add1("Shape", [ins[0]])])
+    column = [-1] + [1] * (len(shape) - 2)
+
+    def per_channel(k: int) -> str:
+        """Input ``k`` (1: weight, 2: bias) as (C, 1, ..., 1), or "" where it is absent."""
+        if not (weight, bias)[k - 1]:
+            return ""
+        if n.inputs[k].is_constant:
+            return e.const(n.inputs[k].data.reshape(column), hint=f"{n.inputs[k].name}_column")
+        return e.add1("Reshape", [ins[k], e.ints(column)])
+
+    _affine(e, restored, per_channel(1), per_channel(2), outs)
 
 
 @_register("rms_norm")

@@ -99,17 +99,42 @@ def infer_types(node: Node) -> list[Type]:
 
 
 def infer_by_meta(node: Node, opdef: OpDef | None = None) -> list[Type]:
-    """Run the torch implementation on meta tensors to get output types."""
+    """Run the torch implementation on meta tensors to get output types.
+
+    Symbolic sizes get stand-in numbers. With any symbol present the op runs
+    twice, under two different stand-ins: an output size that differs between
+    the runs depends on a symbol, and becomes that symbol or, when derived from
+    one (``s0 * 4``), a fresh symbol; only sizes equal in both runs are static.
+    """
     opdef = opdef or get_op(node.op)
     if opdef.torch_impl is None:
-        raise TypeError(f"cannot infer types of {node.op}: it has no torch implementation; pass output_types")
+        raise TypeError(f"cannot infer through {node.op}: it has no torch implementation; pass output_types")
+    first, back = _run_meta(node, opdef)
+    if not back:
+        return [_type_of(r, {}) for r in first]
+    try:
+        second, _ = _run_meta(node, opdef)
+    except Exception:  # sizes the op rejects under the second stand-in: the first run is all we know
+        return [_type_of(r, back) for r in first]
+    types = []
+    for k, (a, b) in enumerate(zip(first, second)):
+        t = _type_of(a, back)
+        if isinstance(t, TensorType) and isinstance(b, torch.Tensor) and b.dim() == len(t.shape):
+            t = TensorType(t.dtype, tuple(
+                int(sa) if int(sa) == int(sb) else d if isinstance(d, str) else f"{node.name}_{k}_{i}"
+                for i, (d, sa, sb) in enumerate(zip(t.shape, a.shape, b.shape))))
+        types.append(t)
+    return types
+
+
+def _run_meta(node: Node, opdef: OpDef) -> tuple[list, dict[int, str]]:
+    """The op's results on meta tensors, and the map from each stand-in size back to its symbol."""
     stand_in: dict[str, int] = {}
     args = [_meta_arg(v, stand_in) for v in node.inputs]
     with torch.device("meta"):
         result = opdef.torch_impl(*args, **node.attrs)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
-    back = {size: sym for sym, size in stand_in.items()}
-    return [_type_of(r, back) for r in results]
+    return results, {size: sym for sym, size in stand_in.items()}
 
 
 def _meta_arg(v: Any, stand_in: dict[str, int]) -> Any:

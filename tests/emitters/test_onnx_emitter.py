@@ -66,7 +66,7 @@ W8 = torch.randn(8)
     ("gelu", {"approximate": "none"}, [(4, 8)], [], 18, "Erf", "Gelu"),
     ("gelu", {"approximate": "tanh"}, [(4, 8)], [], 18, "Tanh", "Gelu"),
     ("gelu", {"approximate": "tanh"}, [(4, 8)], [], 20, "Gelu", "Tanh"),
-    ("group_norm", {"num_groups": 2, "eps": 1e-5}, [(2, 8, 5)], [W8, W8], 18, "ReduceMean", "GroupNormalization"),
+    ("group_norm", {"num_groups": 2, "eps": 1e-5}, [(2, 8, 5)], [W8, W8], 18, "InstanceNormalization", "ReduceMean"),
     ("group_norm", {"num_groups": 2, "eps": 1e-5}, [(2, 8, 5)], [W8, W8], 21, "GroupNormalization", "ReduceMean"),
     ("mean", {"dims": [1], "keepdim": False}, [(3, 4, 5)], [], 13, "ReduceMean", None),
     ("mean", {"dims": [1], "keepdim": True}, [(3, 4, 5)], [], 18, "ReduceMean", None),
@@ -84,6 +84,88 @@ def test_per_opset_forms(op, attrs, shapes, extra, opset, present, absent) -> No
         if reduce_node is not None:
             axes_in_attr = any(a.name == "axes" for a in reduce_node.attribute)
             assert axes_in_attr == (opset < 18 and reduce_node.op_type != "ReduceSum")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.float64, 1e-10)])
+def test_group_norm_before_opset_21_is_the_exporters_five_nodes(dtype, tol) -> None:
+    """Constant weight and bias become (C, 1, 1) initializers, so no Reshape of them runs.
+
+    Double keeps the mean/variance decomposition: onnxruntime has no double InstanceNormalization.
+    """
+    weight, bias = torch.randn(6, dtype=dtype), torch.randn(6, dtype=dtype)
+    g = _one_op_graph("group_norm", [(2, 6, 3, 4)], {"num_groups": 3, "eps": 1e-5}, dtype=dtype, extra=[weight, bias])
+    model = _check(g, opset=18, rtol=tol, atol=tol)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[0] == "Reshape" and ops[-3:] == ["Reshape", "Mul", "Add"]
+    assert ops[1:-3] == (["InstanceNormalization"] if dtype != torch.float64 else
+                         ["ReduceMean", "Sub", "Mul", "ReduceMean", "Add", "Sqrt", "Div"])
+    assert {(6, 1, 1)} <= {tuple(t.dims) for t in model.graph.initializer}
+
+
+def test_group_norm_before_opset_21_reshapes_runtime_weight_and_symbolic_shapes() -> None:
+    g = Graph("group_norm")
+    x = g.add_input("x", TensorType(torch.float32, ("n", 6, "l")))
+    weight = g.add_input("w", TensorType(torch.float32, (6,)))
+    g.outputs = [g.add_node("group_norm", [x, weight, None], {"num_groups": 2, "eps": 1e-5},
+                            output_types=[TensorType(torch.float32, ("n", 6, "l"))]).output]
+    model = emit_onnx(g, opset=18)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("Reshape") == 3 and "Shape" in _op_types(model)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, generator=gen)
+    for n, length in [(1, 5), (3, 2)]:
+        data = torch.randn(n, 6, length, generator=gen)
+        (got,) = _ort(model, [data, w])
+        np.testing.assert_allclose(got, torch.nn.functional.group_norm(data, 2, w).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _sdpa_graph(q, kv, attrs: dict, mask=None, mask_input=None) -> Graph:
+    """q, k, v (k and v both shaped ``kv``), and a mask that is a constant tensor or an input of this shape."""
+    g = Graph("sdpa")
+    xs = [g.add_input(name, TensorType(torch.float32, s)) for name, s in (("q", q), ("k", kv), ("v", kv))]
+    if mask is not None:
+        xs.append(g.add_constant(mask, "mask"))
+    if mask_input is not None:
+        xs.append(g.add_input("mask", TensorType(torch.float32, mask_input)))
+    g.outputs = [g.add_node("sdpa", xs, attrs).output]
+    return g
+
+
+_BOOL_MASK = torch.rand(2, 1, 3, 7, generator=torch.Generator().manual_seed(1)) > 0.4
+_BOOL_MASK[..., 0] = True  # no row masked in full
+
+
+@pytest.mark.parametrize("q,kv,attrs,mask,mask_input", [
+    ((2, 4, 5, 8), (2, 4, 5, 8), {}, None, None),
+    ((2, 4, 3, 8), (2, 4, 7, 8), {"is_causal": True}, None, None),  # torch aligns the causal mask top-left
+    ((2, 4, 7, 8), (2, 4, 3, 8), {"is_causal": True, "scale": 0.3}, None, None),
+    ((2, 4, 3, 8), (2, 4, 7, 8), {}, _BOOL_MASK, None),
+    ((2, 4, 3, 8), (2, 4, 7, 8), {}, _BOOL_MASK[0, 0], None),
+    ((2, 4, 3, 8), (2, 4, 7, 8), {}, None, (2, 1, 3, 7)),
+    ((2, 4, 3, 8), (2, 4, 7, 8), {}, None, (3, 7)),
+    ((2, 4, 3, 8), (2, 2, 7, 8), {"enable_gqa": True}, None, (2, 1, 3, 7)),
+], ids=["plain", "causal_short_q", "causal_long_q", "bool_mask", "bool_mask_2d", "float_mask", "float_mask_2d",
+        "gqa"])
+@pytest.mark.parametrize("opset", [18, 23])
+def test_sdpa_is_one_attention_node_from_opset_23(q, kv, attrs, mask, mask_input, opset) -> None:
+    g = _sdpa_graph(q, kv, attrs, mask, mask_input)
+    if opset < 23 and attrs.get("enable_gqa"):
+        with pytest.raises(EmitError, match="grouped-query"):
+            emit_onnx(g, opset=opset)
+        return
+    ops = _op_types(_check(g, opset, rtol=1e-5, atol=1e-6))
+    assert ("Attention" in ops, "Softmax" in ops) == ((True, False) if opset >= 23 else (False, True))
+
+
+@pytest.mark.parametrize("q,kv,mask_input", [
+    ((2, 5, 8), (2, 7, 8), None),
+    ((1, 2, 3, 8), (1, 2, 7, 8), (1, 7)),
+    ((1, 2, 3, 8), (1, 2, 7, 8), (1, 1, 3, 1)),
+], ids=["rank3", "mask_over_q", "mask_over_k"])
+def test_sdpa_at_opset_23_keeps_the_decomposition_where_attention_differs(q, kv, mask_input) -> None:
+    """Attention reads rank 3 as packed heads; onnxruntime refuses masks broadcast over the last two dims."""
+    ops = _op_types(_check(_sdpa_graph(q, kv, {}, mask_input=mask_input), 23, rtol=1e-5, atol=1e-6))
+    assert "Softmax" in ops and "Attention" not in ops
 
 
 @pytest.mark.parametrize("op,attrs,shapes,dtype", [

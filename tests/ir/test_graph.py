@@ -23,6 +23,15 @@ def test_types_are_inferred_through_symbolic_dims():
     g.verify()
 
 
+def test_a_size_derived_from_a_symbol_is_a_new_symbol_not_a_number():
+    g, _, _, _, act = small_graph()  # act: (batch, 4)
+    flat = g.add_node("reshape", [act.output], {"shape": [-1]})
+    (size,) = flat.output.type.shape
+    assert isinstance(size, str) and size != "batch"  # batch * 4: symbolic, and not batch itself
+    both = g.add_node("concat", [act.output, act.output], {"dim": 1})
+    assert both.output.type.shape == ("batch", 8)
+
+
 def test_use_lists_follow_mutations():
     g, x, w, lin, act = small_graph()
     assert lin.output.users() == [act]

@@ -384,3 +384,28 @@ def test_onnx_export_of_sdpa_round_trips_to_sdpa():
     reference = Attention()(*inputs)
     assert max_rel_error(reference, run_onnxruntime(graph, inputs)) <= RTOL
     assert max_rel_error(reference, graph.to_torch()(*inputs)) <= RTOL
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+def test_onnx_export_of_a_row_masked_everywhere_keeps_its_zeros(boolean):
+    """The exporter's ``where(isnan(p), 0, p)`` guard is sdpa's own behaviour: it fuses, and zeros stay zeros."""
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 1, :] = False
+    if not boolean:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    inputs = (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), mask)
+    graph = load_exported(Attention(), inputs)
+    assert bool(graph.find("isnan")) == boolean  # the exporter guards boolean masks only
+    assert FuseAttention().call(graph).stats["attention_fused"] == 1
+    graph = graphopt.optimize(graph, "O1")
+    assert len(graph.find("sdpa")) == 1 and not graph.find("softmax") and not graph.find("isnan")
+    reference = Attention()(*inputs)
+    assert bool((reference[..., 1, :] == 0).all())
+    for target in ("onnx", "onnxruntime"):
+        assert max_rel_error(reference, run_onnxruntime(graph, inputs, target=target)) <= RTOL
+    assert max_rel_error(reference, graph.to_torch()(*inputs)) <= RTOL

@@ -136,3 +136,24 @@ def test_bert_head_reshapes_become_canonical_with_a_dynamic_batch(dynamo: bool) 
     mask = np.ones((3, 8), np.int64)
     mask[1, 5:] = 0
     _assert_matches_ort(graph, model, {"input_ids": ids, "attention_mask": mask})
+
+
+def test_swin_window_shapes_fold_block_after_block() -> None:
+    """Each Swin block pads and windows by sizes computed from the previous block's output shape.
+
+    Re-importing one block's Reshape makes the next block's Shape static, so
+    refinement and folding alternate until no shape computation is left.
+    """
+    import io
+
+    from graphopt.models import get_case
+
+    model, inputs = get_case("timm.swin_tiny_patch4_window7_224").build()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, inputs, buffer, dynamo=False, input_names=["x"])
+    exported = onnx.load_from_string(buffer.getvalue())
+    graph = graphopt.optimize(graphopt.load_onnx(exported), "O1")
+    counts = graph.op_counts()
+    assert not graph.find("onnx.opaque") and "shape" not in counts and "pad" not in counts, counts
+    assert len(graph) < len(exported.graph.node) / 2
+    _assert_matches_ort(graph, exported, {"x": inputs[0].numpy()})

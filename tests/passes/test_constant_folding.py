@@ -1,5 +1,10 @@
 """Constant folding: what folds, what must stay computed, and that outputs never change."""
+import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper
+
+import graphopt
 
 from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.opaque import Arg
@@ -137,6 +142,29 @@ def test_impure_nodes_are_never_evaluated_ahead_of_time():
     dropout = g.add_node("dropout", [c], {"p": 0.5, "training": True})
     g.outputs = [g.add_node("add", [opaque.output, dropout.output]).output]
     assert run_exact(FoldConstants(), g).modified is False
+
+
+def test_standard_onnx_ops_graphopt_keeps_opaque_still_fold():
+    """A Slice with a negative step has no canonical form, but it is a function of its constant inputs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    data = onnx.numpy_helper.from_array(np.arange(8, dtype=np.int64), "data")
+    ints = [onnx.numpy_helper.from_array(np.array([v], np.int64), n) for n, v in
+            [("start", -1), ("end", -100), ("axis", 0), ("step", -2)]]
+    noise = helper.make_node("RandomNormal", [], ["noise"], shape=[2, 3])
+    nodes = [helper.make_node("Slice", ["data", "start", "end", "axis", "step"], ["picked"]),
+             helper.make_node("ReduceSum", ["picked"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["total_f"], to=TensorProto.FLOAT),
+             noise, helper.make_node("Add", ["x", "noise"], ["xn"]),
+             helper.make_node("Mul", ["xn", "total_f"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [data, *ints]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    g = graphopt.load_onnx(model)
+    assert {"Slice", "RandomNormal"} <= {n.attrs["op_type"] for n in g.find("onnx.opaque")}
+    assert FoldConstants().call(g).modified
+    assert [n.attrs["op_type"] for n in g.find("onnx.opaque")] == ["RandomNormal"]  # random draws stay
+    (mul,) = g.find("mul")
+    assert float(mul.inputs[1].data) == 7 + 5 + 3 + 1
 
 
 def test_nothing_to_fold():

@@ -114,6 +114,30 @@ def test_a_transpose_with_another_reader_keeps_it_and_still_cancels_the_pair():
     assert g.outputs[0].producer.inputs == (x,)
 
 
+def test_transposes_meet_through_reshapes_of_the_dims_they_leave_in_place():
+    """The dynamo exporter's kᵀ: heads merged into the batch, transposed, split back; attention then undoes it."""
+    g = Graph()
+    x = g.add_input("x", f32(2, 16, 2, 8))
+    heads = g.add_node("permute", [x], {"dims": [0, 2, 1, 3]}).output  # (2, 2, 16, 8)
+    merged = g.add_node("reshape", [heads], {"shape": [-1, 16, 8]}).output
+    kt = g.add_node("permute", [merged], {"dims": [0, 2, 1]}).output
+    split = g.add_node("reshape", [kt], {"shape": [2, 2, 8, 16]}).output
+    g.outputs = [g.add_node("permute", [split], {"dims": [0, 1, 3, 2]}).output]
+    run_exact(SinkTransposes(), g)
+    graphopt.optimize(g, "O1")
+    assert g.op_counts() == {"permute": 1}
+    assert g.outputs[0].producer.attrs["dims"] == [0, 2, 1, 3]
+
+
+def test_a_reshape_across_permuted_dims_stops_the_transpose():
+    g = Graph()
+    x = g.add_input("x", f32(2, 3, 4, 5))
+    t = g.add_node("permute", [x], {"dims": [0, 2, 1, 3]}).output  # (2, 4, 3, 5): dims 1, 2 swapped
+    merged = g.add_node("reshape", [t], {"shape": [8, 3, 5]}).output  # merges a moved dim
+    g.outputs = [g.add_node("permute", [merged], {"dims": [0, 2, 1]}).output]
+    assert not run_exact(SinkTransposes(), g).modified
+
+
 def test_sink_transposes_leaves_transposes_that_cannot_meet_their_inverse():
     g = Graph()
     x = g.add_input("x", f32(2, 3, 4))

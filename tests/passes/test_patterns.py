@@ -275,6 +275,20 @@ def test_rms_norm_with_weight(square):
     assert weight.is_parameter  # the weight stays trainable
 
 
+def test_rms_norm_as_the_dynamo_onnx_exporter_writes_it():
+    """``x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2)) + eps)) * g``: the dynamo exporter's rsqrt."""
+    b = Builder(2, 5, 8)
+    weight = b.g.add_constant(torch.randn(8), "weight")
+    root = b.sqrt(b.add(b.mean(b.pow(b.x, b.k(2.0)), dims=[-1], keepdim=True), b.k(1e-6)))
+    g = b.out(b.mul(b.mul(b.x, b.g.add_node("reciprocal", [root]).output), weight))
+    x = torch.randn(2, 5, 8)
+    expected = g.to_torch()(x)
+    result = recognize(g)
+    assert fired(result) == {"rms_norm": 1, "rms_norm_weight": 1}
+    assert g.op_counts() == {"rms_norm": 1}
+    assert max_rel_error(expected, g.to_torch()(x)) <= RTOL
+
+
 def test_rms_norm_without_keepdim_is_left_alone():
     b = Builder(2, 8)
     ms = b.mean(b.mul(b.x, b.x), dims=[-1], keepdim=False)
