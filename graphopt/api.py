@@ -1,11 +1,12 @@
-"""The Python API: capture a model, load an ONNX file, optimize a graph."""
+"""The Python API: capture a model, load an ONNX file, optimize or prune a graph."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from .errors import InvalidOptionError
 from .ir import Graph
 from .pass_manager import Pass, PassManager
 
@@ -38,3 +39,40 @@ def optimize(graph: Graph, level: str = "O1", passes: Sequence[str | Pass] | Non
     result = manager.run(graph)
     result.graph.meta["report"] = manager.report
     return result.graph
+
+
+def prune(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[Any] | None = None,
+          ratio: float | Mapping[str, float] = 0.5, importance: str = "l2", round_to: int | None = None,
+          ignored: Sequence[str] = (), target: Mapping[str, float] | None = None, heads: str = "heads",
+          seed: int = 0, *, ranking: str = "layer", normalize: str = "mean",
+          loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.fx.GraphModule | Graph:
+    """Structurally prune channels (DepGraph groups) so the model really gets smaller.
+
+    A module is captured, cleaned up with ``O1``, pruned and returned as a fine-tunable
+    ``GraphModule`` with its own, trainable parameters; a ``Graph`` is pruned in place and returned. ``ratio`` is the share of
+    each group's channels to remove (``ranking="global"``: of all channels), or a dict of
+    group labels/globs to ratios; ``target`` (``{"macs": N}``, ``{"params": N}`` or
+    ``{"latency_ms": T}``) searches the ratio instead. ``importance`` is ``l1``, ``l2``,
+    ``taylor`` (gradients on ``example_inputs``; loss ``loss_fn`` or the sum of squared
+    outputs) or ``random`` (seeded). ``round_to`` keeps channel counts multiples of N,
+    ``ignored`` names layers to keep whole, ``heads`` is ``"heads"`` or ``"head_dim"``.
+    The plan applied is left in the graph's ``meta["pruning_plan"]``.
+    """
+    from graphopt.passes.pruning.plan import check_options, prune_graph
+
+    check_options(ratio=ratio, importance=importance, round_to=round_to, target=target, heads=heads,
+                  ranking=ranking, normalize=normalize, example_inputs=example_inputs)
+    options = dict(ratio=ratio, importance=importance, round_to=round_to, ignored=ignored, target=target,
+                   heads=heads, seed=seed, ranking=ranking, normalize=normalize, loss_fn=loss_fn)
+    if isinstance(model_or_graph, Graph):
+        prune_graph(model_or_graph, example_inputs, **options)
+        return model_or_graph
+    if not isinstance(model_or_graph, torch.nn.Module):
+        raise InvalidOptionError(f"prune takes an nn.Module or a graphopt Graph, got {type(model_or_graph).__name__}")
+    if example_inputs is None:
+        raise InvalidOptionError("pruning a module captures it first: pass example_inputs")
+    graph = optimize(capture(model_or_graph, example_inputs), "O1")
+    prune_graph(graph, example_inputs, **options)
+    for v in graph.constants.values():  # the module owns its tensors: fine-tuning it leaves the model alone
+        v.data = v.data.detach().clone()
+    return graph.to_torch()

@@ -1,8 +1,8 @@
-"""The ``graphopt`` command: optimize, inspect and compare ONNX models; list passes; run the demo.
+"""The ``graphopt`` command: optimize, prune, inspect and compare ONNX models; list passes; run the demo.
 
 Exit codes: 0 success, 2 user error (one ``graphopt: error: ...`` line on stderr,
 no output file written), 3 ``--check`` found outputs further apart than ``--tol``
-(no output file written). Any other failure is a bug and shows its traceback.
+(``prune``: outputs that changed shape or are not finite; no output file written). Any other failure is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--repeat", type=int, default=20, help="timed runs per model for --bench (default: 20)")
     opt.add_argument("--report", metavar="R.json", help="write the pass report (JSON) here")
     opt.set_defaults(command=cmd_optimize)
+
+    prune = commands.add_parser("prune", help="remove channels (structured pruning) and print the savings")
+    prune.add_argument("input", metavar="IN.onnx")
+    prune.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    prune.add_argument("--ratio", type=float, metavar="R",
+                       help="share of each group's channels to remove, in [0, 1) (default: 0.5)")
+    prune.add_argument("--importance", default="l2", metavar="l1|l2|random",
+                       help="how channels are ranked (default: l2 magnitude)")
+    prune.add_argument("--ranking", default="layer", metavar="layer|global",
+                       help="remove the ratio from every group (default) or from all channels together")
+    prune.add_argument("--round-to", type=int, metavar="N", help="keep channel counts multiples of N")
+    prune.add_argument("--ignore", default="", metavar="A,B", help="layers (parameter, node or module names) to keep")
+    prune.add_argument("--plan", metavar="PLAN.json", help="apply this saved plan instead of ranking channels")
+    prune.add_argument("--plan-out", metavar="PLAN.json", help="write the plan applied here")
+    prune.add_argument("--check", type=int, default=0, metavar="N",
+                       help="run N random inputs through onnxruntime on both models; outputs must keep their shapes")
+    prune.set_defaults(command=cmd_prune)
 
     passes = commands.add_parser("passes", help="list the registered passes and pipelines")
     passes.set_defaults(command=cmd_passes)
@@ -221,6 +238,79 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: st
         return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+# ---------------------------------------------------------------------- prune
+PRUNE_IMPORTANCES = ("l1", "l2", "random")  # taylor needs example data a file does not carry
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from graphopt.passes.pruning.plan import PruningPlan, check_options, prune_graph
+
+    from .api import load_onnx, optimize
+
+    src = existing_file(args.input)
+    dst = writable_path(args.output, src, "-o")
+    plan_out = writable_path(args.plan_out, src, "--plan-out") if args.plan_out else None
+    if plan_out == dst:
+        raise GraphoptError(f"--plan-out and -o name the same file {dst}; give the plan its own path")
+    if args.plan and args.ratio is not None:
+        raise GraphoptError("--plan already chooses the channels; leave out --ratio")
+    if args.importance not in PRUNE_IMPORTANCES:
+        raise GraphoptError(f"unknown --importance {args.importance}; use one of {', '.join(PRUNE_IMPORTANCES)}")
+    if args.check < 0:
+        raise GraphoptError("--check needs N >= 0")
+    ratio = 0.5 if args.ratio is None else args.ratio
+    check_options(ratio=ratio, importance=args.importance, round_to=args.round_to, ranking=args.ranking)
+    plan = PruningPlan.from_json(existing_file(args.plan).read_bytes()) if args.plan else None
+
+    original = read_onnx(src)
+    graph = optimize(load_onnx(original), level="O1")
+    before = prune_stats(graph)
+    if plan is None:
+        ignored = [name.strip() for name in args.ignore.split(",") if name.strip()]
+        plan = prune_graph(graph, ratio=ratio, importance=args.importance, round_to=args.round_to,
+                           ignored=ignored, ranking=args.ranking)
+    else:
+        plan.apply(graph)
+    pruned = graph.to_onnx()
+    rows = [("groups pruned", "", str(len(plan.removals))), ("channels removed", "", str(plan.removed))]
+    rows += [(name, f"{b:,}", f"{a:,}") for (name, b), a in zip(before.items(), prune_stats(graph).values())]
+    rows.append(("size (KiB)", f"{original.ByteSize() / 1024:.1f}", f"{pruned.ByteSize() / 1024:.1f}"))
+    print(format_table(("", "before", "after"), rows))
+    if args.check:
+        print(check_shapes(original, pruned, args.check))
+    save_model(pruned, dst)
+    print(f"wrote {dst}")
+    if plan_out is not None:
+        write_atomically(plan_out, plan.to_json().encode())
+        print(f"wrote {plan_out}")
+    return 0
+
+
+def prune_stats(graph) -> dict[str, int]:
+    from graphopt.passes.pruning.plan import count_macs, count_params
+
+    return {"parameters": count_params(graph), "MACs": count_macs(graph), "nodes": len(graph)}
+
+
+def check_shapes(before: onnx.ModelProto, after: onnx.ModelProto, runs: int) -> str:
+    """Pruning changes the outputs, not their shapes: run both models and compare shapes and finiteness."""
+    import numpy as np
+
+    reference, candidate = ort_session(before), ort_session(after)
+    worst_rel = 0.0
+    for seed in range(runs):
+        arrays = random_inputs(before, seed)
+        expected, actual = run_session(reference, arrays), run_session(candidate, arrays)
+        if [e.shape for e in expected] != [a.shape for a in actual]:
+            raise CheckFailed(f"the pruned model's output shapes {[a.shape for a in actual]} differ from "
+                              f"{[e.shape for e in expected]}; the output file was not written")
+        if not all(np.isfinite(a).all() for a in actual if np.issubdtype(a.dtype, np.floating)):
+            raise CheckFailed("the pruned model's outputs are not finite; the output file was not written")
+        worst_rel = max([worst_rel, *(output_difference(e, a)[1] for e, a in zip(expected, actual))])
+    return (f"check: {runs} random inputs, output shapes kept, largest difference from the unpruned model "
+            f"{worst_rel:.3g} rel")
 
 
 # ------------------------------------------------------------ check and bench

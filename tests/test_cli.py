@@ -193,3 +193,74 @@ def test_demo_command_runs_the_demo(monkeypatch, capsys):
     assert code == 0
     assert calls == [True]
     assert out.strip() == "demo table"
+
+
+@pytest.fixture(scope="module")
+def resnet_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-18-like model (one basic block per stage) exported by the TorchScript exporter."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "resnet.onnx"
+    torch.onnx.export(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval(), (torch.randn(1, 3, 32, 32),),
+                      str(path), dynamo=False, input_names=["x"], output_names=["logits"])
+    return path
+
+
+def test_prune_writes_a_smaller_model_that_runs(resnet_path, tmp_path, capsys):
+    import onnxruntime
+
+    out_path, plan_path = tmp_path / "pruned.onnx", tmp_path / "plan.json"
+    code, out, err = run_cli(capsys, "prune", resnet_path, "-o", out_path, "--ratio", "0.5", "--round-to", "8",
+                             "--importance", "l1", "--plan-out", plan_path, "--check", "2")
+    assert code == 0, err
+    for row in ("groups pruned", "channels removed", "parameters", "MACs", "nodes", "size (KiB)"):
+        assert row in out
+    assert "check: 2 random inputs, output shapes kept" in out
+    params = next(line for line in out.splitlines() if line.startswith("parameters")).split()[1:]
+    before, after = (int(p.replace(",", "")) for p in params)
+    assert after < 0.8 * before  # the last stage feeds a Gemm, which stays whole
+    assert out_path.stat().st_size < resnet_path.stat().st_size
+    pruned = onnx.load(str(out_path))
+    onnx.checker.check_model(pruned)
+    session = onnxruntime.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: torch.randn(1, 3, 32, 32).numpy()})
+    assert logits.shape == (1, 10)
+    assert json.loads(plan_path.read_text())["groups"]
+
+    again = tmp_path / "again.onnx"
+    code, _, err = run_cli(capsys, "prune", resnet_path, "-o", again, "--plan", plan_path)
+    assert code == 0, err
+    assert again.read_bytes() == out_path.read_bytes()
+
+
+def test_prune_ignore_keeps_the_layer(resnet_path, tmp_path, capsys):
+    out_path = tmp_path / "pruned.onnx"
+    first_conv = next(n for n in onnx.load(str(resnet_path)).graph.node if n.op_type == "Conv")
+    code, _, err = run_cli(capsys, "prune", resnet_path, "-o", out_path, "--ignore", first_conv.input[1])
+    assert code == 0, err
+    weights = {t.name: list(t.dims) for t in onnx.load(str(out_path)).graph.initializer}
+    assert any(dims[:1] == [64] and len(dims) == 4 and dims[1] == 3 for dims in weights.values())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "1.5"], "ratio must be"),
+    (["--importance", "taylor"], "unknown --importance"),
+    (["--round-to", "0"], "round_to"),
+    (["--ignore", "no_such_layer"], "ignored layer"),
+    (["--plan", "MISSING"], "does not exist"),
+    (["--plan", "CORRUPT"], "not a pruning plan"),
+    (["--plan", "CORRUPT", "--ratio", "0.3"], "leave out --ratio"),
+    (["--ranking", "best"], "ranking must be"),
+])
+def test_prune_bad_input_is_one_error_line_and_exit_2(resnet_path, tmp_path, capsys, extra, message):
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"groups": 3}')
+    replace = {"MISSING": str(tmp_path / "nope.json"), "CORRUPT": str(corrupt)}
+    out_path = tmp_path / "out.onnx"
+    code, out, err = run_cli(capsys, "prune", resnet_path, "-o", out_path, *[replace.get(a, a) for a in extra])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: ") and message in lines[0], err
+    assert "Traceback" not in err + out
+    assert not out_path.exists()

@@ -1,0 +1,390 @@
+"""Which models structural pruning handles: graphopt.prune against Torch-Pruning at ratio 0.5.
+
+Every torchvision classification model (``torchvision.models.list_models``), a
+diverse list of small timm models and the zoo's transformers cases (BERT, GPT-2,
+Llama, ViT small configs), each with random weights, ``num_classes=10`` and a
+small input (64x64 where the model allows it). Each tool prunes its own copy at
+``--ratio`` (L2 magnitude, the classifier kept), and is checked the same way:
+
+- the pruned model runs and its output keeps the original shape;
+- its parameter count falls;
+- it exports to ONNX (``torch.onnx.export``, ``dynamo=False``; for graphopt,
+  ``capture(...).to_onnx()`` where the TorchScript exporter fails) and runs in
+  onnxruntime with the pruned model's output (max abs diff within 1e-3 of its scale).
+
+Torch-Pruning runs as its README shows: ``MagnitudePruner`` with
+``GroupMagnitudeImportance(p=2)``, the layers that write the output's channel
+dim ignored (the classifier; the hidden size of transformers), and for timm
+attention ``num_heads`` given and ``head_dim`` updated after pruning. graphopt
+runs as ``graphopt.prune(model, inputs, ratio)``; it keeps output channels itself.
+
+Models over 300M parameters (vit_h_14, vit_l_*, regnet_y_128gf) are skipped with
+that reason. A model that takes over ``--timeout`` seconds in one tool fails with
+a timeout. The table is rewritten to ``benchmarks/results/prune_coverage.md``
+after every model, so a cut-off run keeps its rows. Models are ordered
+round-robin over the families (torchvision smallest first), so ``--limit``
+samples all of them.
+
+    python benchmarks/prune_coverage.py [--models torchvision.resnet18,timm.vit_tiny_patch16_224]
+        [--limit 15] [--timeout 300] [--ratio 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import itertools
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.models import get_case
+from report import failure_cell, machine
+
+RESULTS = Path(__file__).resolve().parent / "results" / "prune_coverage.md"
+THREADS = 2
+MAX_PARAMS = 300_000_000
+NUM_CLASSES = 10
+
+# timm name -> (image size, create_model kwargs): small models of many families.
+TIMM: dict[str, tuple[int, dict]] = {
+    "resnet18": (64, {}), "resnet26d": (64, {}), "resnext26ts": (64, {}), "seresnext26d_32x4d": (64, {}),
+    "res2net50_26w_4s": (64, {}), "skresnet18": (64, {}), "dla34": (64, {}), "dpn68": (64, {}),
+    "densenet121": (64, {}), "cspresnet50": (64, {}), "gernet_s": (64, {}), "nf_resnet26": (64, {}),
+    "repvgg_a0": (64, {}), "mobileone_s0": (64, {}), "ese_vovnet19b_slim": (64, {}), "selecsls42b": (64, {}),
+    "hrnet_w18_small": (64, {}), "inception_v3": (96, {}), "xception41": (96, {}),
+    "mobilenetv2_050": (64, {}), "mobilenetv3_small_050": (64, {}), "mobilenetv3_large_100": (64, {}),
+    "mnasnet_small": (64, {}), "fbnetc_100": (64, {}), "lcnet_050": (64, {}), "tinynet_e": (64, {}),
+    "efficientnet_b0": (64, {}), "efficientnet_lite0": (64, {}), "tf_efficientnetv2_b0": (64, {}),
+    "ghostnet_100": (64, {}), "rexnet_100": (64, {}), "hardcorenas_a": (64, {}), "repghostnet_050": (64, {}),
+    "regnetx_002": (64, {}), "regnety_002": (64, {}), "hgnetv2_b0": (64, {}),
+    "convnext_atto": (64, {}), "convnextv2_atto": (64, {}), "edgenext_xx_small": (64, {}),
+    "poolformer_s12": (64, {}), "efficientformer_l1": (224, {}), "fastvit_t8": (64, {}),
+    "mobilevit_xxs": (64, {}), "efficientvit_b0": (64, {}),
+    "vit_tiny_patch16_224": (64, {"img_size": 64}), "deit_tiny_patch16_224": (64, {"img_size": 64}),
+    "swin_tiny_patch4_window7_224": (64, {"img_size": 64, "window_size": 4}),
+    "levit_128s": (224, {}), "mixer_s32_224": (64, {"img_size": 64}), "resmlp_12_224": (64, {"img_size": 64}),
+    "pit_ti_224": (224, {}), "cait_xxs24_224": (64, {"img_size": 64}),
+    "xcit_nano_12_p16_224": (64, {"img_size": 64}), "coat_lite_tiny": (64, {"img_size": 64}),
+    "tiny_vit_5m_224": (224, {}), "eva02_tiny_patch14_224": (56, {"img_size": 56}),
+    "crossvit_tiny_240": (240, {}),
+}
+TRANSFORMERS = ("transformers.bert", "transformers.gpt2", "transformers.llama", "transformers.vit")
+
+Built = tuple[nn.Module, tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One model to prune; ``approx_params`` (known before building) decides the skip."""
+
+    name: str
+    build: Callable[[], Built]
+    approx_params: int = 0
+
+
+# ------------------------------------------------------------------ the models
+def _torchvision_specs() -> list[Spec]:
+    import torchvision
+
+    def size(arch: str) -> int:
+        if arch.startswith("vit_"):
+            return 56 if arch.endswith("_14") else 64
+        return {"maxvit_t": 224, "inception_v3": 96}.get(arch, 64)
+
+    def builder(arch: str) -> Callable[[], Built]:
+        def build() -> Built:
+            kwargs = {"image_size": size(arch)} if arch.startswith("vit_") else {}
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES, **kwargs)
+            return model.eval(), (torch.randn(1, 3, size(arch), size(arch)),)
+        return build
+
+    specs = []
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        weights = list(torchvision.models.get_model_weights(arch))
+        specs.append(Spec(f"torchvision.{arch}", builder(arch), weights[0].meta["num_params"] if weights else 0))
+    return sorted(specs, key=lambda s: s.approx_params)
+
+
+def _timm_specs() -> list[Spec]:
+    def builder(arch: str, size: int, kwargs: dict) -> Callable[[], Built]:
+        def build() -> Built:
+            import timm
+
+            torch.manual_seed(0)
+            model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+            return model.eval(), (torch.randn(1, 3, size, size),)
+        return build
+
+    return [Spec(f"timm.{arch}", builder(arch, size, kwargs)) for arch, (size, kwargs) in TIMM.items()]
+
+
+def _zoo_spec(name: str) -> Spec:
+    def build() -> Built:
+        model, inputs = get_case(name).build()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, inputs
+    return Spec(name, build)
+
+
+def all_specs() -> list[Spec]:
+    """Round-robin over torchvision, timm and transformers, so a prefix samples every family."""
+    families = [_torchvision_specs(), _timm_specs(), [_zoo_spec(n) for n in TRANSFORMERS]]
+    merged = itertools.chain.from_iterable(itertools.zip_longest(*families))
+    return [s for s in merged if s is not None]
+
+
+def spec_for(name: str) -> Spec:
+    """A listed model, any other timm model (at 64x64), or a zoo case (graphopt.models)."""
+    known = {s.name: s for s in all_specs()}
+    if name in known:
+        return known[name]
+    if name.startswith("timm."):
+        def build() -> Built:
+            import timm
+
+            torch.manual_seed(0)
+            model = timm.create_model(name.removeprefix("timm."), num_classes=NUM_CLASSES)
+            return model.eval(), (torch.randn(1, 3, 64, 64),)
+        return Spec(name, build)
+    return _zoo_spec(name)
+
+
+# ------------------------------------------------------------------ shared helpers
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (buffers such as BatchNorm statistics are not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def first_tensor(out) -> torch.Tensor:
+    while not isinstance(out, torch.Tensor):
+        out = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+    return out
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (checked between Python bytecodes)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"over {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def graphopt_prune(model: nn.Module, inputs: tuple, ratio: float, **kwargs) -> nn.Module:
+    return graphopt.prune(model, inputs, ratio=ratio, **kwargs)
+
+
+def torch_pruning_prune(model: nn.Module, inputs: tuple, ratio: float, importance: str = "l2",
+                        target_output_dim: int | None = None) -> nn.Module:
+    """Torch-Pruning's MagnitudePruner the way its README sets it up; prunes ``model`` in place."""
+    import torch_pruning as tp
+
+    with torch.no_grad():
+        out = first_tensor(model(*inputs))
+    keep = target_output_dim or (out.shape[-1] if out.dim() in (2, 3) else out.shape[1])
+    ignored = [m for m in model.modules()
+               if (isinstance(m, nn.Linear) and m.out_features == keep)
+               or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == keep)
+               or (isinstance(m, nn.Embedding) and out.dim() == 3 and m.embedding_dim == keep)]
+    heads = {m.qkv: m.num_heads for m in model.modules()
+             if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+    imp = {"l1": tp.importance.GroupMagnitudeImportance(p=1), "l2": tp.importance.GroupMagnitudeImportance(p=2),
+           "random": tp.importance.RandomImportance(),
+           "taylor": tp.importance.GroupTaylorImportance()}[importance]
+    example = inputs[0] if len(inputs) == 1 else inputs
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=imp, pruning_ratio=ratio,
+                                       ignored_layers=ignored, num_heads=heads)
+    pruner.step()
+    for m in model.modules():  # timm attention reshapes with head_dim: follow the pruned qkv
+        if getattr(m, "qkv", None) in heads and hasattr(m, "head_dim"):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    return model
+
+
+def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buffer, dynamo=False,
+                          input_names=[f"input_{k}" for k in range(len(inputs))])
+    return buffer.getvalue()
+
+
+def run_onnx(proto: bytes | onnx.ModelProto, inputs: tuple) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    data = proto if isinstance(proto, bytes) else proto.SerializeToString()
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+    return session.run(None, feeds)[0]
+
+
+# ------------------------------------------------------------------ one model
+@dataclass
+class Side:
+    ok: bool = False
+    reason: str = ""
+    params_after: int | None = None
+    seconds: float | None = None
+    onnx_via: str = ""
+
+    def cell(self) -> str:
+        if self.ok:
+            return "ok" + (f" ({self.onnx_via})" if self.onnx_via else "")
+        return self.reason
+
+
+@dataclass
+class Row:
+    model: str
+    params_before: int | None = None
+    graphopt: Side = field(default_factory=Side)
+    torch_pruning: Side = field(default_factory=Side)
+
+
+def check(pruned: nn.Module, inputs: tuple, reference_shape: torch.Size, before: int, side: Side,
+          graphopt_onnx: bool) -> None:
+    """Fill ``side`` from the checks the module docstring lists; raises on the first that fails."""
+    with torch.no_grad():
+        out = first_tensor(pruned(*inputs))
+    if out.shape != reference_shape:
+        raise AssertionError(f"output shape {tuple(out.shape)} != {tuple(reference_shape)}")
+    side.params_after = count_params(pruned)
+    if side.params_after >= before:
+        raise AssertionError(f"params did not fall ({side.params_after} >= {before})")
+    try:
+        proto: bytes | onnx.ModelProto = onnx_bytes(pruned, inputs)
+    except Exception as exc:  # noqa: BLE001 - graphopt's own exporter is the fallback
+        if not graphopt_onnx:
+            raise
+        proto = graphopt.optimize(graphopt.capture(pruned, inputs), "O1").to_onnx()
+        side.onnx_via = f"onnx via graphopt; torch.onnx: {type(exc).__name__}"
+    got = run_onnx(proto, inputs)
+    expected = out.numpy()
+    diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+    if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
+        raise AssertionError(f"onnxruntime output differs (max abs diff {diff:.2e})")
+    side.ok = True
+
+
+def run_side(tool: str, model: nn.Module, inputs: tuple, reference_shape: torch.Size, before: int,
+             ratio: float, timeout: float) -> Side:
+    side = Side()
+    try:
+        with time_limit(timeout), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            if tool == "graphopt":
+                pruned = graphopt_prune(model, inputs, ratio)
+            else:
+                pruned = torch_pruning_prune(model, inputs, ratio)
+            side.seconds = time.perf_counter() - start
+            check(pruned, inputs, reference_shape, before, side, graphopt_onnx=tool == "graphopt")
+    except Exception as exc:  # noqa: BLE001 - one row per model, whatever broke
+        side.ok = False
+        side.reason = failure_cell(exc)
+    return side
+
+
+def cover(spec: Spec, ratio: float, timeout: float) -> Row:
+    row = Row(spec.name)
+    if spec.approx_params > MAX_PARAMS:
+        row.params_before = spec.approx_params
+        row.graphopt.reason = row.torch_pruning.reason = f"skipped: over {MAX_PARAMS // 10**6}M parameters"
+        return row
+    try:
+        with time_limit(timeout):
+            model, inputs = spec.build()
+            model.eval()
+            with torch.no_grad():
+                reference = first_tensor(model(*inputs))
+    except Exception as exc:  # noqa: BLE001
+        row.graphopt.reason = row.torch_pruning.reason = "build: " + failure_cell(exc)
+        return row
+    row.params_before = count_params(model)
+    spare = copy.deepcopy(model)
+    row.graphopt = run_side("graphopt", model, inputs, reference.shape, row.params_before, ratio, timeout)
+    row.torch_pruning = run_side("torch-pruning", spare, inputs, reference.shape, row.params_before, ratio, timeout)
+    return row
+
+
+# ------------------------------------------------------------------ the report
+def _millions(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.3f}M"
+
+
+def tables(rows: list[Row]) -> list[str]:
+    def passed(side: str) -> int:
+        return sum(getattr(r, side).ok for r in rows)
+
+    both = sum(r.graphopt.ok and r.torch_pruning.ok for r in rows)
+    only_g = sum(r.graphopt.ok and not r.torch_pruning.ok for r in rows)
+    only_t = sum(r.torch_pruning.ok and not r.graphopt.ok for r in rows)
+    summary = [
+        "| tool | passed | of | only this tool passed |", "|---|---|---|---|",
+        f"| graphopt | {passed('graphopt')} | {len(rows)} | {only_g} |",
+        f"| torch-pruning | {passed('torch_pruning')} | {len(rows)} | {only_t} |",
+        "", f"Both passed: {both}.",
+    ]
+    detail = ["| model | graphopt | params before | graphopt params after | prune s | torch-pruning | "
+              "torch-pruning params after | prune s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g, t = r.graphopt, r.torch_pruning
+        detail.append(
+            f"| {r.model} | {g.cell()} | {_millions(r.params_before)} | {_millions(g.params_after)} | "
+            f"{'' if g.seconds is None else f'{g.seconds:.1f}'} | {t.cell()} | {_millions(t.params_after)} | "
+            f"{'' if t.seconds is None else f'{t.seconds:.1f}'} |")
+    return [*summary, "", *detail]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated names (torchvision.X, timm.X, transformers.X)")
+    parser.add_argument("--limit", type=int, help="only the first N models")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool (default 300)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    specs = [spec_for(n) for n in args.models.split(",")] if args.models else all_specs()
+    specs = specs[: args.limit] if args.limit else specs
+    from importlib.metadata import version
+
+    header = (f"ratio {args.ratio}, random weights, {NUM_CLASSES} classes; torch {torch.__version__}, "
+              f"torch-pruning {version('torch-pruning')}, onnxruntime {ort.__version__}; {machine()}")
+    rows: list[Row] = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        rows.append(cover(spec, args.ratio, args.timeout))
+        r = rows[-1]
+        print(f"{spec.name}: graphopt {r.graphopt.cell()}; torch-pruning {r.torch_pruning.cell()}",
+              file=sys.stderr, flush=True)
+        text = "\n".join([header, "", *tables(rows)])
+        RESULTS.write_text(f"# Structural pruning coverage\n\n{text}\n")  # a cut-off run keeps its rows
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
