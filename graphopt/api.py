@@ -52,7 +52,8 @@ def prune(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[Any]
     ``GraphModule`` with its own, trainable parameters; a ``Graph`` is pruned in place and returned. ``ratio`` is the share of
     each group's channels to remove (``ranking="global"``: of all channels), or a dict of
     group labels/globs to ratios; ``target`` (``{"macs": N}``, ``{"params": N}`` or
-    ``{"latency_ms": T}``) searches the ratio instead. ``importance`` is ``l1``, ``l2``,
+    ``{"latency_ms": T}`` measured in torch, ``{"onnxruntime_latency_ms": T}`` in onnxruntime) searches
+    the ratio instead, and a latency target also the channel alignment. ``importance`` is ``l1``, ``l2``,
     ``taylor`` (gradients on ``example_inputs``; loss ``loss_fn`` or the sum of squared
     outputs) or ``random`` (seeded). ``round_to`` keeps channel counts multiples of N,
     ``ignored`` names layers to keep whole, ``heads`` is ``"heads"`` or ``"head_dim"``.

@@ -26,7 +26,11 @@ from .importance import LossFn, check_importance, score_groups
 
 RANKINGS = ("layer", "global")
 HEADS = ("heads", "head_dim")
-TARGETS = ("macs", "params", "latency_ms")
+TARGETS = ("macs", "params", "latency_ms", "onnxruntime_latency_ms")
+LATENCY_TARGETS = {"latency_ms": "torch", "onnxruntime_latency_ms": "onnxruntime"}
+ALIGNMENTS = (None, 8, 16)
+"""Channel multiples a latency target tries when the caller fixed none: kernels (oneDNN's and
+onnxruntime's blocked convolutions) run aligned channel counts much faster than odd ones."""
 MAX_RATIO = 0.99  # the largest ratio a budget search tries: min_keep still leaves every group alive
 
 Ratio = float | Mapping[str, float]
@@ -174,14 +178,14 @@ def check_options(*, ratio: Ratio = 0.5, importance: str = "l2", round_to: int |
     if target is not None:
         if not isinstance(target, Mapping) or len(target) != 1 or next(iter(target)) not in TARGETS:
             raise InvalidOptionError(f"target must be one of {{'macs': N}}, {{'params': N}}, {{'latency_ms': T}}, "
-                                     f"got {target!r}")
+                                     f"{{'onnxruntime_latency_ms': T}}, got {target!r}")
         (kind, value), = target.items()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidOptionError(f"target {kind} must be a positive number, got {value!r}")
         if isinstance(ratio, Mapping):
             raise InvalidOptionError("a target chooses the ratio itself; pass a per-group ratio or a target, not both")
-        if kind == "latency_ms" and example_inputs is None:
-            raise InvalidOptionError("target latency_ms is measured: pass example_inputs")
+        if kind in LATENCY_TARGETS and example_inputs is None:
+            raise InvalidOptionError(f"target {kind} is measured: pass example_inputs")
 
 
 # ----------------------------------------------------------------- measures
@@ -194,21 +198,41 @@ def count_macs(graph: Graph) -> int:
     return sum(node_flops(n) for n in graph.nodes) // 2
 
 
-def measure_latency(graph: Graph, example_inputs: Sequence[Any], runs: int = 5) -> float:
-    """Median milliseconds of ``graph.to_torch()`` on ``example_inputs`` (after two warm-up runs)."""
-    module = graph.to_torch()
+def measure_latency(graph: Graph, example_inputs: Sequence[Any], runs: int = 5, runtime: str = "torch") -> float:
+    """Median milliseconds of the graph on ``example_inputs`` (after two warm-up runs).
+
+    ``runtime`` is ``torch`` (``graph.to_torch()``) or ``onnxruntime`` (``graph.to_onnx()`` in a CPU
+    session with onnxruntime's default optimisations and torch's thread count).
+    """
     inputs = tuple(example_inputs)
-    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+    if runtime == "onnxruntime":
+        run = _onnxruntime_runner(graph, inputs)
+    else:
+        module = graph.to_torch()
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+
+        def run() -> None:
+            module(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
     times = []
     with torch.no_grad():
         for k in range(runs + 2):
             start = time.perf_counter()
-            module(*inputs)
-            if cuda:
-                torch.cuda.synchronize()
+            run()
             if k >= 2:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _onnxruntime_runner(graph: Graph, inputs: tuple) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(graph.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return lambda: session.run(None, feeds)
 
 
 # ------------------------------------------------------------------- pruner
@@ -260,23 +284,38 @@ class Pruner:
 
     def plan_for(self, target: Mapping[str, float], *, round_to: int | None = None, ranking: str = "layer",
                  steps: int = 10) -> PruningPlan:
-        """The smallest uniform ratio whose pruned graph meets ``target``, found by bisection on clones."""
+        """The smallest uniform ratio whose pruned graph meets ``target``, found by bisection on clones.
+
+        A latency target is a measurement, so it also picks the channel alignment: with no
+        ``round_to`` given it bisects under each of ``ALIGNMENTS`` and keeps the plan that meets
+        the target while removing the fewest channels.
+        """
         check_options(target=target, round_to=round_to, ranking=ranking, example_inputs=self.example_inputs)
         (kind, limit), = target.items()
         measure = _measure(kind, self.example_inputs)
         if measure(self.graph) <= limit:
             return self._plan({})
+        latency = kind in LATENCY_TARGETS
+        alignments = ALIGNMENTS if latency and round_to is None else (round_to,)
+        met = [self._bisect(measure, limit, kind, align, ranking, min(steps, 6) if latency else steps)
+               for align in alignments]
+        met = [m for m in met if m is not None]
+        if not met:
+            raise InvalidOptionError(f"target {kind} <= {limit:g} is out of reach: pruning {MAX_RATIO:.0%} of every "
+                                     f"group still misses it; raise the target or ignore fewer layers")
+        return min(met, key=lambda plan: plan.removed)
 
+    def _bisect(self, measure: Callable[[Graph], float], limit: float, kind: str, round_to: int | None,
+                ranking: str, steps: int) -> PruningPlan | None:
         def trial(ratio: float) -> tuple[PruningPlan, float]:
             plan = self.plan(ratio, round_to=round_to, ranking=ranking)
             return plan, measure(plan.apply(self.graph.clone()))
 
         best, reached = trial(MAX_RATIO)
         if reached > limit:
-            raise InvalidOptionError(f"target {kind} <= {limit:g} is out of reach: pruning {MAX_RATIO:.0%} of every "
-                                     f"group still gives {reached:g}; raise the target or ignore fewer layers")
+            return None
         low, high = 0.0, MAX_RATIO
-        for _ in range(steps if kind != "latency_ms" else min(steps, 6)):
+        for _ in range(steps):
             mid = (low + high) / 2
             plan, value = trial(mid)
             if value <= limit:
@@ -335,7 +374,7 @@ def _measure(kind: str, example_inputs: Any) -> Callable[[Graph], float]:
         return count_macs
     if kind == "params":
         return count_params
-    return lambda graph: measure_latency(graph, example_inputs)
+    return lambda graph: measure_latency(graph, example_inputs, runtime=LATENCY_TARGETS[kind])
 
 
 def resolve_ignored(graph: Graph, names: Sequence[str]) -> list[str]:

@@ -138,3 +138,27 @@ def test_budget_targets_are_met(kind, count):
     assert count(graph) > 0.7 * limit  # and not much more than needed
     with pytest.raises(ValueError, match="out of reach"):
         Pruner(graph).plan_for({kind: 1})
+
+
+def test_a_latency_target_picks_the_channel_alignment_that_needs_the_least_pruning(monkeypatch):
+    """A (simulated) runtime where aligned channel counts run fast: the latency target finds the
+    aligned plan that meets it removing fewer channels than any unaligned one would."""
+    import graphopt.passes.pruning.plan as plan_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 40, 3), nn.ReLU(), nn.Conv2d(40, 4, 1))
+    x = torch.randn(1, 3, 12, 12)
+    graph = graphopt.optimize(graphopt.capture(model.eval(), (x,)), "O1")
+
+    def simulated_ms(g, example_inputs, runs=5, runtime="torch"):
+        widths = [n.inputs[1].type.shape[0] for n in g.find("conv")][:2]
+        return sum(w if w % 8 == 0 else 2 * w for w in widths) / 10  # odd counts run at half speed
+
+    monkeypatch.setattr(plan_module, "measure_latency", simulated_ms)
+    dense = simulated_ms(graph, (x,))
+    pruner = Pruner(graph, example_inputs=(x,))
+    plan = pruner.plan_for({"onnxruntime_latency_ms": 0.8 * dense})
+    pruner.prune(plan)
+    widths = [n.inputs[1].type.shape[0] for n in graph.find("conv")][:2]
+    assert all(w % 8 == 0 for w in widths) and simulated_ms(graph, (x,)) <= 0.8 * dense
+    assert widths == [32, 32]  # 20% faster by alignment alone costs one block of 8 channels per layer
