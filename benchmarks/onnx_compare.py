@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from report import failure_cell, geomean, machine
+from report import Timing, failure_cell, geomean, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
 THREADS = 2
@@ -119,18 +118,6 @@ def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
     # Sessions are timed in turn: threads spinning after one session's run would steal cores from the next.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    q1_ms: float
-    q3_ms: float
-
-    @staticmethod
-    def of(times_ms: list[float]) -> Timing:
-        q1, median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
-        return Timing(median, q1, q3)
 
 
 @dataclass

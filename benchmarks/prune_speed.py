@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ import graphopt
 from graphopt.ir.registry import node_flops
 from graphopt.models import KwargsWrapper
 from prune_coverage import count_params, onnx_bytes, torch_pruning_prune
-from report import failure_cell, machine
+from report import Timing, failure_cell, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_speed.md"
 THREADS = 2
@@ -76,21 +75,6 @@ def build_dit() -> Built:
 
 
 # ------------------------------------------------------------------ measuring
-@dataclass
-class Timing:
-    median_ms: float
-    q1_ms: float
-    q3_ms: float
-
-    @staticmethod
-    def of(times_ms: list[float]) -> Timing:
-        q1, median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
-        return Timing(median, q1, q3)
-
-    def cell(self) -> str:
-        return f"{self.median_ms:.2f} ({self.q3_ms - self.q1_ms:.2f})"
-
-
 def timed(run: Callable[[], object], repeats: int) -> Timing:
     for _ in range(WARMUP):
         run()
