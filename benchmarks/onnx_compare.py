@@ -11,7 +11,12 @@ Each zoo model is exported with ``torch.onnx.export`` (the TorchScript exporter,
   it writes onnxruntime's contrib ops (FusedConv, SkipLayerNormalization, ...);
 - ``graphopt``: ``load_onnx`` → ``optimize(level)`` → ``to_onnx()``, standard ONNX;
 - ``graphopt-ort``: the same graph → ``to_onnx(target="onnxruntime")``, with
-  onnxruntime's contrib ops, the like-for-like rival of ``ort-extended``.
+  onnxruntime's contrib ops, the like-for-like rival of ``ort-extended``;
+- ``ort-all``: onnxruntime's offline optimisation at ``ORT_ENABLE_ALL``, which
+  adds the NCHWc layout for this CPU (the saved model is valid on this kind of
+  CPU only);
+- ``graphopt-ort-cpu``: the same graph → ``to_onnx(target="onnxruntime-cpu")``,
+  also with the NCHWc layout for this CPU, the like-for-like rival of ``ort-all``.
 
 Every variant runs in onnxruntime on the CPU with the same session options
 (2 intra-op threads, no spinning between runs) and ``ORT_DISABLE_ALL``, so the models are compared as
@@ -49,8 +54,9 @@ from report import Timing, failure_cell, geomean, machine
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
 THREADS = 2
 WARMUP = 3
-VARIANTS = ("original", "ort-best", "onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort")
-OFFLINE_TOOLS = ("onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort")
+VARIANTS = ("original", "ort-best", "onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort", "ort-all",
+            "graphopt-ort-cpu")
+OFFLINE_TOOLS = ("onnxslim", "onnxsim", "ort-extended", "graphopt", "graphopt-ort", "ort-all", "graphopt-ort-cpu")
 
 
 # ------------------------------------------------------------------ exporting
@@ -83,9 +89,9 @@ def run_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
-def run_ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
+def run_ort_offline(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        options = session_options(level)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return onnx.load(options.optimized_model_filepath)
@@ -93,11 +99,12 @@ def run_ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @dataclass
 class GraphoptRun:
-    """One graphopt optimisation of an export, emitted for both targets, with its pass report."""
+    """One graphopt optimisation of an export, emitted for each target, with its pass report."""
 
     seconds: float
     standard: onnx.ModelProto
     onnxruntime: onnx.ModelProto
+    onnxruntime_cpu: onnx.ModelProto
     report: object
 
 
@@ -106,7 +113,8 @@ def run_graphopt(model: onnx.ModelProto, level: str) -> GraphoptRun:
     graph = graphopt.optimize(graphopt.load_onnx(model), level)
     standard = graph.to_onnx()
     seconds = time.perf_counter() - start
-    return GraphoptRun(seconds, standard, graph.to_onnx(target="onnxruntime"), graph.meta["report"])
+    return GraphoptRun(seconds, standard, graph.to_onnx(target="onnxruntime"), graph.to_onnx(target="onnxruntime-cpu"),
+                       graph.meta["report"])
 
 
 # ------------------------------------------------------------------- measuring
@@ -176,15 +184,20 @@ def compare(name: str, exporter: str, repeats: int, level: str, reports: list) -
         except Exception as exc:
             row.error = failure_cell(exc)
 
-    for variant, tool in {"onnxslim": run_onnxslim, "onnxsim": run_onnxsim, "ort-extended": run_ort_extended}.items():
+    levels = ort.GraphOptimizationLevel
+    tools = {"onnxslim": run_onnxslim, "onnxsim": run_onnxsim,
+             "ort-extended": lambda m: run_ort_offline(m, levels.ORT_ENABLE_EXTENDED),
+             "ort-all": lambda m: run_ort_offline(m, levels.ORT_ENABLE_ALL)}
+    for variant, tool in tools.items():
         add(variant, lambda tool=tool: _timed(tool, copy_model(original)))  # tools may rewrite their argument
     try:
         run = run_graphopt(copy_model(original), level)
         reports.append(run.report)
         add("graphopt", lambda: (run.standard, run.seconds))
         add("graphopt-ort", lambda: (run.onnxruntime, run.seconds))
+        add("graphopt-ort-cpu", lambda: (run.onnxruntime_cpu, run.seconds))
     except Exception as exc:
-        rows += [Row(name, exporter, v, error=failure_cell(exc)) for v in ("graphopt", "graphopt-ort")]
+        rows += [Row(name, exporter, v, error=failure_cell(exc)) for v in ("graphopt", "graphopt-ort", "graphopt-ort-cpu")]
     time_candidates(candidates, {f"input_{k}": t.numpy() for k, t in enumerate(inputs)}, repeats)
     return rows
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--level", default="O2", help="pipeline to run (default: O2; see `graphopt passes`)")
     opt.add_argument("--passes", default="", metavar="A,B", help="extra passes to run after the pipeline")
     opt.add_argument("--target", default="onnx", choices=TARGETS,
-                     help="onnx: standard ops only (default); onnxruntime: also its fused contrib ops")
+                     help="onnx: standard ops only (default); onnxruntime: also its fused contrib ops; "
+                          "onnxruntime-cpu: also its NCHWc conv layout, for CPUs like this one only")
     opt.add_argument("--opset", type=int, metavar="N",
                      help="opset to write (default: the input's); 23 and up lowers attention to Attention")
     opt.add_argument("--check", type=int, default=0, metavar="N",

@@ -127,8 +127,10 @@ class PathResult:
 
 
 SUITE_RTOL = 1e-4
-PATHS = ("to_torch", "to_onnx", "to_onnxruntime", "torch_compile")
-"""``to_onnx`` writes standard ONNX; ``to_onnxruntime`` adds onnxruntime's contrib ops (``target="onnxruntime"``)."""
+PATHS = ("to_torch", "to_onnx", "to_onnxruntime", "to_onnxruntime_cpu", "torch_compile")
+"""``to_onnx`` writes standard ONNX; ``to_onnxruntime`` adds onnxruntime's contrib ops (``target="onnxruntime"``);
+``to_onnxruntime_cpu`` also its NCHWc layout for this CPU (``target="onnxruntime-cpu"``)."""
+ONNX_TARGETS = {"to_onnx": "onnx", "to_onnxruntime": "onnxruntime", "to_onnxruntime_cpu": "onnxruntime-cpu"}
 
 
 def capture_and_optimize(model: torch.nn.Module, inputs: tuple, level: str = "O2"):
@@ -152,7 +154,7 @@ def run_path(path: str, model: torch.nn.Module, inputs: tuple, reference: Any, g
             if path == "to_torch":
                 got = graph.to_torch()(*inputs)
             else:
-                got = run_onnxruntime(graph, inputs, target="onnxruntime" if path == "to_onnxruntime" else "onnx")
+                got = run_onnxruntime(graph, inputs, target=ONNX_TARGETS[path])
         error = max_rel_error(reference, got)
         reason = "" if error <= SUITE_RTOL else f"max relative error {error:.3g}"
         return PathResult(path, error, reason, time.perf_counter() - start)

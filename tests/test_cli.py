@@ -58,8 +58,13 @@ def test_optimize_writes_a_smaller_model_and_prints_the_table(model_path, tmp_pa
     assert {"fold_constants", "dce"} <= {r["name"] for r in records}
 
 
-@pytest.mark.parametrize("target, opset, op", [("onnxruntime", None, "FusedConv"), ("onnx", 23, "Conv")])
+@pytest.mark.parametrize("target, opset, op", [("onnxruntime", None, "FusedConv"), ("onnx", 23, "Conv"),
+                                               ("onnxruntime-cpu", None, "ReorderOutput")])
 def test_target_and_opset_choose_what_is_written(model_path, tmp_path, capsys, target, opset, op):
+    from graphopt.emitters.onnxruntime_nchwc import nchwc_block_size
+
+    if target == "onnxruntime-cpu" and nchwc_block_size() is None:
+        pytest.skip("this onnxruntime has no NCHWc kernels")
     out_path = tmp_path / "opt.onnx"
     extra = ["--opset", str(opset)] if opset else []
     code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--target", target, *extra, "--check", "2")
@@ -69,6 +74,7 @@ def test_target_and_opset_choose_what_is_written(model_path, tmp_path, capsys, t
     loaded = {o.domain: o.version for o in onnx.load(str(model_path)).opset_import}[""]
     assert {o.domain: o.version for o in written.opset_import}[""] == (opset or loaded)
     assert ("com.microsoft" in {n.domain for n in written.graph.node}) == (target == "onnxruntime")
+    assert ("com.microsoft.nchwc" in {n.domain for n in written.graph.node}) == (target == "onnxruntime-cpu")
 
 
 def test_bench_prints_both_latencies(model_path, tmp_path, capsys):

@@ -21,8 +21,9 @@ from graphopt.frontends.onnx import TORCH_TO_ONNX, ir_type_to_onnx, torch_to_num
 from graphopt.ir import Graph, Node, ScalarType, TensorType, Value
 
 DEFAULT_OPSET = 18
-TARGETS = ("onnx", "onnxruntime")
-"""What the model is for: any ONNX runtime (standard ops only), or onnxruntime (its contrib ops too)."""
+TARGETS = ("onnx", "onnxruntime", "onnxruntime-cpu")
+"""What the model is for: any ONNX runtime (standard ops only); onnxruntime (its contrib ops too); or
+onnxruntime's CPU provider on this machine (also its NCHWc blocked convolutions, ``onnxruntime_nchwc``)."""
 MIN_OPSET = 13
 TWO_GB = 2**31
 
@@ -37,6 +38,8 @@ def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: i
 
     ``target="onnxruntime"`` also uses onnxruntime's fused contrib ops
     (``onnxruntime_ops``); the model then needs onnxruntime to run.
+    ``target="onnxruntime-cpu"`` adds the NCHWc layout of this machine's CPU
+    provider, so the model runs only there and on CPUs with the same block size.
 
     ``external_data_threshold`` is kept for ``save_onnx``: the proto returned here
     always holds its initializers inline.
@@ -116,6 +119,7 @@ class _Emitter:
         self.aliases: dict[str, Value] = {}  # outer-scope names re-created for subgraphs
         self.functions: list[onnx.FunctionProto] = list(self.meta.get("functions", []))
         self.transposed: dict[int, str] = {}  # constant -> its pre-transposed initializer
+        self.metadata: dict[str, str] = {}
         self._counter = 0
 
     # ------------------------------------------------------------ naming
@@ -177,7 +181,9 @@ class _Emitter:
         from .onnxruntime_ops import plan_contrib_ops
 
         g = self.graph
-        contrib = plan_contrib_ops(g, self.opset) if self.target == "onnxruntime" else None
+        contrib = None
+        if self.target.startswith("onnxruntime"):
+            contrib = plan_contrib_ops(g, self.opset, self._nchwc_block())
         output_names = self._plan_outputs()
         for v in g.inputs:
             if "onnx_default" in v.meta:
@@ -214,6 +220,16 @@ class _Emitter:
             self.initializers)
         return self._model(graph)
 
+    def _nchwc_block(self) -> int | None:
+        if self.target != "onnxruntime-cpu":
+            return None
+        from .onnxruntime_nchwc import METADATA_KEY, nchwc_block_size
+
+        block = nchwc_block_size()
+        if block is not None:
+            self.metadata[METADATA_KEY] = str(block)
+        return block
+
     def _model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
         opsets = {d: v for d, v in self.meta.get("opset_imports", {}).items() if d not in ("", "ai.onnx")}
         opsets.update(self.extra_opsets)
@@ -224,7 +240,7 @@ class _Emitter:
                                        producer_version=self.meta.get("producer_version") or "")
         model.ir_version = max(self.meta.get("ir_version", 0),
                                onnx.helper.find_min_ir_version_for(imports, ignore_unknown=True), 8)
-        for key, value in self.meta.get("model_metadata", {}).items():
+        for key, value in {**self.meta.get("model_metadata", {}), **self.metadata}.items():
             model.metadata_props.add(key=key, value=value)
         return model
 

@@ -36,7 +36,7 @@ from graphopt.ir import Graph, Node, TensorType, Value
 from .onnx import _Emitter
 
 DOMAIN = "com.microsoft"
-_CONV_ACTIVATIONS: dict[str, Callable[[Node], tuple[str, list[float]] | None]] = {
+CONV_ACTIVATIONS: dict[str, Callable[[Node], tuple[str, list[float]] | None]] = {
     "relu": lambda n: ("Relu", []),
     "sigmoid": lambda n: ("Sigmoid", []),
     "tanh": lambda n: ("Tanh", []),
@@ -78,8 +78,13 @@ class ContribPlan:
         return not any(id(n) in self.absorbed or id(n) in self.emitters for n in nodes)
 
 
-def plan_contrib_ops(graph: Graph, opset: int) -> ContribPlan:
+def plan_contrib_ops(graph: Graph, opset: int, nchwc_block: int | None = None) -> ContribPlan:
+    """Plan the contrib-op lowerings; with ``nchwc_block``, blocked-layout regions first (``onnxruntime_nchwc``)."""
     plan = ContribPlan()
+    if nchwc_block is not None:
+        from .onnxruntime_nchwc import plan_nchwc
+
+        plan_nchwc(graph, nchwc_block, plan)
     for node in graph.nodes:
         if not plan.free(node):
             continue
@@ -104,15 +109,15 @@ def _plan_fused_conv(plan: ContribPlan, conv: Node) -> None:
     if conv.attrs.get("transposed") or not _is_f32(conv.output):
         return
     group, z, activation = [conv], None, None
-    add = _sole_user(conv.output)
+    add = sole_user(conv.output)
     if add is not None and add.op == "add" and not add.attrs and plan.free(add):
         other = add.inputs[1] if add.inputs[0] is conv.output else add.inputs[0]
         if other is not conv.output and other.type == conv.output.type:
             group.append(add)
             z = other
-    act_node = _sole_user(group[-1].output)
-    if act_node is not None and act_node.op in _CONV_ACTIVATIONS and plan.free(act_node):
-        activation = _CONV_ACTIVATIONS[act_node.op](act_node)
+    act_node = sole_user(group[-1].output)
+    if act_node is not None and act_node.op in CONV_ACTIVATIONS and plan.free(act_node):
+        activation = CONV_ACTIVATIONS[act_node.op](act_node)
         if activation is not None:
             group.append(act_node)
     if len(group) == 1:
@@ -146,7 +151,7 @@ def _plan_skip_norm(plan: ContribPlan, norm: Node) -> None:
     a, b = add.inputs
     if not (a.type == x.type and b.type == x.type):
         return
-    sum_read_elsewhere = any(u is not norm for u in x.users()) or _is_output(x)
+    sum_read_elsewhere = any(u is not norm for u in x.users()) or is_output(x)
     op_type = "SkipLayerNormalization" if norm.op == "layer_norm" else "SkipSimplifiedLayerNormalization"
 
     def write(e: _Emitter) -> None:
@@ -218,14 +223,14 @@ def _unary(node: Node, op_type: str, **attrs) -> Callable[[_Emitter], None]:
     return write
 
 
-def _sole_user(v: Value) -> Node | None:
+def sole_user(v: Value) -> Node | None:
     users = v.users()
-    if len(users) != 1 or _is_output(v) or sum(1 for x in users[0].inputs if x is v) != 1:
+    if len(users) != 1 or is_output(v) or sum(1 for x in users[0].inputs if x is v) != 1:
         return None
     return users[0]
 
 
-def _is_output(v: Value) -> bool:
+def is_output(v: Value) -> bool:
     return v.graph is not None and any(o is v for o in v.graph.outputs)
 
 

@@ -1,0 +1,137 @@
+"""ONNX for onnxruntime's CPU provider: NCHWc regions fire on real conv nets, outputs stay equal, padding never leaks."""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+
+from graphopt.emitters.onnxruntime_nchwc import (METADATA_KEY, nchwc_block_size, reorder_filter_blocked,
+                                                 reorder_filter_out_blocked)
+from graphopt.ir import Graph, TensorType
+from graphopt.models import MODEL_CASES
+from graphopt.testing import assert_close_outputs, capture_and_optimize, run_onnxruntime
+
+NCHWC = "com.microsoft.nchwc"
+TARGET = "onnxruntime-cpu"
+needs_nchwc = pytest.mark.skipif(nchwc_block_size() is None, reason="this onnxruntime has no NCHWc kernels")
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(f"nchwc:{n.op_type}" if n.domain == NCHWC else n.op_type for n in model.graph.node)
+
+
+# ------------------------------------------------------------ filter layouts
+@pytest.mark.parametrize("block", [4, 8])
+def test_blocked_filter_puts_both_channel_blocks_innermost(block):
+    w = torch.randn(10, 6, 3, 2)
+    got = reorder_filter_blocked(w, block)
+    po, pi = -(-10 // block) * block, -(-6 // block) * block
+    assert got.shape == (po, pi, 3, 2)
+    blocks = got.reshape(po // block, pi // block, 3, 2, block, block)
+    for o, i, h, x in [(0, 0, 0, 0), (9, 5, 2, 1), (block + 1, 3, 1, 0)]:
+        assert blocks[o // block, i // block, h, x, i % block, o % block] == w[o, i, h, x]
+    assert got.abs().sum() == pytest.approx(w.abs().sum().item(), rel=1e-6)  # padding is zero
+
+
+def test_output_blocked_filter_keeps_input_channels_whole():
+    w = torch.randn(12, 1, 3, 3)
+    got = reorder_filter_out_blocked(w, 8).reshape(2, 1, 3, 3, 8)
+    assert got[1, 0, 2, 1, 3] == w[11, 0, 2, 1] and got[1, 0, 0, 0, 4:].abs().sum() == 0
+
+
+# ------------------------------------------------------------ real models
+@needs_nchwc
+@pytest.mark.parametrize("name, convs, reorders", [
+    ("torchvision.resnet18", 20, 2),          # every conv; in once, out once
+    ("torchvision.mobilenet_v2", 52, 2),
+    ("torchvision.densenet121", 121 + 61, 2),  # batch norms before the convs become depthwise 1x1 convs
+    ("torchvision.shufflenet_v2_x0_5", 56, 40),  # channel shuffles leave the layout
+    ("torchvision.mobilenet_v3_small", 52, 2),  # squeeze-excitation scales run blocked
+])
+def test_conv_nets_run_blocked_with_reorders_only_at_the_edges(name, convs, reorders):
+    model, inputs = MODEL_CASES[name].build()
+    with torch.no_grad():
+        reference = model(*inputs)
+    graph = capture_and_optimize(model, inputs)
+    written = graph.to_onnx(target=TARGET)
+    counts = op_counts(written)
+    assert counts["nchwc:Conv"] == convs, counts
+    assert counts["Conv"] == 0 and counts["BatchNormalization"] == 0, counts
+    assert counts["nchwc:ReorderInput"] + counts["nchwc:ReorderOutput"] <= reorders, counts
+    assert {p.key: p.value for p in written.metadata_props}[METADATA_KEY] == str(nchwc_block_size())
+    assert_close_outputs(reference, run_onnxruntime(graph, inputs, target=TARGET), what=name)
+
+
+# ------------------------------------------------------------ hand-made edges
+def _chain(channels: tuple[int, ...], between: str, size: int = 16, groups: int = 1,
+           kernel: int = 3) -> tuple[Graph, tuple]:
+    """conv → ``between`` → conv → ..., through the channel counts given."""
+    g = Graph()
+    x = g.add_input("x", TensorType(torch.float32, (1, channels[0], size, size)))
+    y = x
+    for k, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        w = g.add_constant(torch.randn(cout, cin // groups, kernel, kernel) / (kernel * cin) ** 0.5, f"w{k}")
+        y = g.add_node("conv", [y, w, g.add_constant(torch.randn(cout), f"b{k}")],
+                       {"padding": [kernel // 2], "groups": groups}).output
+        if k < len(channels) - 2:
+            y = g.add_node(between, [y]).output
+    g.outputs = [y]
+    return g, (torch.randn(1, channels[0], size, size),)
+
+
+def _emit_and_check(g: Graph, inputs: tuple) -> Counter:
+    reference = g.to_torch()(*inputs)
+    assert_close_outputs(reference, run_onnxruntime(g, inputs, target=TARGET))
+    return op_counts(g.to_onnx(target=TARGET))
+
+
+@needs_nchwc
+def test_padded_channels_never_reach_a_real_one():
+    # 20 channels pad to 24 (block 8) or 32 (block 16); sigmoid turns the zero padding into 0.5
+    counts = _emit_and_check(*_chain((16, 20, 20, 16), "sigmoid"))
+    assert counts["nchwc:Conv"] == 3 and counts["Conv"] == 0
+
+
+@needs_nchwc
+def test_an_op_that_mixes_channels_reads_the_nchw_form():
+    g, inputs = _chain((16, 16, 16), "relu")
+    conv = g.outputs[0]
+    g.outputs = [g.add_node("softmax", [conv], {"dim": 1}).output, conv]
+    counts = _emit_and_check(g, inputs)
+    assert counts["nchwc:ReorderOutput"] == 1 and counts["Softmax"] == 1
+
+
+@needs_nchwc
+def test_division_is_not_layout_blind():
+    g, inputs = _chain((16, 16, 16), "relu")
+    y = g.outputs[0]
+    g.outputs = [g.add_node("div", [y, g.add_node("sigmoid", [y]).output]).output]
+    counts = _emit_and_check(g, inputs)
+    assert counts["Div"] == 1 and counts["nchwc:ReorderOutput"] >= 1
+
+
+@needs_nchwc
+def test_grouped_conv_with_unaligned_groups_stays_standard():
+    counts = _emit_and_check(*_chain((6, 6, 6), "relu", groups=3))
+    assert counts["nchwc:Conv"] == 0 and counts["Conv"] + counts["FusedConv"] == 2
+
+
+@needs_nchwc
+def test_a_region_too_small_to_pay_for_its_reorders_stays_nchw():
+    counts = _emit_and_check(*_chain((16, 16), "relu", size=1, kernel=1))  # 2 FLOPs per byte reordered
+    assert counts["nchwc:Conv"] == 0 and counts["nchwc:ReorderInput"] == 0
+
+
+def test_float16_and_the_portable_targets_stay_standard():
+    g, _ = _chain((16, 16, 16), "relu")
+    assert not any(n.domain == NCHWC for n in g.to_onnx(target="onnxruntime").graph.node)
+    half = g.clone()
+    for c in half.constants.values():
+        c.data = c.data.half()
+        c.type = TensorType(torch.float16, c.type.shape)
+    half.inputs[0].type = TensorType(torch.float16, half.inputs[0].type.shape)
+    for node in half.nodes:
+        node.output.type = TensorType(torch.float16, node.output.type.shape)
+    assert not any(n.domain == NCHWC for n in half.to_onnx(target=TARGET).graph.node)
