@@ -11,6 +11,7 @@ small input (64x64 where the model allows it). Each tool prunes its own copy at
 - it exports to ONNX (``torch.onnx.export``, ``dynamo=False``; for graphopt,
   ``capture(...).to_onnx()`` where the TorchScript exporter fails) and runs in
   onnxruntime with the pruned model's output (max abs diff within 1e-3 of its scale).
+  The export goes through a file, so weights past 2 GB go to external data.
 
 Torch-Pruning runs as its README shows: ``MagnitudePruner`` with
 ``GroupMagnitudeImportance(p=2)``, the layers that write the output's channel
@@ -18,15 +19,16 @@ dim ignored (the classifier; the hidden size of transformers), and for timm
 attention ``num_heads`` given and ``head_dim`` updated after pruning. graphopt
 runs as ``graphopt.prune(model, inputs, ratio)``; it keeps output channels itself.
 
-Models over 300M parameters (vit_h_14, vit_l_*, regnet_y_128gf) are skipped with
-that reason. A model that takes over ``--timeout`` seconds in one tool fails with
-a timeout. The table is rewritten to ``benchmarks/results/prune_coverage.md``
-after every model, so a cut-off run keeps its rows. Models are ordered
-round-robin over the families (torchvision smallest first), so ``--limit``
-samples all of them.
+Models over ``--max-params`` parameters (default: no limit) are skipped with that
+reason. A model that takes over ``--timeout`` seconds in one tool fails with a
+timeout. Rows are merged into ``--out`` (``benchmarks/results/prune_coverage.md``)
+after every model: a model of this run replaces its old row, the other rows stay,
+the summary counts them all, so runs over a few models add up and a cut-off run
+keeps its rows. Models are ordered round-robin over the families (torchvision
+smallest first), so ``--limit`` samples all of them.
 
     python benchmarks/prune_coverage.py [--models torchvision.resnet18,timm.vit_tiny_patch16_224]
-        [--limit 15] [--timeout 300] [--ratio 0.5]
+        [--limit 15] [--timeout 300] [--ratio 0.5] [--max-params 300000000] [--out FILE]
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ import argparse
 import copy
 import io
 import itertools
+import re
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,12 +54,12 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.emitters.onnx import save_onnx
 from graphopt.models import get_case
 from report import failure_cell, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_coverage.md"
 THREADS = 2
-MAX_PARAMS = 300_000_000
 NUM_CLASSES = 10
 
 # timm name -> (image size, create_model kwargs): small models of many families.
@@ -88,7 +92,7 @@ Built = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
 @dataclass(frozen=True)
 class Spec:
-    """One model to prune; ``approx_params`` (known before building) decides the skip."""
+    """One model to prune; ``approx_params`` (torchvision's count, 0 if unknown) skips it before building."""
 
     name: str
     build: Callable[[], Built]
@@ -231,11 +235,20 @@ def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
     return buffer.getvalue()
 
 
-def run_onnx(proto: bytes | onnx.ModelProto, inputs: tuple) -> np.ndarray:
+def export_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
+    """``torch.onnx.export`` to a file, which puts weights past 2 GB in external data."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=False,
+                          input_names=[f"input_{k}" for k in range(len(inputs))])
+
+
+def run_onnx(model: bytes | onnx.ModelProto | Path, inputs: tuple) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
-    data = proto if isinstance(proto, bytes) else proto.SerializeToString()
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    session = ort.InferenceSession(data if isinstance(data, bytes) else str(data), options,
+                                   providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     return session.run(None, feeds)[0]
@@ -274,14 +287,16 @@ def check(pruned: nn.Module, inputs: tuple, reference_shape: torch.Size, before:
     side.params_after = count_params(pruned)
     if side.params_after >= before:
         raise AssertionError(f"params did not fall ({side.params_after} >= {before})")
-    try:
-        proto: bytes | onnx.ModelProto = onnx_bytes(pruned, inputs)
-    except Exception as exc:  # noqa: BLE001 - graphopt's own exporter is the fallback
-        if not graphopt_onnx:
-            raise
-        proto = graphopt.optimize(graphopt.capture(pruned, inputs), "O1").to_onnx()
-        side.onnx_via = f"onnx via graphopt; torch.onnx: {type(exc).__name__}"
-    got = run_onnx(proto, inputs)
+    with tempfile.TemporaryDirectory(prefix="prune_coverage_") as folder:
+        path = Path(folder) / "pruned.onnx"
+        try:
+            export_onnx(pruned, inputs, path)
+        except Exception as exc:  # noqa: BLE001 - graphopt's own exporter is the fallback
+            if not graphopt_onnx:
+                raise
+            save_onnx(graphopt.optimize(graphopt.capture(pruned, inputs), "O1"), path)
+            side.onnx_via = f"onnx via graphopt; torch.onnx: {type(exc).__name__}"
+        got = run_onnx(path, inputs)
     expected = out.numpy()
     diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
     if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(expected)))):
@@ -308,11 +323,12 @@ def run_side(tool: str, model: nn.Module, inputs: tuple, reference_shape: torch.
     return side
 
 
-def cover(spec: Spec, ratio: float, timeout: float) -> Row:
+def cover(spec: Spec, ratio: float, timeout: float, max_params: int | None = None) -> Row:
     row = Row(spec.name)
-    if spec.approx_params > MAX_PARAMS:
+    skip = f"skipped: over --max-params {max_params}"
+    if max_params is not None and spec.approx_params > max_params:
         row.params_before = spec.approx_params
-        row.graphopt.reason = row.torch_pruning.reason = f"skipped: over {MAX_PARAMS // 10**6}M parameters"
+        row.graphopt.reason = row.torch_pruning.reason = skip
         return row
     try:
         with time_limit(timeout):
@@ -324,6 +340,9 @@ def cover(spec: Spec, ratio: float, timeout: float) -> Row:
         row.graphopt.reason = row.torch_pruning.reason = "build: " + failure_cell(exc)
         return row
     row.params_before = count_params(model)
+    if max_params is not None and row.params_before > max_params:
+        row.graphopt.reason = row.torch_pruning.reason = skip
+        return row
     spare = copy.deepcopy(model)
     row.graphopt = run_side("graphopt", model, inputs, reference.shape, row.params_before, ratio, timeout)
     row.torch_pruning = run_side("torch-pruning", spare, inputs, reference.shape, row.params_before, ratio, timeout)
@@ -331,8 +350,16 @@ def cover(spec: Spec, ratio: float, timeout: float) -> Row:
 
 
 # ------------------------------------------------------------------ the report
+DETAIL_HEADER = ("| model | graphopt | params before | graphopt params after | prune s | torch-pruning | "
+                 "torch-pruning params after | prune s |")
+
+
 def _millions(n: int | None) -> str:
     return "" if n is None else f"{n / 1e6:.3f}M"
+
+
+def _seconds(s: float | None) -> str:
+    return "" if s is None else f"{s:.1f}"
 
 
 def tables(rows: list[Row]) -> list[str]:
@@ -348,15 +375,47 @@ def tables(rows: list[Row]) -> list[str]:
         f"| torch-pruning | {passed('torch_pruning')} | {len(rows)} | {only_t} |",
         "", f"Both passed: {both}.",
     ]
-    detail = ["| model | graphopt | params before | graphopt params after | prune s | torch-pruning | "
-              "torch-pruning params after | prune s |", "|---|---|---|---|---|---|---|---|"]
+    detail = [DETAIL_HEADER, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, t = r.graphopt, r.torch_pruning
         detail.append(
             f"| {r.model} | {g.cell()} | {_millions(r.params_before)} | {_millions(g.params_after)} | "
-            f"{'' if g.seconds is None else f'{g.seconds:.1f}'} | {t.cell()} | {_millions(t.params_after)} | "
-            f"{'' if t.seconds is None else f'{t.seconds:.1f}'} |")
+            f"{_seconds(g.seconds)} | {t.cell()} | {_millions(t.params_after)} | {_seconds(t.seconds)} |")
     return [*summary, "", *detail]
+
+
+def _side_from(cell: str, params_after: str, seconds: str) -> Side:
+    """The inverse of ``Side.cell`` and the two number columns."""
+    ok = cell == "ok" or cell.startswith("ok (")
+    return Side(ok=ok, reason="" if ok else cell, params_after=_count_from(params_after),
+                seconds=float(seconds) if seconds else None, onnx_via=cell[4:-1] if cell.startswith("ok (") else "")
+
+
+def _count_from(millions: str) -> int | None:
+    return round(float(millions.removesuffix("M")) * 1e6) if millions else None
+
+
+def read_rows(path: Path) -> tuple[float | None, list[Row]]:
+    """The ratio and rows a previous run left in ``path`` (none if there is no such file)."""
+    if not path.exists():
+        return None, []
+    lines = path.read_text().splitlines()
+    ratio = next((float(m[1]) for line in lines if (m := re.match(r"ratio ([0-9.]+),", line))), None)
+    if DETAIL_HEADER not in lines:
+        return ratio, []
+    rows = []
+    for line in lines[lines.index(DETAIL_HEADER) + 2:]:
+        if not line.startswith("| "):
+            break
+        model, g, before, g_after, g_s, t, t_after, t_s = (c.strip() for c in line.strip()[1:-1].split("|"))
+        rows.append(Row(model, _count_from(before), _side_from(g, g_after, g_s), _side_from(t, t_after, t_s)))
+    return ratio, rows
+
+
+def merge(old: list[Row], new: list[Row]) -> list[Row]:
+    """Old rows in their order with this run's rows in their place; models new to the table at the end."""
+    fresh = {r.model: r for r in new}
+    return [fresh.pop(r.model, r) for r in old] + list(fresh.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N models")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool (default 300)")
     parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
+    parser.add_argument("--max-params", type=int, help="skip models with more parameters (default: no limit)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"table to merge into (default {RESULTS})")
     args = parser.parse_args(argv)
+    old_ratio, old_rows = read_rows(args.out)
+    if old_ratio is not None and old_ratio != args.ratio:
+        parser.error(f"{args.out} holds rows at ratio {old_ratio}; pass --ratio {old_ratio} or another --out")
     torch.set_num_threads(THREADS)
     specs = [spec_for(n) for n in args.models.split(",")] if args.models else all_specs()
     specs = specs[: args.limit] if args.limit else specs
@@ -374,15 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"ratio {args.ratio}, random weights, {NUM_CLASSES} classes; torch {torch.__version__}, "
               f"torch-pruning {version('torch-pruning')}, onnxruntime {ort.__version__}; {machine()}")
     rows: list[Row] = []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        rows.append(cover(spec, args.ratio, args.timeout))
+        rows.append(cover(spec, args.ratio, args.timeout, args.max_params))
         r = rows[-1]
         print(f"{spec.name}: graphopt {r.graphopt.cell()}; torch-pruning {r.torch_pruning.cell()}",
               file=sys.stderr, flush=True)
-        text = "\n".join([header, "", *tables(rows)])
-        RESULTS.write_text(f"# Structural pruning coverage\n\n{text}\n")  # a cut-off run keeps its rows
-    print(text)
+        text = "\n".join([header, "", *tables(merge(old_rows, rows))])
+        partial = args.out.with_name(f".{args.out.name}.tmp")
+        partial.write_text(f"# Structural pruning coverage\n\n{text}\n")
+        partial.replace(args.out)  # atomic: a run cut off mid-write keeps the old rows
+    print("\n".join(tables(rows)))
     return 0
 
 

@@ -464,6 +464,48 @@ def _slice(cx, a):
     return cx.emit("slice", [x], dim=dim, start=start, end=cx.end_index(x, dim, a["end"]), step=a["step"])
 
 
+@converts("slice_scatter.default")
+def _slice_scatter(cx, a):
+    """``x[start:end:step] = src`` along ``dim`` (static size), in canonical ops.
+
+    Step 1 is x's slices around ``src``, concatenated; a larger step spreads ``src`` over
+    the dim with a constant ``index_select`` and picks it with a constant mask. Swin writes
+    its shifted-window mask this way; in canonical ops the mask folds to a constant.
+    """
+    x, src = cx.tensor(a["self"]), cx.tensor(a["src"])
+    dim = a["dim"] % x.type.rank
+    n = x.type.shape[dim]
+    start, end, step = 0 if a["start"] is None else a["start"], a["end"], a["step"]
+    _expect(isinstance(n, int) and isinstance(step, int) and step > 0 and isinstance(start, int)
+            and (end is None or isinstance(end, int)) and src.type.dtype == x.type.dtype)
+    positions = range(n)[start:end:step]
+    if not positions:
+        return cx.emit("identity", [x])
+    if step == 1:
+        parts = [cx.inner("slice", [x], dim=dim, start=0, end=positions.start, step=1)] if positions.start else []
+        parts.append(src)
+        if positions.stop < n:
+            parts.append(cx.inner("slice", [x], dim=dim, start=positions.stop, end=n, step=1))
+        return cx.emit("concat", parts, dim=dim) if len(parts) > 1 else cx.emit("identity", [src])
+    written = torch.zeros(n, dtype=torch.bool)
+    written[positions.start:positions.stop:step] = True
+    spread = ((torch.arange(n) - positions.start) // step).clamp(0, len(positions) - 1)
+    view = [n if d == dim else 1 for d in range(x.type.rank)]
+    mask = cx.graph.add_constant(written.reshape(view), f"{cx.node.name}_written")
+    index = cx.graph.add_constant(spread, f"{cx.node.name}_spread")
+    return cx.emit("where", [mask, cx.inner("index_select", [src, index], dim=dim), x])
+
+
+@converts("copy.default")
+def _copy(cx, a):
+    """The value ``x.copy_(src)`` leaves: ``src`` in x's dtype, broadcast to x's (static) shape."""
+    x, src = cx.tensor(a["self"]), cx.tensor(a["src"])
+    _expect(x.type.is_static and cx.device_of(a["src"]) == cx.device_of(a["self"]))
+    if src.type.dtype != x.type.dtype:
+        src = cx.inner("cast", [src], dtype=x.type.dtype)
+    return cx.emit("expand", [src], shape=list(x.type.shape))
+
+
 @converts("select.int")
 def _select(cx, a):
     _expect(isinstance(a["index"], int))

@@ -644,9 +644,22 @@ def _unshare_buffers(graph: Graph) -> None:
             node.replace_input(i, graph.add_constant(v.data.clone(), v.name))
 
 
+def _raise_norms(graph: Graph) -> None:
+    """Rewrite primitive spellings of norms (and activations) as one op, in place.
+
+    Llama's RMSNorm is captured as pow, mean, rsqrt and mul: the mean over the hidden
+    dim has no channel map, so it would block the hidden size. As one ``rms_norm`` the
+    statistics stay inside the norm and its weight couples to the channel.
+    """
+    from graphopt.pass_manager import PassManager
+
+    PassManager(["recognize_patterns"], fixed_point=False).run(graph)
+
+
 def build_groups(graph: Graph, ignored: Sequence[str] = (), heads: str = "heads") -> list[Group]:
     """ignored: names of parameter values or node names whose output channels must stay.
-    heads: "heads" (prune whole attention heads) or "head_dim" (prune within each head, equally)."""
+    heads: "heads" (prune whole attention heads) or "head_dim" (prune within each head, equally).
+    Norms written out in primitive ops are first raised to one op in ``graph``."""
     if heads not in HEAD_MODES:
         raise ValueError(f"heads={heads!r} is not supported; pass 'heads' or 'head_dim'")
     known = set(graph.constants) | {n.name for n in graph.nodes}
@@ -660,6 +673,7 @@ def build_groups(graph: Graph, ignored: Sequence[str] = (), heads: str = "heads"
     for node in graph.nodes:
         if node.name in names:
             names.update(v.name for v in node.inputs[1:] if v is not None and v.is_constant)
+    _raise_norms(graph)
     _unshare_buffers(graph)
     builder = _Builder(graph, heads)
     builder.run()

@@ -142,7 +142,8 @@ def _ratios_by_label(groups: Sequence[Group], ratios: Mapping[str, float]) -> li
     chosen: dict[int, tuple[Group, float]] = {}
     for pattern, r in ratios.items():
         check_ratio(r, f"ratio[{pattern!r}]")
-        matched = [g for g in groups if fnmatch.fnmatchcase(g.label, pattern)]
+        # a label is also a glob, and its "[0]" a character class: match the label itself first
+        matched = [g for g in groups if g.label == pattern or fnmatch.fnmatchcase(g.label, pattern)]
         if not matched:
             sample = ", ".join(g.label for g in groups[:3])
             raise InvalidOptionError(f"ratio names group {pattern!r}, which matches no group label "

@@ -270,3 +270,51 @@ def test_attention_heads_and_head_dims(mode):
         removals = {g.id: [1], group_of(groups, "v.weight").id: [0, 3]}
     check_oracle(graph, inputs, groups=groups, removals=removals, heads=mode)
     assert graph.find("reshape")[0].output.type.shape == ((2, 5, 2, 4) if mode == "heads" else (2, 5, 4, 3))
+
+
+class WrittenOutRMSNorm(nn.Module):
+    """Llama's RMSNorm as captured: pow, mean, rsqrt and mul, between two linears."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.up, self.weight, self.down = nn.Linear(4, dim), nn.Parameter(torch.rand(dim) + 0.5), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.down(self.weight * h)
+
+
+def test_written_out_rms_norm_couples_its_weight_to_the_channel():
+    graph, inputs = capture(WrittenOutRMSNorm(), 2, 4)
+    assert not graph.find("rms_norm")
+    g = group_of(build_groups(graph), "up.weight")
+    assert [n.op for n in graph.find("rms_norm")] == ["rms_norm"]  # raised to one op, the weight absorbed
+    assert g.prunable and g.size == 8
+    assert member(g, "weight", 0).positions[:, 0].tolist() == list(range(8))
+    assert member(g, "down.weight", 1).positions[:, 0].tolist() == list(range(8))
+    graphopt.prune(graph, ratio=0.5)
+    assert graph.constants["weight"].data.shape == (4,)
+    assert graph.to_torch()(*inputs).shape == (2, 3)
+
+
+def test_llama_for_causal_lm_hidden_size_is_prunable():
+    """The hidden size reaches no output once the logits are the output: it is one group, prunable."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from graphopt.models import KwargsWrapper
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = KwargsWrapper(LlamaForCausalLM(config), ("input_ids",), {"use_cache": False}, output_attr="logits")
+    inputs = (torch.randint(0, 64, (1, 8)),)
+    graph = graphopt.optimize(graphopt.capture(model.eval(), inputs), "O1")
+    embedding = "model.model.embed_tokens.weight"
+    hidden = group_of(build_groups(graph), embedding, dim=1)
+    assert hidden.prunable and hidden.size == 32
+    norms = {m.value.name for m in hidden.parameters() if m.value.name.endswith("norm.weight")}
+    assert len(norms) == 5  # two per layer and the final norm
+    graphopt.prune(graph, inputs, ratio={hidden.label: 0.5})
+    assert graph.constants[embedding].data.shape == (64, 16)
+    assert graph.to_torch()(*inputs).shape == (1, 8, 64)

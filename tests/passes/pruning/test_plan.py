@@ -68,6 +68,12 @@ def test_per_label_ratios_and_globs():
         select(groups, linear_scores(*groups), {"nope": 0.5})
 
 
+def test_a_real_label_names_its_group_despite_its_brackets():
+    groups = [make_group(0, 8, label="layer1.0.conv1.weight[0]"), make_group(1, 8, label="fc.weight[1]")]
+    removals = select(groups, linear_scores(*groups), {"layer1.0.conv1.weight[0]": 0.5, "fc.weight[[]1]": 0.25})
+    assert {k: len(v) for k, v in removals.items()} == {0: 4, 1: 2}
+
+
 class SmallNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
