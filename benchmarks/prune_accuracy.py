@@ -2,19 +2,19 @@
 
 The CNN (three conv+BN+ReLU blocks, two linear layers) trains on the 8x8 digits
 (1797 images, 10 classes; 75/25 split, seeded) for ``--epochs`` on the CPU.
-Then, for each seed, ``graphopt.prune`` removes ``--ratio`` of the channels with
+Then, for each of ``--ratios`` and each seed, ``graphopt.prune`` removes that share of the channels with
 importance ``l1``, ``l2``, ``taylor`` (gradients of the cross-entropy on one
 training batch) and ``random``, and the pruned GraphModule is fine-tuned for
 ``--finetune-epochs`` (the same budget for each). Every batch has ``BATCH`` images
 (the test set is padded) because a captured graph keeps the batch size it was
 captured with. Torch-Pruning's L2
-``MagnitudePruner`` on the same model is the reference row. The table has test
+``MagnitudePruner`` on the same model is the reference row. Each ratio's table has test
 accuracy before pruning, right after it and after fine-tuning, as mean ± std over
 the seeds, with the parameters kept. Prints the table and writes it to
-``benchmarks/results/prune_accuracy.md``; the defaults take well under two minutes
+``benchmarks/results/prune_accuracy.md``; the defaults take about three minutes
 on two cores.
 
-    python benchmarks/prune_accuracy.py [--epochs 8] [--finetune-epochs 2] [--ratio 0.5] [--seeds 0,1,2]
+    python benchmarks/prune_accuracy.py [--epochs 8] [--finetune-epochs 2] [--ratios 0.5,0.75] [--seeds 0,1,2,3,4]
 """
 from __future__ import annotations
 
@@ -119,55 +119,69 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="training epochs of the dense model (default 8)")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after pruning (default 2)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--ratios", default="0.5,0.75", help="comma-separated pruning ratios (default 0.5,0.75)")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     seeds = [int(s) for s in args.seeds.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",")]
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = digits()
     torch.manual_seed(0)
     dense = small_cnn()
     train(dense, x_train, y_train, args.epochs, lr=3e-3, seed=0)
     base = accuracy(dense, x_test, y_test)
-    results = []
-    for method in METHODS:
-        result = Result(method)
-        for seed in seeds:
-            try:
-                t0 = time.perf_counter()
-                pruned = prune_with(method, dense, x_train, y_train, args.ratio, seed)
-                result.prune_s.append(time.perf_counter() - t0)
-                result.params = count_params(pruned)
-                result.pruned.append(accuracy(pruned, x_test, y_test))
-                train(pruned, x_train, y_train, args.finetune_epochs, lr=1e-3, seed=seed)
-                result.finetuned.append(accuracy(pruned, x_test, y_test))
-            except Exception as exc:  # noqa: BLE001 - one row per method, whatever broke
-                result.error = failure_cell(exc)
-                break
-        results.append(result)
-        print(f"{method}: done", file=sys.stderr, flush=True)
+    tables = []
+    for ratio in ratios:
+        results = [evaluate(method, dense, (x_train, y_train, x_test, y_test), ratio, seeds, args.finetune_epochs)
+                   for method in METHODS]
+        tables += ["", f"Ratio {ratio}:", "", *table(results)]
     total = time.perf_counter() - start
     lines = [
-        f"digits 8x8 (sklearn), small CNN {count_params(dense):,} params trained {args.epochs} epochs; ratio "
-        f"{args.ratio}, fine-tune {args.finetune_epochs} epochs (Adam 1e-3); seeds {args.seeds}; "
+        f"digits 8x8 (sklearn), small CNN {count_params(dense):,} params trained {args.epochs} epochs; "
+        f"fine-tune {args.finetune_epochs} epochs (Adam 1e-3); seeds {args.seeds}; "
         f"{machine()}, {THREADS} threads; whole run {total:.0f} s",
         "",
         f"Dense test accuracy: {base:.1f}%",
-        "",
-        "| importance | params after | accuracy pruned % | accuracy fine-tuned % | prune s | error |",
-        "|---|---|---|---|---|---|",
+        *tables,
     ]
-    for r in results:
-        params = "" if r.params is None else f"{r.params:,}"
-        seconds = f"{statistics.median(r.prune_s):.2f}" if r.prune_s else ""
-        lines.append(f"| {r.method} | {params} | {_mean_std(r.pruned)} | {_mean_std(r.finetuned)} | "
-                     f"{seconds} | {r.error} |")
     text = "\n".join(lines)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(f"# Pruning and accuracy\n\n{text}\n")
     print(text)
     return 0
+
+
+def evaluate(method: str, dense: nn.Module, data: tuple[torch.Tensor, ...], ratio: float, seeds: list[int],
+             finetune_epochs: int) -> Result:
+    """Prune ``dense`` with ``method`` once per seed, fine-tune, and collect the accuracies."""
+    x_train, y_train, x_test, y_test = data
+    result = Result(method)
+    for seed in seeds:
+        try:
+            t0 = time.perf_counter()
+            pruned = prune_with(method, dense, x_train, y_train, ratio, seed)
+            result.prune_s.append(time.perf_counter() - t0)
+            result.params = count_params(pruned)
+            result.pruned.append(accuracy(pruned, x_test, y_test))
+            train(pruned, x_train, y_train, finetune_epochs, lr=1e-3, seed=seed)
+            result.finetuned.append(accuracy(pruned, x_test, y_test))
+        except Exception as exc:  # noqa: BLE001 - one row per method, whatever broke
+            result.error = failure_cell(exc)
+            break
+    print(f"ratio {ratio} {method}: done", file=sys.stderr, flush=True)
+    return result
+
+
+def table(results: list[Result]) -> list[str]:
+    lines = ["| importance | params after | accuracy pruned % | accuracy fine-tuned % | prune s | error |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        params = "" if r.params is None else f"{r.params:,}"
+        seconds = f"{statistics.median(r.prune_s):.2f}" if r.prune_s else ""
+        lines.append(f"| {r.method} | {params} | {_mean_std(r.pruned)} | {_mean_std(r.finetuned)} | "
+                     f"{seconds} | {r.error} |")
+    return lines
 
 
 if __name__ == "__main__":

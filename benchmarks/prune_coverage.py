@@ -20,15 +20,16 @@ attention ``num_heads`` given and ``head_dim`` updated after pruning. graphopt
 runs as ``graphopt.prune(model, inputs, ratio)``; it keeps output channels itself.
 
 Models over ``--max-params`` parameters (default: no limit) are skipped with that
-reason. A model that takes over ``--timeout`` seconds in one tool fails with a
-timeout. Rows are merged into ``--out`` (``benchmarks/results/prune_coverage.md``)
+reason. A tool that takes over ``--timeout`` seconds on a model fails it with a
+TimeoutError, one that takes the process past ``--max-memory-gib`` resident with a
+MemoryError. Rows are merged into ``--out`` (``benchmarks/results/prune_coverage.md``)
 after every model: a model of this run replaces its old row, the other rows stay,
 the summary counts them all, so runs over a few models add up and a cut-off run
 keeps its rows. Models are ordered round-robin over the families (torchvision
 smallest first), so ``--limit`` samples all of them.
 
     python benchmarks/prune_coverage.py [--models torchvision.resnet18,timm.vit_tiny_patch16_224]
-        [--limit 15] [--timeout 300] [--ratio 0.5] [--max-params 300000000] [--out FILE]
+        [--limit 15] [--timeout 300] [--max-memory-gib 16] [--ratio 0.5] [--max-params N] [--out FILE]
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import argparse
 import copy
 import io
 import itertools
+import os
 import re
 import signal
 import sys
@@ -180,14 +182,37 @@ def first_tensor(out) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in the main thread after ``seconds`` (checked between Python bytecodes)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"over {seconds:.0f} s")
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+@dataclass(frozen=True)
+class Limits:
+    """What one tool may spend on one model: wall seconds and resident memory (bytes, None: no cap)."""
+
+    seconds: float
+    memory: int | None = None
+
+
+@contextmanager
+def within(limits: Limits) -> Iterator[None]:
+    """Raise TimeoutError past the time limit and MemoryError past the memory cap in the main thread.
+
+    Both are checked on a 1 s timer, between Python bytecodes, so a tool that blows up
+    fails its own row instead of taking the machine down.
+    """
+    deadline = time.monotonic() + limits.seconds
+
+    def check(signum, frame):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"over {limits.seconds:.0f} s")
+        if limits.memory is not None and resident_bytes() > limits.memory:
+            raise MemoryError(f"over {limits.memory / 2**30:.0f} GiB resident")
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, min(1.0, limits.seconds), 1.0)
     try:
         yield
     finally:
@@ -305,10 +330,10 @@ def check(pruned: nn.Module, inputs: tuple, reference_shape: torch.Size, before:
 
 
 def run_side(tool: str, model: nn.Module, inputs: tuple, reference_shape: torch.Size, before: int,
-             ratio: float, timeout: float) -> Side:
+             ratio: float, limits: Limits) -> Side:
     side = Side()
     try:
-        with time_limit(timeout), warnings.catch_warnings():
+        with within(limits), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             start = time.perf_counter()
             if tool == "graphopt":
@@ -323,7 +348,7 @@ def run_side(tool: str, model: nn.Module, inputs: tuple, reference_shape: torch.
     return side
 
 
-def cover(spec: Spec, ratio: float, timeout: float, max_params: int | None = None) -> Row:
+def cover(spec: Spec, ratio: float, limits: Limits, max_params: int | None = None) -> Row:
     row = Row(spec.name)
     skip = f"skipped: over --max-params {max_params}"
     if max_params is not None and spec.approx_params > max_params:
@@ -331,7 +356,7 @@ def cover(spec: Spec, ratio: float, timeout: float, max_params: int | None = Non
         row.graphopt.reason = row.torch_pruning.reason = skip
         return row
     try:
-        with time_limit(timeout):
+        with within(limits):
             model, inputs = spec.build()
             model.eval()
             with torch.no_grad():
@@ -344,8 +369,8 @@ def cover(spec: Spec, ratio: float, timeout: float, max_params: int | None = Non
         row.graphopt.reason = row.torch_pruning.reason = skip
         return row
     spare = copy.deepcopy(model)
-    row.graphopt = run_side("graphopt", model, inputs, reference.shape, row.params_before, ratio, timeout)
-    row.torch_pruning = run_side("torch-pruning", spare, inputs, reference.shape, row.params_before, ratio, timeout)
+    row.graphopt = run_side("graphopt", model, inputs, reference.shape, row.params_before, ratio, limits)
+    row.torch_pruning = run_side("torch-pruning", spare, inputs, reference.shape, row.params_before, ratio, limits)
     return row
 
 
@@ -423,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated names (torchvision.X, timm.X, transformers.X)")
     parser.add_argument("--limit", type=int, help="only the first N models")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool (default 300)")
+    parser.add_argument("--max-memory-gib", type=float, default=16,
+                        help="resident memory a tool may reach on one model (default 16)")
     parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
     parser.add_argument("--max-params", type=int, help="skip models with more parameters (default: no limit)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"table to merge into (default {RESULTS})")
@@ -440,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        rows.append(cover(spec, args.ratio, args.timeout, args.max_params))
+        limits = Limits(args.timeout, int(args.max_memory_gib * 2**30))
+        rows.append(cover(spec, args.ratio, limits, args.max_params))
         r = rows[-1]
         print(f"{spec.name}: graphopt {r.graphopt.cell()}; torch-pruning {r.torch_pruning.cell()}",
               file=sys.stderr, flush=True)

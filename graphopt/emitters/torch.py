@@ -5,7 +5,10 @@ module-level functions of ``graphopt.ir.ops``, or torch's own), ``torch.opaque``
 calls its original target, and several results are read with ``getitem``.
 Constants become attributes at their dotted names (``layer1.0.conv1.weight``),
 parameters as ``nn.Parameter`` so the emitted module can be fine-tuned, the rest
-as buffers. Nothing names a device: the module runs where its tensors are.
+as buffers. A batch norm that owns its statistics becomes a ``BatchNorm`` module
+at its layer's name, so ``train()`` normalises with batch statistics and updates
+them, as the source model did. The module is returned in eval mode, the mode the
+graph was captured in. Nothing names a device: the module runs where its tensors are.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .. import _torch_private
 from ..ir import Graph, Node, Value
@@ -25,6 +29,36 @@ from ..ir.ops.opaque import fill
 def emit_torch(graph: Graph) -> fx.GraphModule:
     """A GraphModule computing ``graph``; it returns the captured model's output structure when known."""
     return _Emitter(graph).run()
+
+
+class BatchNorm(torch.nn.Module):
+    """Batch norm over dim 1 of any rank: running statistics in eval mode, batch statistics in train mode.
+
+    The IR keeps only inference batch norm; this gives an emitted module back the
+    training behaviour, so fine-tuning it (after pruning) adapts the statistics.
+    """
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
+                 running_var: torch.Tensor, eps: float, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = None if weight is None else _parameter(weight)
+        self.bias = None if bias is None else _parameter(bias)
+        self.register_buffer("running_mean", running_mean)
+        self.register_buffer("running_var", running_var)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.numel()}, eps={self.eps}, momentum={self.momentum}"
+
+
+def _parameter(data: torch.Tensor) -> torch.nn.Parameter:
+    if isinstance(data, torch.nn.Parameter):
+        return data
+    return torch.nn.Parameter(data, requires_grad=data.is_floating_point() or data.is_complex())
 
 
 def _identifier(name: str) -> str:
@@ -47,7 +81,7 @@ class _Emitter:
         for node in self.graph.nodes:
             self._emit_node(node)
         self.fx.output(self._output_structure())
-        return fx.GraphModule(self.root, self.fx, class_name=_identifier(self.graph.name))
+        return fx.GraphModule(self.root, self.fx, class_name=_identifier(self.graph.name)).eval()
 
     # ------------------------------------------------------------------ values
     def _node_for(self, v: Value) -> fx.Node:
@@ -65,8 +99,7 @@ class _Emitter:
         """Attach a constant to the root module under its dotted name (a flat one on a clash)."""
         data = v.data
         if v.is_parameter:
-            if not isinstance(data, torch.nn.Parameter):
-                data = torch.nn.Parameter(data, requires_grad=data.is_floating_point() or data.is_complex())
+            data = _parameter(data)
         elif isinstance(data, torch.nn.Parameter):
             data = data.detach()
         path = v.name if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", v.name) else _identifier(v.name)
@@ -123,6 +156,8 @@ class _Emitter:
 
     # ------------------------------------------------------------------- nodes
     def _emit_node(self, node: Node) -> None:
+        if node.op == "batch_norm" and self._emit_batch_norm_module(node):
+            return
         inputs = tuple(None if v is None else self._node_for(v) for v in node.inputs)
         if node.op == "torch.opaque":
             target = node.attrs["target"]
@@ -137,6 +172,33 @@ class _Emitter:
                 self.pending_results[id(out)] = (call, k)
         elif node.outputs:
             self.env[id(node.output)] = call
+
+    def _emit_batch_norm_module(self, node: Node) -> bool:
+        """A ``BatchNorm`` module for a batch norm whose parameters are its own constants.
+
+        It sits at the layer's name (``layer1.0.bn1``, from ``layer1.0.bn1.weight``) so the
+        state dict keeps the source model's keys. Statistics that equal constants merged
+        (fresh running stats are all zeros and ones) get their own copy, as in the source
+        model; shared parameters or computed operands keep the function.
+        """
+        x, weight, bias, mean, var = node.inputs
+        if not all(v is None or (v.is_constant and len(v.users()) == 1 and id(v) not in self.env)
+                   for v in (weight, bias)) or not all(
+                v is not None and v.is_constant and v.data.is_floating_point() for v in (mean, var)):
+            return False
+        stats = [v.data.detach() if len(v.users()) == 1 else v.data.detach().clone() for v in (mean, var)]
+        module = BatchNorm(None if weight is None else weight.data, None if bias is None else bias.data, *stats,
+                           node.attrs.get("eps", 1e-5))
+        owner = weight or bias or (mean if len(mean.users()) == 1 else None)
+        layer = owner.name.rpartition(".")[0] if owner is not None else ""
+        if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", layer) and self._install(layer, module):
+            path = layer
+        else:
+            path = self._fresh_attr(_identifier(node.name))
+            self._install(path, module)
+        self.env[id(node.output)] = self.fx.create_node("call_module", path, (self._node_for(x),),
+                                                        name=node.output.name)
+        return True
 
     # ----------------------------------------------------------------- outputs
     def _output_structure(self) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.emitters.torch import emit_torch
+from graphopt.emitters.torch import BatchNorm, emit_torch
 from graphopt.frontends.torch import capture
 from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.opaque import Arg
@@ -46,6 +46,25 @@ def test_parameters_buffers_and_gradients_match_eager():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(emitted_grads[name], p.grad, atol=1e-6), name
+
+
+def test_batch_norm_trains_like_the_source_model():
+    """Captured in eval mode, emitted in eval mode; train() switches batch norms to batch statistics."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(4, 3, 32, 32)
+    module = capture(model, (x,)).to_torch()
+    assert not module.training
+    assert sum(isinstance(m, BatchNorm) for m in module.modules()) == 20
+    assert isinstance(module.get_submodule("layer2.0.downsample.1"), BatchNorm)
+    assert set(module.state_dict()) == {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+
+    module.train(), model.train()
+    torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.get_submodule("layer3.1.bn2").running_var, model.layer3[1].bn2.running_var)
+    assert not torch.equal(module.get_submodule("bn1").running_mean, module.get_submodule("layer1.0.bn1").running_mean)
 
 
 def test_output_structure_follows_the_model():
