@@ -25,7 +25,8 @@ TimeoutError, one that takes the process past ``--max-memory-gib`` resident with
 MemoryError. Rows are merged into ``--out`` (``benchmarks/results/prune_coverage.md``)
 after every model: a model of this run replaces its old row, the other rows stay,
 the summary counts them all, so runs over a few models add up and a cut-off run
-keeps its rows. Models are ordered round-robin over the families (torchvision
+keeps its rows. Each model runs in a forked process, so memory one leaves behind
+does not count against the next. Models are ordered round-robin over the families (torchvision
 smallest first), so ``--limit`` samples all of them.
 
     python benchmarks/prune_coverage.py [--models torchvision.resnet18,timm.vit_tiny_patch16_224]
@@ -37,6 +38,7 @@ import argparse
 import copy
 import io
 import itertools
+import multiprocessing
 import os
 import re
 import signal
@@ -374,6 +376,28 @@ def cover(spec: Spec, ratio: float, limits: Limits, max_params: int | None = Non
     return row
 
 
+def cover_in_child(spec: Spec, ratio: float, limits: Limits, max_params: int | None = None) -> Row:
+    """``cover`` in a forked process: the memory one model leaves behind goes with it, and a
+    crash (killed for memory) fails that model's row instead of the run."""
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+
+    def child() -> None:
+        send.send(cover(spec, ratio, limits, max_params))
+
+    process = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    process.start()
+    send.close()
+    try:
+        return receive.recv()
+    except EOFError:
+        process.join()
+        row = Row(spec.name)
+        row.graphopt.reason = row.torch_pruning.reason = f"crashed: exit code {process.exitcode}"
+        return row
+    finally:
+        process.join()
+
+
 # ------------------------------------------------------------------ the report
 DETAIL_HEADER = ("| model | graphopt | params before | graphopt params after | prune s | torch-pruning | "
                  "torch-pruning params after | prune s |")
@@ -468,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         limits = Limits(args.timeout, int(args.max_memory_gib * 2**30))
-        rows.append(cover(spec, args.ratio, limits, args.max_params))
+        rows.append(cover_in_child(spec, args.ratio, limits, args.max_params))
         r = rows[-1]
         print(f"{spec.name}: graphopt {r.graphopt.cell()}; torch-pruning {r.torch_pruning.cell()}",
               file=sys.stderr, flush=True)

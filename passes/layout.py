@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
+from graphopt.ir.analysis import regions
 from graphopt.ir.registry import node_flops
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
@@ -542,24 +543,8 @@ def _nhwc_capable(node: Node) -> bool:
 
 
 def _regions(graph: Graph) -> list[list[Node]]:
-    """Connected groups of channels-last-capable nodes linked by 4-D values (union-find)."""
-    members = [n for n in graph.nodes if _nhwc_capable(n)]
-    parent = {id(n): n for n in members}
-
-    def root(n: Node) -> Node:
-        while parent[id(n)] is not n:
-            parent[id(n)] = parent[id(parent[id(n)])]
-            n = parent[id(n)]
-        return n
-
-    for node in members:
-        for v in node.inputs:
-            if v is not None and v.producer is not None and id(v.producer) in parent and _rank(v) == 4:
-                parent[id(root(node))] = root(v.producer)
-    groups: dict[int, list[Node]] = {}
-    for node in members:
-        groups.setdefault(id(root(node)), []).append(node)
-    return list(groups.values())
+    """Connected groups of channels-last-capable nodes linked by 4-D values."""
+    return regions((n for n in graph.nodes if _nhwc_capable(n)), lambda node, v: _rank(v) == 4)
 
 
 def _is_permute(node: Node | None, dims: tuple[int, ...]) -> bool:

@@ -827,10 +827,29 @@ def _adaptive_avg_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     if all(s == 1 for s in out_size):
         e.add("GlobalAveragePool", ins, outs)
         return
-    if not all(isinstance(d, int) and d % o == 0 for d, o in zip(spatial, out_size)):
+    if not all(isinstance(d, int) for d in spatial):
+        raise EmitError(f"node {n.name}: adaptive pooling to {out_size} from {spatial} needs static spatial sizes")
+    if all(d % o == 0 for d, o in zip(spatial, out_size)):
+        kernel = [d // o for d, o in zip(spatial, out_size)]
+        e.add("AveragePool", ins, outs, kernel_shape=kernel, strides=kernel)
+        return
+    if len(spatial) > 2:
         raise EmitError(f"node {n.name}: adaptive pooling to {out_size} from {spatial} has no fixed window")
-    kernel = [d // o for d, o in zip(spatial, out_size)]
-    e.add("AveragePool", ins, outs, kernel_shape=kernel, strides=kernel)
+    # windows of uneven size (VGG's 7x7 from a small input): one averaging matrix per spatial dim
+    dtype = _dtype(n.inputs[0])
+    x = ins[0]
+    if len(spatial) == 2:
+        x = e.add("MatMul", [e.const(adaptive_pool_matrix(spatial[0], out_size[0]), dtype), x])[0]
+    e.add("MatMul", [x, e.const(adaptive_pool_matrix(spatial[-1], out_size[-1]).T.contiguous(), dtype)], outs)
+
+
+def adaptive_pool_matrix(size: int, out: int) -> torch.Tensor:
+    """``(out, size)`` weights of torch's adaptive average pooling: bin i averages ``[floor(i*size/out), ceil((i+1)*size/out))``."""
+    weights = torch.zeros(out, size, dtype=torch.float64)
+    for i in range(out):
+        start, end = i * size // out, -(-(i + 1) * size // out)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
 
 
 @_register("interpolate")

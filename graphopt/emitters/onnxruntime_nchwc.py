@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
+from graphopt.ir.analysis import regions
 from graphopt.ir.registry import node_flops
 
 from .onnx import _Emitter
@@ -261,26 +262,9 @@ def _conv_form(node: Node, block: int) -> _Conv | None:
 
 
 def _regions(graph: Graph, plan: NchwcPlan) -> list[list[Node]]:
-    """Connected groups of blocked nodes, linked by the blocked values between them (union-find)."""
-    parent: dict[int, Node] = {id(n): n for n in graph.nodes if id(n) in plan.kinds}
-
-    def root(n: Node) -> Node:
-        while parent[id(n)] is not n:
-            parent[id(n)] = parent[id(parent[id(n)])]
-            n = parent[id(n)]
-        return n
-
-    for node in graph.nodes:
-        if id(node) not in parent:
-            continue
-        for v in node.inputs:
-            if plan.is_blocked(v) and plan.reads_blocked(node, v):
-                parent[id(root(node))] = root(v.producer)
-    regions: dict[int, list[Node]] = {}
-    for node in graph.nodes:
-        if id(node) in parent:
-            regions.setdefault(id(root(node)), []).append(node)
-    return list(regions.values())
+    """Connected groups of blocked nodes, linked by the blocked values between them."""
+    return regions((n for n in graph.nodes if id(n) in plan.kinds),
+                   lambda node, v: plan.is_blocked(v) and plan.reads_blocked(node, v))
 
 
 def _reorder_bytes(plan: NchwcPlan, region: list[Node]) -> int:

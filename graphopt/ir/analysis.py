@@ -1,7 +1,8 @@
-"""Whole-graph views: a networkx graph for analyses, a structural hash, a deep clone."""
+"""Whole-graph views: a networkx graph for analyses, regions of linked nodes, a structural hash, a deep clone."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import networkx as nx
@@ -27,6 +28,28 @@ def to_networkx(graph: Graph) -> nx.MultiDiGraph:
         g.add_node(f"output:{k}", kind="output", type=v.type)
         g.add_edge(_source(v), f"output:{k}", value=v.name, index=k)
     return g
+
+
+def regions(members: Iterable[Node], linked: Callable[[Node, Value], bool]) -> list[list[Node]]:
+    """Connected groups of ``members``, in graph order: a node joins its input's producer when
+    both are members and ``linked(node, input)`` holds (union-find with path halving)."""
+    members = list(members)
+    parent = {id(n): n for n in members}
+
+    def root(n: Node) -> Node:
+        while parent[id(n)] is not n:
+            parent[id(n)] = parent[id(parent[id(n)])]
+            n = parent[id(n)]
+        return n
+
+    for node in members:
+        for v in node.inputs:
+            if v is not None and v.producer is not None and id(v.producer) in parent and linked(node, v):
+                parent[id(root(node))] = root(v.producer)
+    groups: dict[int, list[Node]] = {}
+    for node in members:
+        groups.setdefault(id(root(node)), []).append(node)
+    return list(groups.values())
 
 
 def _source(v: Value) -> str:

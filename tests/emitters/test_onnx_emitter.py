@@ -197,6 +197,9 @@ def test_sdpa_at_opset_23_keeps_the_decomposition_where_attention_differs(q, kv,
     ("expand", {"shape": [4, -1, 5]}, [(1, 3, 1)], torch.float32),
     ("squeeze", {"dims": [0, 1]}, [(1, 3, 5)], torch.float32),
     ("adaptive_avg_pool", {"output_size": [2, 2]}, [(1, 3, 4, 6)], torch.float32),
+    ("adaptive_avg_pool", {"output_size": [7, 7]}, [(1, 3, 2, 2)], torch.float32),  # VGG's head on a small input
+    ("adaptive_avg_pool", {"output_size": [3, 4]}, [(2, 3, 5, 7)], torch.float32),  # overlapping uneven windows
+    ("adaptive_avg_pool", {"output_size": [4]}, [(2, 3, 10)], torch.float32),
     ("max_pool", {"kernel_size": [3, 3], "stride": [2, 2], "padding": [1, 1]}, [(1, 2, 7, 7)], torch.float32),
     ("avg_pool", {"kernel_size": [2, 2], "stride": [], "padding": [0, 0]}, [(1, 2, 6, 6)], torch.float32),
     ("sdpa", {"is_causal": True}, [(1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)], torch.float32),
