@@ -15,8 +15,9 @@ small input (64x64 where the model allows it). Each tool prunes its own copy at
 
 Torch-Pruning runs as its README shows: ``MagnitudePruner`` with
 ``GroupMagnitudeImportance(p=2)``, the layers that write the output's channel
-dim ignored (the classifier; the hidden size of transformers), and for timm
-attention ``num_heads`` given and ``head_dim`` updated after pruning. graphopt
+dim ignored (the classifier; the hidden size of transformers); for timm attention
+``num_heads`` given and ``head_dim`` updated after pruning, for torchvision ViT the
+``nn.MultiheadAttention`` heads given and ``hidden_dim`` updated, as its examples do. graphopt
 runs as ``graphopt.prune(model, inputs, ratio)``; it keeps output channels itself.
 
 Models over ``--max-params`` parameters (default: no limit) are skipped with that
@@ -240,6 +241,7 @@ def torch_pruning_prune(model: nn.Module, inputs: tuple, ratio: float, importanc
                or (isinstance(m, nn.Embedding) and out.dim() == 3 and m.embedding_dim == keep)]
     heads = {m.qkv: m.num_heads for m in model.modules()
              if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+    heads.update({m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)})
     imp = {"l1": tp.importance.GroupMagnitudeImportance(p=1), "l2": tp.importance.GroupMagnitudeImportance(p=2),
            "random": tp.importance.RandomImportance(),
            "taylor": tp.importance.GroupTaylorImportance()}[importance]
@@ -250,12 +252,15 @@ def torch_pruning_prune(model: nn.Module, inputs: tuple, ratio: float, importanc
     for m in model.modules():  # timm attention reshapes with head_dim: follow the pruned qkv
         if getattr(m, "qkv", None) in heads and hasattr(m, "head_dim"):
             m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    if isinstance(getattr(model, "conv_proj", None), nn.Conv2d) and hasattr(model, "hidden_dim"):
+        model.hidden_dim = model.conv_proj.out_channels  # torchvision ViT reshapes with it (Torch-Pruning's examples)
     return model
 
 
 def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
+    """``torch.onnx.export`` to bytes; with grad enabled, so ``nn.MultiheadAttention`` takes its exportable path."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, buffer, dynamo=False,
                           input_names=[f"input_{k}" for k in range(len(inputs))])
@@ -263,8 +268,8 @@ def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
 
 
 def export_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
-    """``torch.onnx.export`` to a file, which puts weights past 2 GB in external data."""
-    with warnings.catch_warnings(), torch.no_grad():
+    """``torch.onnx.export`` to a file, which puts weights past 2 GB in external data (grad enabled, as above)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, str(path), dynamo=False,
                           input_names=[f"input_{k}" for k in range(len(inputs))])

@@ -9,8 +9,9 @@ prune_coverage.py); a tool that fails leaves its reason in the row. Per row:
 parameters, MACs (graphopt's count: the registry's flops / 2 over the captured
 graph, elementwise ops included), CPU latency of the eager module and of its ONNX
 export (``torch.onnx.export``, ``dynamo=False``) in onnxruntime (``ORT_ENABLE_ALL``),
-both with 2 threads, as the median and interquartile range of ``--repeats`` runs,
-and the time the pruning itself took.
+both with 2 threads, as the median and interquartile range of ``--repeats`` runs
+(all variants of one model timed in turns, one run each per round, so drift on a
+shared machine falls on all alike), and the time the pruning itself took.
 
 Then a latency target against a MAC target of the same size: ResNet-50 pruned to
 ``target={"macs": M}`` (M = half the dense MACs), its eager latency T and its
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
@@ -75,23 +76,17 @@ def build_dit() -> Built:
 
 
 # ------------------------------------------------------------------ measuring
-def timed(run: Callable[[], object], repeats: int) -> Timing:
-    for _ in range(WARMUP):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return Timing.of(times)
+Run = Callable[[], object]
 
 
-def eager_latency(model: nn.Module, inputs: tuple, repeats: int) -> Timing:
-    with torch.no_grad():
-        return timed(lambda: model(*inputs), repeats)
+def eager_runner(model: nn.Module, inputs: tuple) -> Run:
+    def run() -> None:
+        with torch.no_grad():
+            model(*inputs)
+    return run
 
 
-def ort_latency(model: nn.Module, inputs: tuple, repeats: int) -> Timing:
+def ort_runner(model: nn.Module, inputs: tuple) -> Run:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
@@ -99,7 +94,7 @@ def ort_latency(model: nn.Module, inputs: tuple, repeats: int) -> Timing:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(onnx_bytes(model, inputs), options, providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return timed(lambda: session.run(None, feeds), repeats)
+    return lambda: session.run(None, feeds)
 
 
 def macs(model: nn.Module, inputs: tuple) -> int:
@@ -121,21 +116,41 @@ class Row:
     onnxruntime: Timing | None = None
     prune_s: float | None = None
     error: str = ""
+    runners: dict[str, Run] = field(default_factory=dict, repr=False)  # "eager"/"onnxruntime" -> one run
 
 
-def measure(row: Row, model: nn.Module, inputs: tuple, repeats: int) -> Row:
-    """Fill ``row``; the first failure ends it with its reason."""
+def prepare(row: Row, model: nn.Module, inputs: tuple) -> Row:
+    """Count ``row``'s params and MACs and set up its runners; the first failure ends it with its reason."""
     try:
         row.params = count_params(model)
         row.macs = macs(model, inputs)
-        row.eager = eager_latency(model, inputs, repeats)
-        row.onnxruntime = ort_latency(model, inputs, repeats)
+        row.runners["eager"] = eager_runner(model, inputs)
+        row.runners["onnxruntime"] = ort_runner(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the row says what broke
         row.error = failure_cell(exc)
     return row
 
 
-def prune_row(name: str, ratio: float, tool: str, dense: nn.Module, inputs: tuple, repeats: int,
+def time_round_robin(rows: list[Row], repeats: int) -> None:
+    """Time every runner of ``rows`` in turns, one run each per round, so drift on a shared
+    machine falls on all variants alike; fills the rows' timings and drops their runners."""
+    runners = [(row, kind, run) for row in rows for kind, run in row.runners.items()]
+    times: dict[int, list[float]] = {k: [] for k in range(len(runners))}
+    for _ in range(WARMUP):
+        for _, _, run in runners:
+            run()
+    for _ in range(repeats):
+        for k, (_, _, run) in enumerate(runners):
+            start = time.perf_counter()
+            run()
+            times[k].append((time.perf_counter() - start) * 1e3)
+    for k, (row, kind, _) in enumerate(runners):
+        setattr(row, kind, Timing.of(times[k]))
+    for row in rows:
+        row.runners.clear()
+
+
+def prune_row(name: str, ratio: float, tool: str, dense: nn.Module, inputs: tuple,
               **options) -> tuple[Row, nn.Module | None]:
     row = Row(name, f"{ratio:g}" if ratio else "target", tool)
     try:
@@ -150,7 +165,7 @@ def prune_row(name: str, ratio: float, tool: str, dense: nn.Module, inputs: tupl
     except Exception as exc:  # noqa: BLE001
         row.error = failure_cell(exc)
         return row, None
-    return measure(row, pruned, inputs, repeats), pruned
+    return prepare(row, pruned, inputs), pruned
 
 
 # ------------------------------------------------------------------ the report
@@ -179,25 +194,26 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def target_rows(size: int, repeats: int) -> list[Row]:
-    """ResNet-50 at half its MACs, then at the latency that model has."""
+    """ResNet-50 at half its MACs, then at the latency that model has; the four timed in turns."""
     dense, inputs = build("resnet50", size)
-    dense_row = measure(Row("resnet50", "", "dense"), dense, inputs, repeats)
+    dense_row = prepare(Row("resnet50", "", "dense"), dense, inputs)
     rows = [dense_row]
     if dense_row.macs is None:
         return rows
     goal = dense_row.macs // 2
-    row, pruned = prune_row("resnet50", 0, "graphopt", dense, inputs, repeats, target={"macs": goal})
+    row, pruned = prune_row("resnet50", 0, "graphopt", dense, inputs, target={"macs": goal})
     row.tool = f"graphopt macs={goal / 1e6:.0f}M"
     rows.append(row)
-    if pruned is None or row.eager is None:
+    if pruned is None or row.error:
         return rows
+    time_round_robin(rows, repeats)  # the MAC-target model's latencies set the latency targets
     for kind, timing in (("latency_ms", row.eager), ("onnxruntime_latency_ms", row.onnxruntime)):
-        if timing is None:
-            continue
-        target = {kind: timing.median_ms}
-        latency_row, _ = prune_row("resnet50", 0, "graphopt", dense, inputs, repeats, target=target)
+        latency_row, _ = prune_row("resnet50", 0, "graphopt", dense, inputs, target={kind: timing.median_ms})
         latency_row.tool = f"graphopt {kind}={timing.median_ms:.1f}"
         rows.append(latency_row)
+    for r, model in ((dense_row, dense), (row, pruned)):  # time all four together, the first two again
+        r.runners.update(eager=eager_runner(model, inputs), onnxruntime=ort_runner(model, inputs))
+    time_round_robin(rows, repeats)
     return rows
 
 
@@ -234,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.models.split(","):
         dense, inputs = build(name, args.size)
-        rows.append(measure(Row(name, "", "dense"), dense, inputs, args.repeats))
+        variants = [prepare(Row(name, "", "dense"), dense, inputs)]
         for ratio in ratios:
             for tool in ("graphopt", "torch-pruning"):
-                rows.append(prune_row(name, ratio, tool, dense, inputs, args.repeats)[0])
-                print(f"{name} {ratio} {tool}: {rows[-1].error or 'done'}", file=sys.stderr, flush=True)
-                write()
+                variants.append(prune_row(name, ratio, tool, dense, inputs)[0])
+                print(f"{name} {ratio} {tool}: {variants[-1].error or 'pruned'}", file=sys.stderr, flush=True)
+        time_round_robin(variants, args.repeats)
+        rows += variants
+        write()
     if not args.no_target:
         targets = target_rows(args.size, args.repeats)
     print(write())

@@ -199,7 +199,7 @@ def count_macs(graph: Graph) -> int:
     return sum(node_flops(n) for n in graph.nodes) // 2
 
 
-def measure_latency(graph: Graph, example_inputs: Sequence[Any], runs: int = 5, runtime: str = "torch") -> float:
+def measure_latency(graph: Graph, example_inputs: Sequence[Any], runs: int = 9, runtime: str = "torch") -> float:
     """Median milliseconds of the graph on ``example_inputs`` (after two warm-up runs).
 
     ``runtime`` is ``torch`` (``graph.to_torch()``) or ``onnxruntime`` (``graph.to_onnx()`` in a CPU
