@@ -111,6 +111,8 @@ def _torchvision_specs() -> list[Spec]:
     def size(arch: str) -> int:
         if arch.startswith("vit_"):
             return 56 if arch.endswith("_14") else 64
+        if arch.startswith("vgg"):
+            return 224  # its 7x7 adaptive pool has no ONNX form (torch.onnx) on smaller maps
         return {"maxvit_t": 224, "inception_v3": 96}.get(arch, 64)
 
     def builder(arch: str) -> Callable[[], Built]:

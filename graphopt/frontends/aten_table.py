@@ -307,6 +307,8 @@ def _sdpa_with_bias(cx, a):
 
 # ----------------------------------------------------------------------- norm
 def _batch_norm(cx, a):
+    if a.get("running_mean") is None and a.get("running_var") is None:
+        return _batch_statistics_norm(cx, a)
     _expect(not a.get("training", False) and a["running_mean"] is not None and a["running_var"] is not None)
     cx.only_first_output()
     inputs = [cx.tensor(a["input"]), cx.optional(a["weight"]), cx.optional(a["bias"]),
@@ -314,8 +316,31 @@ def _batch_norm(cx, a):
     return cx.emit("batch_norm", inputs, eps=cx.number(a["eps"]))
 
 
+def _batch_statistics_norm(cx, a):
+    """Batch norm with no running statistics normalises with the batch's own (biased) ones.
+
+    timm's weight standardisation (NFNets' ``ScaledStdConv2d``) applies it to a conv weight
+    reshaped to ``[1, out, -1]``; in primitive ops its statistics are plain reductions.
+    """
+    cx.only_first_output()
+    x = cx.tensor(a["input"])
+    _expect(x.type.rank >= 2 and x.type.dtype.is_floating_point)
+    dims = [d for d in range(x.type.rank) if d != 1]
+    channel = [-1] + [1] * (x.type.rank - 2)
+    mean = cx.inner("mean", [x], dims=dims, keepdim=True)
+    var = cx.inner("var", [x], dims=dims, correction=0, keepdim=True)
+    eps = cx.scalar(cx.number(a["eps"]), dtype=x.type.dtype)
+    y = cx.inner("mul", [cx.inner("sub", [x, mean]), cx.inner("rsqrt", [cx.inner("add", [var, eps])])])
+    weight, bias = cx.optional(a["weight"]), cx.optional(a["bias"])
+    if weight is not None:
+        y = cx.inner("mul", [y, cx.inner("reshape", [weight], shape=channel)])
+    if bias is not None:
+        y = cx.inner("add", [y, cx.inner("reshape", [bias], shape=channel)])
+    return cx.emit("identity", [y])
+
+
 converts("_native_batch_norm_legit_no_training.default", "_native_batch_norm_legit.default",
-         "native_batch_norm.default", "batch_norm.default")(_batch_norm)
+         "_native_batch_norm_legit.no_stats", "native_batch_norm.default", "batch_norm.default")(_batch_norm)
 
 
 @converts("native_layer_norm.default", "layer_norm.default")

@@ -104,6 +104,7 @@ class _Builder:
     labels: dict[Slot, str] = field(default_factory=dict)
     chunks: list[_Chunk] = field(default_factory=list)
     claimed: set[Slot] = field(default_factory=set)
+    weight_derived: set[int] = field(default_factory=set)  # ids of values computed from constants only
 
     # ----------------------------------------------------------- rule helpers
     def size(self, v: Value, d: int) -> int | None:
@@ -149,7 +150,14 @@ class _Builder:
         return self.base[s]
 
     # ------------------------------------------------------------------ build
+    def free(self, v: Value, d: int) -> None:
+        """Dim ``d`` of ``v`` maps to nothing and blocks nothing (a statistic over a weight's channels)."""
+        self.claimed.add(self.slot(v, d))
+
     def run(self) -> None:
+        for node in self.graph.nodes:
+            if all(v is None or v.is_constant or id(v) in self.weight_derived for v in node.inputs):
+                self.weight_derived.update(id(o) for o in node.outputs)
         for v in self.graph.inputs:
             self._block_all(v, f"reaches graph input %{v.name}")
         for v in self.graph.outputs:
@@ -433,6 +441,8 @@ def _softmax(node: Node, b: _Builder) -> None:
 
 @rule("sum", "mean", "amax", "amin", "prod", "var", "any", "all")
 def _reduce(node: Node, b: _Builder) -> None:
+    """Kept dims map through. A reduction over a weight (weight standardisation) leaves its
+    reduced dims prunable: removing channels changes the statistic, as in a layer norm."""
     x, out = node.inputs[0], node.output
     r = _rank(x)
     dims = set(range(r)) if node.attrs.get("dims") is None else {d % r for d in node.attrs["dims"]}
@@ -441,6 +451,8 @@ def _reduce(node: Node, b: _Builder) -> None:
     for d in range(r):
         if d not in dims:
             b.same(x, d, out, d if keep else k)
+        elif id(x) in b.weight_derived:
+            b.free(x, d)
         k += d not in dims
 
 

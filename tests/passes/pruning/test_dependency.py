@@ -318,3 +318,40 @@ def test_llama_for_causal_lm_hidden_size_is_prunable():
     graphopt.prune(graph, inputs, ratio={hidden.label: 0.5})
     assert graph.constants[embedding].data.shape == (64, 16)
     assert graph.to_torch()(*inputs).shape == (1, 8, 64)
+
+
+def test_weight_standardised_convs_prune_with_their_statistics():
+    """timm's NFNet conv standardises its weight with a batch norm on the weight itself: statistics over the
+    input channels do not block them, while a statistic over an activation's channels still does."""
+    from timm.layers import ScaledStdConv2d
+
+    class Standardised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = ScaledStdConv2d(3, 8, 3, padding=1), ScaledStdConv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+    model = Standardised()
+    graph, inputs = capture(model, 2, 3, 6, 6)
+    assert not graph.find("torch.opaque") and graph.find("var")
+    torch.testing.assert_close(graph.to_torch()(*inputs), model(*inputs))
+    g = group_of(build_groups(graph), "a.weight")
+    assert g.prunable and g.size == 8 and member(g, "b.weight", 1) is not None
+    graphopt.prune(graph, inputs, ratio=0.5)
+    assert graph.constants["a.weight"].data.shape[0] == 4 and graph.constants["b.weight"].data.shape[1] == 4
+    assert graph.to_torch()(*inputs).shape == (2, 4)
+
+    class ChannelStatistic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y - y.mean(1, keepdim=True))
+
+    graph, _ = capture(ChannelStatistic(), 1, 3, 4, 4)
+    g = group_of(build_groups(graph), "a.weight")
+    assert not g.prunable and "mean" in g.reason
