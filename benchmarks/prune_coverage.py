@@ -111,8 +111,8 @@ def _torchvision_specs() -> list[Spec]:
     def size(arch: str) -> int:
         if arch.startswith("vit_"):
             return 56 if arch.endswith("_14") else 64
-        if arch.startswith("vgg"):
-            return 224  # its 7x7 adaptive pool has no ONNX form (torch.onnx) on smaller maps
+        if arch.startswith(("vgg", "alexnet")):
+            return 224  # their 7x7 (6x6) adaptive pool has no torch.onnx form on smaller maps
         return {"maxvit_t": 224, "inception_v3": 96}.get(arch, 64)
 
     def builder(arch: str) -> Callable[[], Built]:
