@@ -32,6 +32,7 @@ graphopt pass fired. Prints the tables and writes them to
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import sys
@@ -49,7 +50,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from report import Timing, failure_cell, geomean, machine
+from report import Timing, failure_cell, geomean, machine, round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_compare.md"
 THREADS = 2
@@ -225,15 +226,11 @@ def time_candidates(candidates: list[Candidate], feeds: dict[str, np.ndarray], r
             live.append((c, session, session_feeds))
         except Exception as exc:
             c.row.error = failure_cell(exc)
-    times: dict[int, list[float]] = {id(c): [] for c, _, _ in live}
-    for _ in range(repeats):
-        for c, session, session_feeds in live:
-            start = time.perf_counter()
-            session.run(None, session_feeds)
-            times[id(c)].append((time.perf_counter() - start) * 1e3)
+    timings = round_robin([functools.partial(session.run, None, session_feeds) for _, session, session_feeds in live],
+                          repeats, warmup=0)  # warmed up above, while collecting the outputs
     reference = outputs.get(id(candidates[0]))
-    for c, _, _ in live:
-        c.row.timing = Timing.of(times[id(c)])
+    for (c, _, _), timing in zip(live, timings):
+        c.row.timing = timing
         c.row.max_diff = max_abs_diff(reference, outputs[id(c)]) if reference is not None else math.nan
 
 

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -260,29 +259,24 @@ def torch_pruning_prune(model: nn.Module, inputs: tuple, ratio: float, importanc
 
 
 def onnx_bytes(model: nn.Module, inputs: tuple) -> bytes:
-    """``torch.onnx.export`` to bytes; with grad enabled, so ``nn.MultiheadAttention`` takes its exportable path."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, buffer, dynamo=False,
-                          input_names=[f"input_{k}" for k in range(len(inputs))])
+    export_onnx(model, inputs, buffer)
     return buffer.getvalue()
 
 
-def export_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
-    """``torch.onnx.export`` to a file, which puts weights past 2 GB in external data (grad enabled, as above)."""
+def export_onnx(model: nn.Module, inputs: tuple, to: Path | io.BytesIO) -> None:
+    """``torch.onnx.export``; a file gets weights past 2 GB as external data. Grad stays enabled,
+    so ``nn.MultiheadAttention`` takes its exportable path."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(path), dynamo=False,
+        torch.onnx.export(model, inputs, to if isinstance(to, io.BytesIO) else str(to), dynamo=False,
                           input_names=[f"input_{k}" for k in range(len(inputs))])
 
 
-def run_onnx(model: bytes | onnx.ModelProto | Path, inputs: tuple) -> np.ndarray:
+def run_onnx(path: Path, inputs: tuple) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    session = ort.InferenceSession(data if isinstance(data, bytes) else str(data), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     return session.run(None, feeds)[0]
@@ -386,12 +380,13 @@ def cover(spec: Spec, ratio: float, limits: Limits, max_params: int | None = Non
 def cover_in_child(spec: Spec, ratio: float, limits: Limits, max_params: int | None = None) -> Row:
     """``cover`` in a forked process: the memory one model leaves behind goes with it, and a
     crash (killed for memory) fails that model's row instead of the run."""
-    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
 
     def child() -> None:
         send.send(cover(spec, ratio, limits, max_params))
 
-    process = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    process = fork.Process(target=child, daemon=True)
     process.start()
     send.close()
     try:

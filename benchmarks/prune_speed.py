@@ -42,7 +42,7 @@ import graphopt
 from graphopt.ir.registry import node_flops
 from graphopt.models import KwargsWrapper
 from prune_coverage import count_params, onnx_bytes, torch_pruning_prune
-from report import Timing, failure_cell, machine
+from report import Timing, failure_cell, machine, round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_speed.md"
 THREADS = 2
@@ -132,20 +132,10 @@ def prepare(row: Row, model: nn.Module, inputs: tuple) -> Row:
 
 
 def time_round_robin(rows: list[Row], repeats: int) -> None:
-    """Time every runner of ``rows`` in turns, one run each per round, so drift on a shared
-    machine falls on all variants alike; fills the rows' timings and drops their runners."""
+    """Time every runner of ``rows`` in turns (``report.round_robin``); fills the rows' timings and drops their runners."""
     runners = [(row, kind, run) for row in rows for kind, run in row.runners.items()]
-    times: dict[int, list[float]] = {k: [] for k in range(len(runners))}
-    for _ in range(WARMUP):
-        for _, _, run in runners:
-            run()
-    for _ in range(repeats):
-        for k, (_, _, run) in enumerate(runners):
-            start = time.perf_counter()
-            run()
-            times[k].append((time.perf_counter() - start) * 1e3)
-    for k, (row, kind, _) in enumerate(runners):
-        setattr(row, kind, Timing.of(times[k]))
+    for (row, kind, _), timing in zip(runners, round_robin([run for _, _, run in runners], repeats, WARMUP)):
+        setattr(row, kind, timing)
     for row in rows:
         row.runners.clear()
 

@@ -1,10 +1,12 @@
-"""What the benchmark scripts share: the machine line, timings, geometric means, failure reasons in table cells."""
+"""What the benchmark scripts share: the machine line, round-robin timings, geometric means, failure reasons in table cells."""
 from __future__ import annotations
 
 import math
 import os
 import platform
 import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -38,3 +40,17 @@ class Timing:
     def cell(self) -> str:
         """The median with the interquartile range in brackets."""
         return f"{self.median_ms:.2f} ({self.q3_ms - self.q1_ms:.2f})"
+
+
+def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[Timing]:
+    """Time ``runs`` in turns, one call each per round, so load from other processes falls on all alike."""
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, ts in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            ts.append((time.perf_counter() - start) * 1e3)
+    return [Timing.of(ts) for ts in times]

@@ -19,7 +19,7 @@ emission, or the first (compiling) call. Prints the tables and writes them to
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import time
 import warnings
@@ -32,7 +32,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from report import failure_cell, geomean, machine
+from report import failure_cell, geomean, machine, round_robin
 from graphopt.testing import max_rel_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "torch_compare.md"
@@ -89,18 +89,9 @@ def compare(name: str, repeats: int, level: str) -> list[Row]:
 
 
 def time_round_robin(live: list[tuple[Row, Callable[..., Any]]], inputs: tuple, repeats: int) -> None:
-    for _, run in live:
-        for _ in range(WARMUP):
-            run(*inputs)
-    times: dict[int, list[float]] = {id(row): [] for row, _ in live}
-    for _ in range(repeats):
-        for row, run in live:
-            start = time.perf_counter()
-            run(*inputs)
-            times[id(row)].append((time.perf_counter() - start) * 1e3)
-    for row, _ in live:
-        row.q1_ms, row.median_ms, row.q3_ms = statistics.quantiles(times[id(row)], n=4, method="inclusive")
-
+    timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP)
+    for (row, _), t in zip(live, timings):
+        row.q1_ms, row.median_ms, row.q3_ms = t.q1_ms, t.median_ms, t.q3_ms
 
 
 # -------------------------------------------------------------------- tables

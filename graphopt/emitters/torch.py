@@ -102,10 +102,14 @@ class _Emitter:
             data = _parameter(data)
         elif isinstance(data, torch.nn.Parameter):
             data = data.detach()
-        path = v.name if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", v.name) else _identifier(v.name)
-        if not self._install(path, data):
-            path = self._fresh_attr(_identifier(v.name))
-            self._install(path, data)
+        return self._install_at(v.name, data)
+
+    def _install_at(self, name: str, obj: Any) -> str:
+        """Attach ``obj`` at the dotted ``name`` where it is free, else at a fresh flat name; the path used."""
+        path = name if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", name) else _identifier(name)
+        if not self._install(path, obj):
+            path = self._fresh_attr(_identifier(name))
+            self._install(path, obj)
         return path
 
     def _install(self, path: str, data: Any) -> bool:
@@ -182,8 +186,7 @@ class _Emitter:
         model; shared parameters or computed operands keep the function.
         """
         x, weight, bias, mean, var = node.inputs
-        if not all(v is None or (v.is_constant and len(v.users()) == 1 and id(v) not in self.env)
-                   for v in (weight, bias)) or not all(
+        if not all(v is None or (v.is_constant and len(v.users()) == 1) for v in (weight, bias)) or not all(
                 v is not None and v.is_constant and v.data.is_floating_point() for v in (mean, var)):
             return False
         stats = [v.data.detach() if len(v.users()) == 1 else v.data.detach().clone() for v in (mean, var)]
@@ -191,11 +194,7 @@ class _Emitter:
                            node.attrs.get("eps", 1e-5))
         owner = weight or bias or (mean if len(mean.users()) == 1 else None)
         layer = owner.name.rpartition(".")[0] if owner is not None else ""
-        if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", layer) and self._install(layer, module):
-            path = layer
-        else:
-            path = self._fresh_attr(_identifier(node.name))
-            self._install(path, module)
+        path = self._install_at(layer or node.name, module)
         self.env[id(node.output)] = self.fx.create_node("call_module", path, (self._node_for(x),),
                                                         name=node.output.name)
         return True

@@ -212,17 +212,19 @@ def test_output_and_unknown_ops_make_groups_unprunable():
     assert not g.prunable and "graph output" in g.reason
 
 
-class Cumsum(nn.Module):
-    def __init__(self):
+class Between(nn.Module):
+    """Two convs with ``between`` applied to the channels that couple them."""
+
+    def __init__(self, between):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.a, self.b, self.between = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), between
 
     def forward(self, x):
-        return self.b(torch.cumsum(self.a(x), 1))
+        return self.b(self.between(self.a(x)))
 
 
 def test_unmodelled_use_of_a_dim_blocks_the_group():
-    graph, _ = capture(Cumsum(), 1, 3, 4, 4)
+    graph, _ = capture(Between(lambda y: torch.cumsum(y, 1)), 1, 3, 4, 4)
     g = group_of(build_groups(graph), "a.weight")
     assert not g.prunable and "cumsum" in g.reason
 
@@ -343,15 +345,6 @@ def test_weight_standardised_convs_prune_with_their_statistics():
     assert graph.constants["a.weight"].data.shape[0] == 4 and graph.constants["b.weight"].data.shape[1] == 4
     assert graph.to_torch()(*inputs).shape == (2, 4)
 
-    class ChannelStatistic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
-
-        def forward(self, x):
-            y = self.a(x)
-            return self.b(y - y.mean(1, keepdim=True))
-
-    graph, _ = capture(ChannelStatistic(), 1, 3, 4, 4)
+    graph, _ = capture(Between(lambda y: y - y.mean(1, keepdim=True)), 1, 3, 4, 4)
     g = group_of(build_groups(graph), "a.weight")
     assert not g.prunable and "mean" in g.reason
