@@ -1,11 +1,11 @@
 """graphopt: graph-optimization passes for deep-learning models on one IR for torch.fx and ONNX."""
-from .api import capture, load_onnx, optimize, prune
+from .api import capture, explain, load_onnx, optimize, prune
 from .ir import Graph, Node, TensorType, Value
 from .pass_manager import Pass, PassKind, PassManager, PassResult, register_pass, register_pipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph", "Node", "Pass", "PassKind", "PassManager", "PassResult", "TensorType", "Value", "capture",
+    "Graph", "Node", "Pass", "PassKind", "PassManager", "PassResult", "TensorType", "Value", "capture", "explain",
     "load_onnx", "optimize", "prune", "register_pass", "register_pipeline",
 ]

@@ -104,3 +104,14 @@ def is_op_overload(target: Any) -> bool:
 def schema_arguments(op: Any) -> list[Any]:
     """The declared arguments of an ``OpOverload`` (``name``, ``kwarg_only``, defaults)."""
     return list(op._schema.arguments)
+
+
+# ============================================================================
+# inductor as a region backend (owner: backends/torch.py)
+# ============================================================================
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """Compile an fx graph of torch calls with inductor (AOTAutograd traces it to ATen first), no Dynamo."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))

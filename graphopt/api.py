@@ -77,3 +77,34 @@ def prune(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[Any]
     for v in graph.constants.values():  # the module owns its tensors: fine-tuning it leaves the model alone
         v.data = v.data.detach().clone()
     return graph.to_torch()
+
+
+def explain(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[Any] | None = None,
+            level: str = "O2", **lowering: Any) -> list[Any]:
+    """Decide, per region, which backend runs it, and say why: the decisions ``lower_regions`` makes.
+
+    A module is captured (``example_inputs`` fix the shapes); a graph is copied, never changed.
+    ``level`` is the pipeline run first; ``lowering`` holds ``lower_regions`` options (``backends``,
+    ``cost_model``, ``force``, ``forbid``, ``expected_calls``, ...). Returns the ``Decision``s;
+    ``graphopt.backends.explain.explain_table`` prints them.
+    """
+    from graphopt.backends.lower import LowerRegions
+
+    if isinstance(model_or_graph, Graph):
+        graph = model_or_graph.clone()
+    elif isinstance(model_or_graph, torch.nn.Module):
+        if example_inputs is None:
+            raise InvalidOptionError("explaining a module captures it first: pass example_inputs")
+        graph = capture(model_or_graph, example_inputs)
+    else:
+        raise InvalidOptionError(f"explain takes an nn.Module or a graphopt Graph, got {type(model_or_graph).__name__}")
+    try:
+        lower = LowerRegions(**lowering)
+        lower.validate()
+    except TypeError as e:
+        raise InvalidOptionError(f"{e}; lower_regions options: {', '.join(LowerRegions.option_names())}") from None
+    except ValueError as e:
+        raise InvalidOptionError(str(e)) from None
+    graph = optimize(graph, level)
+    lower(graph)
+    return list(graph.meta.get("lowering", []))

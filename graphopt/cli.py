@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphoptError
+from .errors import GraphoptError, InvalidOptionError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("input", metavar="IN.onnx")
     inspect.set_defaults(command=cmd_inspect)
 
+    explain = commands.add_parser("explain", help="show which backend each region of a model would run on, and why")
+    explain.add_argument("input", metavar="IN.onnx")
+    explain.add_argument("--level", default="O2", help="pipeline to run before lowering (default: O2)")
+    explain.add_argument("--backends", metavar="A,B", help="candidate backends (default: all built in)")
+    explain.add_argument("--forbid", default="", metavar="A,B", help="backends never to choose")
+    explain.add_argument("--force", metavar="NAME", help="choose this backend wherever it supports a region")
+    explain.add_argument("--cost-model", default="measured", choices=("measured", "analytical", "learned"),
+                         help="what decides (default: measured; predictions are shown beside it)")
+    explain.add_argument("--expected-calls", type=int, default=1000, metavar="N",
+                         help="calls that compile time is spread over (default: 1000)")
+    explain.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                         help="value of a symbolic input dimension (default: 1 for each)")
+    explain.add_argument("--json", metavar="OUT.json", help="also write the decisions as JSON here")
+    explain.set_defaults(command=cmd_explain)
+
     demo = commands.add_parser("demo", help="optimize a ResNet, a ViT and a DiT and compare with eager")
     demo.add_argument("--quick", action="store_true", help="only the first model, fewer timing runs")
     demo.set_defaults(command=cmd_demo)
@@ -109,7 +124,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report_path = writable_path(args.report, src, "--report") if args.report else None
     if report_path == dst:
         raise GraphoptError(f"--report and -o name the same file {dst}; give the report its own path")
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    passes = split_names(args.passes)
     check_pipeline(args.level, passes)
     if args.check < 0 or args.repeat < 1:
         raise GraphoptError("--check needs N >= 0 and --repeat N >= 1")
@@ -269,7 +284,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     graph = optimize(load_onnx(original), level="O1")
     before = prune_stats(graph)
     if plan is None:
-        ignored = [name.strip() for name in args.ignore.split(",") if name.strip()]
+        ignored = split_names(args.ignore)
         plan = prune_graph(graph, ratio=ratio, importance=args.importance, round_to=args.round_to,
                            ignored=ignored, ranking=args.ranking)
     else:
@@ -471,6 +486,64 @@ def parameter_size(model: onnx.ModelProto) -> tuple[int, int]:
         elements += count
         size += count * tensor_dtype_to_np_dtype(t.data_type).itemsize
     return elements, size
+
+
+# ------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .api import explain, load_onnx
+    from .backends.explain import explain_json, explain_table
+
+    src = existing_file(args.input)
+    out = writable_path(args.json, src, "--json") if args.json else None
+    model = read_onnx(src)
+    fixed = fix_symbolic_dims(model, parse_dims(args.dim))
+    options: dict[str, Any] = {"cost_model": args.cost_model, "expected_calls": args.expected_calls,
+                               "forbid": tuple(split_names(args.forbid)), "force": args.force, "source": src.stem}
+    if args.backends:
+        options["backends"] = tuple(split_names(args.backends))
+    if args.expected_calls < 1:
+        raise InvalidOptionError(f"--expected-calls must be at least 1, got {args.expected_calls}")
+    if fixed:
+        print("symbolic dims fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    decisions = explain(load_onnx(model), level=args.level, **options)
+    print(explain_table(decisions))
+    if out is not None:
+        write_atomically(out, explain_json(decisions).encode())
+    return 0
+
+
+def split_names(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``: the comma-separated lists of the options."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise InvalidOptionError(f"--dim takes NAME=N with N a positive integer, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def fix_symbolic_dims(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, int]:
+    """Give every symbolic input dimension a value (``dims``, else 1), in place; the values used."""
+    initializers = {t.name for t in model.graph.initializer}
+    fixed: dict[str, int] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        for d in value.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                name = d.dim_param or "?"
+                fixed[name] = dims.get(name, 1)
+                d.dim_value = fixed[name]
+    unknown = sorted(set(dims) - set(fixed))
+    if unknown:
+        raise InvalidOptionError(f"--dim names no symbolic input dimension: {', '.join(unknown)}; "
+                                 f"the model's are: {', '.join(fixed) or 'none'}")
+    return fixed
 
 
 # ---------------------------------------------------------------------- demo

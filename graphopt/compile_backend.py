@@ -163,7 +163,9 @@ class GraphCompiler:
         graph = manager.run(graph).graph
         module = graph.to_torch()
         entry = {"nodes_before": nodes_before, "nodes_after": len(graph), "passes_fired": manager.report.fired,
-                 "passes": [dataclasses.asdict(r) for r in manager.report.records]}
+                 "passes": [dataclasses.asdict(r) for r in manager.report.records],
+                 "lowering": [{"region": d.region, "hash": d.hash, "nodes": d.nodes, "chosen": d.chosen}
+                              for d in graph.meta.get("lowering", [])]}
         return module, entry
 
 

@@ -83,7 +83,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 def register_pipeline(level: str, pass_names: Sequence[str]) -> None:
     """Name a pipeline. Lossy passes are refused: they must be asked for explicitly."""
     for name in pass_names:
-        cls = get_pass(name)
+        cls = PASSES.get(name)  # registered already: looking up must not load the built-ins mid-import
+        if cls is None:
+            raise KeyError(f"pipeline {level} names pass {name!r}, which is not registered")
         if cls.kind is PassKind.LOSSY:
             raise ValueError(f"pipeline {level} cannot hold lossy pass {name}; ask for it by name instead")
     PIPELINES[level] = list(pass_names)
@@ -106,6 +108,7 @@ def pipeline(level: str) -> list[str]:
 
 
 def _load_builtin_passes() -> None:
+    import graphopt.backends.lower  # noqa: F401  (registers lower_regions and O3)
     import graphopt.passes  # noqa: F401  (registers the built-in passes and pipelines)
 
 

@@ -6,6 +6,7 @@ Importing this package registers the passes and the named pipelines:
 - ``O2``: O1, then operator recognition and fusion, then layout, then the
   fusion-group annotations the lowering stage reads. The manager repeats the
   whole list until nothing changes, so a rewrite that exposes cleanup gets it.
+- ``O3`` (registered by ``graphopt.backends.lower``): O2, then ``lower_regions``.
 
 ``channels_last`` is exact but not in O2: its benefit depends on the backend's
 convolution kernels, so it is asked for by name.

@@ -270,3 +270,26 @@ def test_prune_bad_input_is_one_error_line_and_exit_2(resnet_path, tmp_path, cap
     assert len(lines) == 1 and lines[0].startswith("graphopt: error: ") and message in lines[0], err
     assert "Traceback" not in err + out
     assert not out_path.exists()
+
+
+# ------------------------------------------------------------------- explain
+def test_explain_prints_each_region_and_writes_json(model_path, tmp_path, capsys):
+    out_json = tmp_path / "explain.json"
+    code, out, err = run_cli(capsys, "explain", model_path, "--backends", "onnxruntime,torch", "--json", out_json)
+    assert code == 0, err
+    assert "region 0" in out and "chosen:" in out and "onnxruntime" in out
+    decisions = json.loads(out_json.read_text())
+    assert decisions[0]["chosen"] in ("onnxruntime", "torch")
+    assert {c["backend"] for c in decisions[0]["candidates"]} == {"onnxruntime", "torch"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "nope"], "unknown backend"),
+    (["--dim", "batch"], "--dim takes NAME=N"),
+    (["--dim", "nothere=2"], "--dim names no symbolic input dimension"),
+    (["--expected-calls", "0"], "--expected-calls must be at least 1"),
+])
+def test_explain_bad_options_are_one_line_errors(model_path, capsys, argv, message):
+    code, out, err = run_cli(capsys, "explain", model_path, *argv)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -41,3 +41,15 @@ def torch_opaque(*inputs: Any, target: Any, args: tuple = (), kwargs: dict | Non
 
 register_op(OpDef("torch.opaque", torch_opaque, category="opaque", pure=False,
                   num_outputs=lambda attrs: attrs.get("num_outputs", 1), doc=torch_opaque.__doc__))
+
+
+def kernel_call(*inputs: Any, kernel: Any, num_outputs: int = 1) -> Any:
+    """Call a compiled kernel (a lowered region) that returns a tuple; one result comes back bare."""
+    results = tuple(kernel(*inputs))
+    if len(results) != num_outputs:
+        raise TypeError(f"kernel {kernel} returned {len(results)} results, the node expects {num_outputs}")
+    return results if num_outputs != 1 else results[0]
+
+
+register_op(OpDef("kernel_call", kernel_call, category="opaque", pure=False,
+                  num_outputs=lambda attrs: attrs.get("num_outputs", 1), doc=kernel_call.__doc__))

@@ -1,0 +1,302 @@
+"""Lowering: each region of the graph runs on the backend the cost models pick for it.
+
+``LowerRegions`` partitions the graph into regions that compiling backends
+support (fusion groups kept whole), asks the cost models what each candidate
+backend would cost per call, counts compile time against the expected number
+of calls, compiles the winner and replaces the region by one ``kernel_call``
+node. Nodes no region takes stay as they are and run eagerly. Every decision
+(candidates, predictions, measurements, the choice and why) is kept in
+``graph.meta["lowering"]``: what ``graphopt explain`` prints. A region
+decided once is not decided again when a fixed-point pipeline reruns the pass.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graphopt.ir import Graph, TensorType
+from graphopt.pass_manager import PIPELINES, Pass, PassKind, PassResult, register_pass, register_pipeline
+
+from .base import BACKENDS, Backend, CompiledRegion, Kernel, random_inputs
+from .region import Region, partition
+
+logger = logging.getLogger(__name__)
+
+COST_MODELS = ("measured", "analytical", "learned")
+DEFAULT_BACKENDS = ("onnxruntime", "inductor", "tvm", "triton", "torch")
+SHAPE_ONLY = frozenset({"shape", "data"})
+"""Op categories that compute nothing (views, reshapes, constants): a region of only these is not worth a call."""
+
+
+@dataclass
+class Candidate:
+    """One backend's case for one region."""
+
+    backend: str
+    status: str = "ok"
+    """``ok``; or why it was not in the running: ``unavailable``, ``unsupported``, ``forbidden``, ``failed``."""
+    reason: str = ""
+    predicted: dict[str, float] = field(default_factory=dict)
+    """Seconds per call, by cost model name."""
+    measured: float | None = None
+    spread: float | None = None
+    compile_seconds: float | None = None
+    max_error: float | None = None
+
+
+@dataclass
+class Decision:
+    """What was chosen for one region, among which candidates, by which cost model."""
+
+    region: int
+    hash: str
+    nodes: int
+    ops: dict[str, int]
+    flops: int
+    candidates: list[Candidate]
+    chosen: str | None
+    cost_model: str
+    note: str = ""
+
+
+@register_pass
+@dataclass
+class LowerRegions(Pass):
+    """Lower each supported region to the backend with the lowest predicted cost (no change to the math).
+
+    Partitioning as in TVM's BYOC flow (Chen et al. 2021, "Bring Your Own
+    Codegen to Deep Learning Compiler", MLSys) and selection by cost models
+    as in TVM's AutoTVM/Ansor (Chen et al. 2018, "Learning to Optimize Tensor
+    Programs", NeurIPS), applied to whole backends: each candidate's cost is
+    its predicted seconds per call plus its compile (and tuning) seconds
+    spread over ``expected_calls``. ``cost_model`` is ``measured`` (compile
+    and time every candidate once; records are cached by structural hash,
+    device and library versions), ``analytical`` (roofline) or ``learned``
+    (trained on the timing database). ``force`` picks one backend wherever it
+    supports a region; ``forbid`` removes backends. A chosen kernel is checked
+    against eager on random inputs (``check``) and dropped if it differs.
+    """
+
+    name = "lower_regions"
+    kind = PassKind.EXACT
+
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    cost_model: str = "measured"
+    expected_calls: int = 1000
+    force: str | None = None
+    forbid: tuple[str, ...] = ()
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str | None = None
+    """Where the kernels run; default: where the graph's constants are (else cpu)."""
+    check: bool = True
+    tolerance: float = 1e-3
+    repeats: int = 10
+    source: str = ""
+    """A label stored with the timings (the model's name), so a learned model can hold out whole models."""
+
+    def call(self, graph: Graph) -> PassResult:
+        self.validate()
+        from . import load_builtin_backends
+
+        load_builtin_backends()
+        device = torch.device(self.device) if self.device else _device_of(graph)
+        backends = {name: BACKENDS[name](**self.backend_options.get(name, {})) for name in self.backends}
+        compilers = [b for name, b in backends.items() if name != "torch"]
+        regions = partition(graph, lambda n: n.op != "kernel_call" and any(b.supports(n) for b in compilers))
+        decided: list[Decision] = graph.meta.setdefault("lowering", [])
+        seen = {d.hash for d in decided}
+        decisions, lowered = [], 0
+        estimator = _Estimator(self, device)
+        for region in regions:
+            if not worth_lowering(region) or region.hash in seen:  # decided on an earlier run: left to eager
+                continue
+            decision, kernel = self._decide(region, backends, device, estimator)
+            decisions.append(decision)
+            if kernel is not None and decision.chosen != "torch":
+                _replace(graph, region, kernel, decision.chosen)
+                lowered += 1
+        graph.remove_unused_constants()
+        decided.extend(decisions)
+        return PassResult(graph, lowered > 0, {"regions": len(decisions), "lowered": lowered})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad option."""
+        unknown = sorted({*self.backends, *self.forbid, *([self.force] if self.force else [])} - set(_known()))
+        if unknown:
+            raise ValueError(f"unknown backend {', '.join(unknown)}; known backends: {', '.join(_known())}")
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"unknown cost_model {self.cost_model!r}; choose one of {', '.join(COST_MODELS)}")
+        if self.force and self.force not in self.backends:
+            raise ValueError(f"force={self.force!r} is not among backends={list(self.backends)}")
+        if self.expected_calls < 1:
+            raise ValueError(f"expected_calls must be at least 1, got {self.expected_calls}")
+
+    def _decide(self, region: Region, backends: dict[str, Backend], device: torch.device,
+                estimator: _Estimator) -> tuple[Decision, Kernel | None]:
+        candidates = [self._candidate(region, name, backend, device, estimator) for name, backend in backends.items()]
+        decision = Decision(region.index, region.hash, len(region.nodes), region.graph.op_counts(), region.flops,
+                            candidates, None, self.cost_model)
+        for _ in candidates:
+            ranked = sorted((c for c in candidates if c.status == "ok" and self._cost(c) is not None),
+                            key=self._cost)
+            forced = [c for c in candidates if c.backend == self.force and c.status == "ok"]
+            ranked = forced + [c for c in ranked if c not in forced]
+            if not ranked:
+                decision.note = "no candidate has an estimate; the region stays eager"
+                return decision, None
+            best = ranked[0]
+            kernel = estimator.kernel(region, best, backends[best.backend])
+            if kernel is not None:
+                decision.chosen = best.backend
+                return decision, kernel
+        return decision, None
+
+    def _candidate(self, region: Region, name: str, backend: Backend, device: torch.device,
+                   estimator: _Estimator) -> Candidate:
+        candidate = Candidate(name)
+        if name in self.forbid:
+            candidate.status, candidate.reason = "forbidden", "forbidden by the forbid option"
+        elif (reason := backend.unavailable(device)) is not None:
+            candidate.status, candidate.reason = "unavailable", reason
+        elif not all(backend.supports(n) for n in region.graph.nodes):
+            missing = sorted({n.op for n in region.graph.nodes if not backend.supports(n)})
+            candidate.status, candidate.reason = "unsupported", "unsupported ops: " + ", ".join(missing[:5])
+        else:
+            estimator.estimate(region, candidate, backend)
+        return candidate
+
+    def _cost(self, c: Candidate) -> float | None:
+        seconds = c.measured if self.cost_model == "measured" else c.predicted.get(self.cost_model)
+        if seconds is None:
+            return None
+        return seconds + (c.compile_seconds or 0.0) / self.expected_calls
+
+
+class _Estimator:
+    """Predictions and measurements for one lowering run; compiled kernels are kept for the winner."""
+
+    def __init__(self, options: LowerRegions, device: torch.device):
+        from graphopt.cost_models.analytical import AnalyticalCostModel
+        from graphopt.cost_models.database import TimingDatabase
+        from graphopt.cost_models.learned import LearnedCostModel
+
+        self.options = options
+        self.device = device
+        self.database = TimingDatabase()
+        self.analytical = AnalyticalCostModel()
+        try:
+            self.learned: LearnedCostModel | None = LearnedCostModel.load()
+        except (OSError, ValueError, TypeError, pickle.UnpicklingError):  # none trained yet, or another version's
+            self.learned = None
+        self.kernels: dict[tuple[str, str], Kernel] = {}
+
+    def estimate(self, region: Region, c: Candidate, backend: Backend) -> None:
+        from graphopt.cost_models.database import device_key
+
+        for model in (self.analytical, self.learned):
+            if model is not None and (seconds := model.predict(region, c.backend, self.device)) is not None:
+                c.predicted[model.name] = seconds
+        record = self.database.lookup(region.hash, self.record_name(c.backend), device_key(self.device))
+        if record is not None:
+            c.measured, c.spread, c.compile_seconds = record.seconds, record.spread, record.compile_seconds
+        elif self.options.cost_model == "measured":
+            self._measure(region, c, backend)
+        if c.compile_seconds is None:
+            c.compile_seconds = self._typical_compile_seconds(self.record_name(c.backend))
+
+    def record_name(self, backend: str) -> str:
+        """The backend's name in the timing database, with its options (``tvm[tune_trials=64]``): timings of
+        differently configured backends must not stand in for each other."""
+        options = self.options.backend_options.get(backend)
+        return backend if not options else f"{backend}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+    def _measure(self, region: Region, c: Candidate, backend: Backend) -> None:
+        from graphopt.cost_models.measured import measure
+
+        kernel = self._compile(region, c, backend)
+        if kernel is None:
+            return
+        record = measure(region, self.record_name(c.backend), kernel, random_inputs(region, self.device), c.compile_seconds or 0.0,
+                         self.options.source, database=self.database, repeats=self.options.repeats)
+        c.measured, c.spread = record.seconds, record.spread
+
+    def kernel(self, region: Region, c: Candidate, backend: Backend) -> Kernel | None:
+        """The candidate's compiled kernel, checked against eager; None (and the candidate failed) if not."""
+        kernel = self.kernels.get((region.hash, c.backend)) or self._compile(region, c, backend)
+        if kernel is None or not self.options.check or c.backend == "torch":
+            return kernel
+        inputs = random_inputs(region, self.device, seed=1)
+        with torch.no_grad():
+            expected = region.graph.to_torch().to(self.device)(*inputs)
+            got = kernel(*inputs)
+        c.max_error = max((_relative_error(e, g) for e, g in zip(expected, got)), default=0.0)
+        if len(got) != len(expected) or c.max_error > self.options.tolerance:
+            c.status, c.reason = "failed", f"output differs from eager by {c.max_error:.2e} (relative)"
+            return None
+        return kernel
+
+    def _compile(self, region: Region, c: Candidate, backend: Backend) -> Kernel | None:
+        start = time.perf_counter()
+        try:
+            kernel = backend.compile(region, self.device)
+        except Exception as exc:  # a backend failing on a region leaves the others in the running
+            c.status, c.reason = "failed", f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            logger.info("%s could not compile region %d: %s", c.backend, region.index, c.reason)
+            return None
+        c.compile_seconds = time.perf_counter() - start
+        self.kernels[(region.hash, c.backend)] = kernel
+        return kernel
+
+    def _typical_compile_seconds(self, backend: str) -> float:
+        """Median compile seconds recorded for this backend, 0 when it was never measured."""
+        seconds = sorted(r.compile_seconds for r in self.database if r.backend == backend)
+        return seconds[len(seconds) // 2] if seconds else 0.0
+
+
+def _known() -> list[str]:
+    from . import load_builtin_backends
+
+    load_builtin_backends()
+    return sorted(BACKENDS)
+
+
+def _device_of(graph: Graph) -> torch.device:
+    return next((v.data.device for v in graph.constants.values() if v.data is not None), torch.device("cpu"))
+
+
+def worth_lowering(region: Region) -> bool:
+    """Regions that compute something, on static tensors (compiled kernels have fixed signatures)."""
+    if all(n.opdef.category in SHAPE_ONLY for n in region.graph.nodes):
+        return False
+    values = [*region.graph.inputs, *region.graph.outputs]
+    return all(isinstance(v.type, TensorType) and v.type.is_static for v in values)
+
+
+def _replace(graph: Graph, region: Region, kernel: Kernel, backend: str) -> None:
+    """One ``kernel_call`` node in place of the region's nodes."""
+    module = CompiledRegion(kernel, backend, region.hash)
+    call = graph.add_node("kernel_call", region.inputs, {"kernel": module, "num_outputs": len(region.outputs)},
+                          output_types=[v.type for v in region.outputs], name=f"region{region.index}_{backend}",
+                          meta={"backend": backend, "region_hash": region.hash})
+    for old, new in zip(region.outputs, call.outputs):
+        old.replace_all_uses_with(new)
+    for node in reversed(region.nodes):
+        graph.remove_node(node)
+    graph.sort()
+
+
+def _relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    if expected.shape != got.shape:
+        return float("inf")
+    if not expected.dtype.is_floating_point:
+        return 0.0 if torch.equal(expected, got.to(expected.dtype)) else float("inf")
+    scale = expected.abs().max().item() or 1.0
+    return (expected.double() - got.double()).abs().max().item() / scale
+
+
+register_pipeline("O3", [*PIPELINES["O2"], "lower_regions"])

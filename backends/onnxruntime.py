@@ -1,0 +1,92 @@
+"""onnxruntime as a backend: a region becomes an ONNX model run by an ``InferenceSession``.
+
+The region is emitted for onnxruntime's own fused ops (and, on CPU, its NCHWc
+blocked convolutions), the session applies its full optimisation level, and
+tensors are bound in place with IO binding: inputs are read from the torch
+tensors' memory and outputs written into tensors allocated here, so no copy
+goes through numpy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt.emitters.onnx import DEFAULT_OPSET
+from graphopt.emitters.onnx_table import EMITTERS
+from graphopt.frontends.onnx import torch_to_numpy
+from graphopt.ir import Node, TensorType
+
+from .base import Backend, Kernel, register_backend, static_tensors_only
+from .region import Region
+
+
+@register_backend
+@dataclass
+class OnnxRuntimeBackend(Backend):
+    """Regions of ops with an ONNX lowering and static shapes, run by onnxruntime (CPU or CUDA provider)."""
+
+    name = "onnxruntime"
+
+    threads: int | None = None
+    """Intra-op threads; default torch's thread count, so both runtimes use the same cores."""
+
+    def unavailable(self, device: torch.device) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed"
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+        if device.type not in ("cpu", "cuda"):
+            return f"onnxruntime runs on cpu and cuda, not {device.type}"
+        return None
+
+    def supports(self, node: Node) -> bool:
+        return node.op in EMITTERS and static_tensors_only(node)
+
+    def compile(self, region: Region, device: torch.device) -> Kernel:
+        import onnxruntime as ort
+
+        target = "onnxruntime-cpu" if device.type == "cpu" else "onnxruntime"
+        model = region.graph.to_onnx(opset=DEFAULT_OPSET, target=target)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return _BoundSession(session, region, device)
+
+
+class _BoundSession:
+    """Calls a session through IO binding on torch tensors: zero-copy in, outputs allocated by torch."""
+
+    def __init__(self, session, region: Region, device: torch.device):
+        self.session = session
+        self.device = device
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [(o.name, v.type) for o, v in zip(session.get_outputs(), region.graph.outputs)]
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        binding = self.session.io_binding()
+        kept = []  # contiguous copies must outlive the run
+        for name, t in zip(self.inputs, tensors):
+            t = t.contiguous()
+            kept.append(t)
+            binding.bind_input(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
+                               tuple(t.shape), t.data_ptr())
+        results = []
+        for name, t in self.outputs:
+            assert isinstance(t, TensorType)
+            out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            binding.bind_output(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
+                                tuple(out.shape), out.data_ptr())
+            results.append(out)
+        self.session.run_with_iobinding(binding)
+        return tuple(results)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    """The numpy element type onnxruntime binds for a torch dtype (ml_dtypes for bfloat16)."""
+    return torch_to_numpy(torch.empty(0, dtype=dtype)).dtype

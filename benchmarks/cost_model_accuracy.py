@@ -1,0 +1,151 @@
+"""How well the cost models rank lowerings of regions from models they have not seen.
+
+For each model: capture, O2, then three kinds of region: the lowering partitions
+(what ``lower_regions`` decides on), each fusion group, and each compute node in no
+group. Every region is compiled by each ``--backends`` backend and timed (warm-up,
+median; ``cost_models.measured.measure``), the records going to the timing database
+with the model's name as their source. Then, leaving one model out at a time, the
+learned model is trained on the others and scored on the held-out model's regions:
+Spearman rank correlation of predicted against measured seconds, and the share of
+regions where the backend predicted fastest is the measured fastest. The analytical
+model is scored on the same regions. Prints the table and writes it to
+``benchmarks/results/cost_model_accuracy.md``; the learned model fitted on all records
+is saved where ``lower_regions`` loads it.
+
+    python benchmarks/cost_model_accuracy.py [--models a,b] [--backends onnxruntime,torch]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import graphopt
+from graphopt.backends import load_builtin_backends
+from graphopt.backends.base import BACKENDS, random_inputs
+from graphopt.backends.lower import worth_lowering
+from graphopt.backends.region import Region, extract, partition
+from graphopt.cost_models.analytical import AnalyticalCostModel
+from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
+from graphopt.cost_models.learned import LearnedCostModel
+from graphopt.cost_models.measured import measure
+from graphopt.models import MODEL_CASES
+from report import machine
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cost_model_accuracy.md"
+THREADS = 2
+MODELS = ("torchvision.resnet18", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0", "torchvision.convnext_tiny",
+          "torchvision.densenet121", "torchvision.regnet_y_400mf", "torchvision.squeezenet1_0",
+          "timm.vit_tiny_patch16_224", "timm.resnet18d", "timm.mobilenetv3_small_050", "transformers.bert",
+          "transformers.gpt2", "transformers.t5_encoder", "diffusers.dit")
+
+
+def regions_of(graph: graphopt.Graph, supported) -> list[Region]:
+    """Partitions, fusion groups and lone compute nodes, each once (by structural hash)."""
+    candidates = partition(graph, supported)
+    by_name = {n.name: n for n in graph.nodes}
+    for group in graph.meta.get("fusion_groups", {}).values():
+        members = [by_name[name] for name in group["nodes"]]
+        if all(supported(n) for n in members):
+            candidates.append(extract(graph, members))
+    candidates += [extract(graph, [n]) for n in graph.nodes if "fusion_group" not in n.meta and supported(n)]
+    unique: dict[str, Region] = {}
+    for r in candidates:
+        if worth_lowering(r):
+            unique.setdefault(r.hash, r)
+    return list(unique.values())
+
+
+def collect(name: str, backends: list[str], database: TimingDatabase) -> int:
+    model, inputs = MODEL_CASES[name].build()
+    graph = graphopt.optimize(graphopt.capture(model, inputs), "O2")
+    compilers = {b: BACKENDS[b]() for b in backends}
+    device = torch.device("cpu")
+    count = 0
+    for region in regions_of(graph, lambda n: all(c.supports(n) for c in compilers.values())):
+        for b, backend in compilers.items():
+            if database.lookup(region.hash, b, device_key(device)) is not None:
+                continue
+            try:
+                start = time.perf_counter()
+                kernel = backend.compile(region, device)
+                measure(region, b, kernel, random_inputs(region, device), time.perf_counter() - start, name,
+                        database=database, repeats=7)
+                count += 1
+            except Exception as exc:  # a backend failing on a region is left out of the data
+                print(f"  {name}: {b} failed on region {region.hash}: {type(exc).__name__}", file=sys.stderr)
+    return count
+
+
+def analytical_scores(records: list[TimingRecord], regions: dict[str, Region]) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
+    model = AnalyticalCostModel()
+    device = torch.device("cpu")
+    pairs = [(model.predict(regions[r.region_hash], r.backend, device), r) for r in records if r.region_hash in regions]
+    pairs = [(p, r) for p, r in pairs if p is not None]
+    by_region: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    for p, r in pairs:
+        by_region[r.region_hash][r.backend] = (p, r.seconds)
+    contested = [list(t.values()) for t in by_region.values() if len(t) > 1]
+    hits = sum(min(t, key=lambda x: x[0])[1] == min(s for _, s in t) for t in contested)
+    return {"spearman": float(spearmanr([p for p, _ in pairs], [r.seconds for _, r in pairs]).statistic),
+            "best_backend_share": hits / len(contested) if contested else math.nan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--backends", default="onnxruntime,torch")
+    parser.add_argument("--database", help="timing database file (default: the cache's)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    load_builtin_backends()
+    names, backends = args.models.split(","), args.backends.split(",")
+    database = TimingDatabase(args.database)
+    for name in names:
+        start = time.perf_counter()
+        print(f"{name}: {collect(name, backends, database)} new timings in {time.perf_counter() - start:.0f} s",
+              flush=True)
+    key = device_key(torch.device("cpu"))
+    records = [r for r in database if r.source in names and r.backend in backends and r.device == key]
+    rows = ["| held-out model | regions | learned Spearman | learned picks fastest | analytical Spearman | "
+            "analytical picks fastest | median error × (learned) |", "|---|---|---|---|---|---|---|"]
+    learned, analytical = defaultdict(list), defaultdict(list)
+    for name in names:
+        score = LearnedCostModel().evaluate(records, [name])
+        model, inputs = MODEL_CASES[name].build()
+        graph = graphopt.optimize(graphopt.capture(model, inputs), "O2")
+        compilers = [BACKENDS[b]() for b in backends]
+        regions = {r.hash: r for r in regions_of(graph, lambda n: all(c.supports(n) for c in compilers))}
+        ana = analytical_scores([r for r in records if r.source == name], regions)
+        for k in ("spearman", "best_backend_share"):
+            learned[k].append(score[k])
+            analytical[k].append(ana[k])
+        rows.append(f"| {name} | {score['heldout_regions_compared']} | {score['spearman']:.3f} | "
+                    f"{score['best_backend_share']:.0%} | {ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | "
+                    f"{score['median_error_factor']:.2f} |")
+    mean = statistics.fmean
+    rows.append(f"| **mean** | | **{mean(learned['spearman']):.3f}** | **{mean(learned['best_backend_share']):.0%}** | "
+                f"{mean(analytical['spearman']):.3f} | {mean(analytical['best_backend_share']):.0%} | |")
+    path = LearnedCostModel().fit(records).save()
+    text = "\n".join([
+        "# Cost model accuracy on held-out models", "",
+        f"{machine()}, {THREADS} threads, torch {torch.__version__}; backends: {', '.join(backends)}; "
+        f"{len(records)} timings of {len({r.region_hash for r in records})} regions from {len(names)} models. "
+        "Leave-one-model-out: the learned model never saw the held-out model's regions.", "", *rows, "",
+        f"The model fitted on all records is saved at {path.name} in the cache folder.", ""])
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

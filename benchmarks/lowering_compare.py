@@ -1,0 +1,190 @@
+"""Lowering (O3) against eager, inductor and onnxruntime: CPU latency at batch 1 and 8, compile time.
+
+For each model and batch size, four ways to run it:
+
+- ``eager``: the model as written;
+- ``inductor``: ``torch.compile(model)``, the default backend;
+- ``onnxruntime``: ``torch.onnx.export`` (legacy exporter), ``ORT_ENABLE_ALL``;
+- ``graphopt-O3``: ``torch.compile(model, backend="graphopt", options={"level": "O3"})``: O2, then
+  each region lowered to the backend the measured cost model picks (``--backends``).
+
+Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on 2 threads, timed
+round-robin (``report.round_robin``), with the interquartile range; ×: against eager;
+"prepare s" is the export or the first, compiling, call. The graphopt row also lists the
+backends its regions went to. Prints the tables and writes them to
+``benchmarks/results/lowering_compare.md``.
+
+    python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+
+from graphopt.models import MODEL_CASES
+from graphopt.testing import flatten_outputs, max_rel_error
+from report import failure_cell, geomean, machine, round_robin
+
+RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
+THREADS = 2
+WARMUP = 3
+WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3")
+MODELS = ("torchvision.resnet18", "torchvision.resnet50", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0",
+          "torchvision.convnext_tiny", "timm.vit_tiny_patch16_224", "timm.deit_tiny_patch16_224", "transformers.bert",
+          "transformers.gpt2", "transformers.vit", "diffusers.dit")
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    way: str
+    median_ms: float | None = None
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    prepare_s: float | None = None
+    max_rel_error: float | None = None
+    chosen: str = ""
+    error: str = ""
+
+
+def batched(inputs: tuple, batch: int) -> tuple:
+    """The inputs repeated ``batch`` times along dim 0 (every zoo model takes batch-first tensors)."""
+    return tuple(x.repeat(batch, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim() else x
+                 for x in inputs)
+
+
+def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., Any]:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buffer, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)}
+    return lambda *_: [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str, ...],
+            report: Path) -> Callable[..., Any]:
+    if row.way == "eager":
+        return model
+    if row.way == "onnxruntime":
+        return onnxruntime_runner(model, inputs)
+    torch.compiler.reset()
+    if row.way == "inductor":
+        return torch.compile(model)
+    lowering = {"backends": backends, "source": row.model}
+    return torch.compile(model, backend="graphopt", options={
+        "level": "O3", "pass_options": {"lower_regions": lowering}, "fallback": False, "report": str(report)})
+
+
+def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...]) -> list[Row]:
+    model, inputs = MODEL_CASES[name].build()
+    inputs = batched(inputs, batch)
+    rows, live = [], []
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        reference = flatten_outputs(model(*inputs))
+        for way in WAYS:
+            row = Row(name, batch, way)
+            rows.append(row)
+            report = Path(tmp) / f"{way}.json"
+            try:
+                start = time.perf_counter()
+                run = prepare(row, model, inputs, backends, report)
+                got = flatten_outputs(run(*inputs))
+                row.prepare_s = time.perf_counter() - start
+                row.max_rel_error = max_rel_error(reference[:len(got)], got)
+                if report.exists():
+                    chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
+                                     for d in g["lowering"])
+                    row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
+                live.append((row, run))
+            except Exception as exc:  # a way that fails on a model is a result, not a crash
+                row.error = failure_cell(exc)
+        timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP)
+    for (row, _), t in zip(live, timings):
+        row.q1_ms, row.median_ms, row.q3_ms = t.q1_ms, t.median_ms, t.q3_ms
+    return rows
+
+
+def ratio(row: Row, rows: list[Row]) -> float | None:
+    eager = next(r for r in rows if r.model == row.model and r.batch == row.batch and r.way == "eager")
+    return None if row.error or eager.error else row.median_ms / eager.median_ms
+
+
+def detail_table(rows: list[Row]) -> list[str]:
+    lines = ["| model | batch | way | ms (median) | IQR ms | ×eager | prepare s | max rel error | regions → backend |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.model} | {r.batch} | {r.way} | failed: {r.error} | | | | | |")
+            continue
+        lines.append(f"| {r.model} | {r.batch} | {r.way} | {r.median_ms:.2f} | {r.q3_ms - r.q1_ms:.2f} | "
+                     f"{ratio(r, rows):.2f} | {r.prepare_s:.1f} | {r.max_rel_error:.1e} | {r.chosen} |")
+    return lines
+
+
+def summary_table(rows: list[Row], batches: list[int]) -> list[str]:
+    lines = ["| batch | way | models | geomean ×eager | geomean ×best other | total prepare s | failures |",
+             "|---|---|---|---|---|---|---|"]
+    for batch in batches:
+        for way in WAYS:
+            done = [r for r in rows if r.batch == batch and r.way == way and not r.error]
+            against_best = []
+            for r in done:
+                others = [o.median_ms for o in rows if o.model == r.model and o.batch == batch and o.way != way
+                          and o.way != "graphopt-O3" and not o.error]
+                if way == "graphopt-O3" and others:
+                    against_best.append(r.median_ms / min(others))
+            lines.append(f"| {batch} | {way} | {len(done)} | {geomean([ratio(r, rows) for r in done]):.3f} | "
+                         f"{geomean(against_best):.3f} | {sum(r.prepare_s for r in done):.1f} | "
+                         f"{sum(r.batch == batch and r.way == way and bool(r.error) for r in rows)} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--backends", default="onnxruntime,inductor,torch",
+                        help="graphopt's candidate backends (default: onnxruntime,inductor,torch)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    batches = [int(b) for b in args.batches.split(",")]
+    backends = tuple(args.backends.split(","))
+    rows: list[Row] = []
+    for name in args.models.split(","):
+        for batch in batches:
+            rows += compare(name, batch, args.repeats, backends)
+            print("\n".join(detail_table([r for r in rows if r.model == name and r.batch == batch])[2:]), flush=True)
+    header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
+              f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
+              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats.", ""]
+    text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Partitioning, the onnxruntime and torch backends, the lowering pass, explain, and O3 through torch.compile."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from graphopt import api
+from graphopt.backends import load_builtin_backends
+from graphopt.backends.base import BACKENDS, Backend, register_backend
+from graphopt.backends.explain import explain_table
+from graphopt.backends.lower import LowerRegions
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.region import partition
+from graphopt.cost_models.database import TimingDatabase
+from graphopt.passes.fusion_groups import Reachability
+from graphopt.testing import assert_close_outputs
+
+FAST = ("onnxruntime", "torch")
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+
+
+def o2(model: nn.Module, *inputs: torch.Tensor):
+    return api.optimize(api.capture(model, inputs), "O2")
+
+
+@pytest.fixture(scope="module")
+def resnet_o2(resnet):
+    """The captured, O2-optimized ResNet; tests take a ``clone()``."""
+    return o2(*resnet)
+
+
+class Branches(nn.Module):
+    """conv -> (sigmoid, an op ORT is told not to take, here ``tanh``) -> add: the add must not
+    join the sigmoid's region around the excluded node unless the region stays convex."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.proj(torch.sigmoid(y) + torch.tanh(y * 2))
+
+
+# ------------------------------------------------------------------ partition
+def test_partition_keeps_fusion_groups_whole_and_regions_convex(resnet_o2):
+    graph = resnet_o2.clone()
+    groups = graph.meta["fusion_groups"]
+    assert groups
+    excluded = {n.name for n in graph.nodes if n.op == "add"}
+    regions = partition(graph, lambda n: n.name not in excluded)
+    assert len(regions) > 1
+    reach = Reachability(graph)
+    placed = {n.name: r.index for r in regions for n in r.nodes}
+    for r in regions:
+        assert reach.is_convex(r.nodes)
+        assert not excluded & {n.name for n in r.nodes}
+    for group in groups.values():
+        homes = {placed.get(name) for name in group["nodes"]}
+        assert len(homes) == 1, f"fusion group {group} split across regions {homes}"
+
+
+def test_partition_excluded_branch_splits_regions_and_extracts_standalone_graphs():
+    torch.manual_seed(0)
+    model, x = Branches().eval(), torch.randn(1, 3, 8, 8)
+    graph = o2(model, x)
+    regions = partition(graph, lambda n: n.op != "tanh")
+    reach = Reachability(graph)
+    assert all(reach.is_convex(r.nodes) for r in regions)
+    assert "tanh" not in {n.op for r in regions for n in r.nodes}
+    whole, = partition(graph, lambda n: True)
+    assert len(whole.nodes) == len(graph) and len(whole.graph.outputs) == 1
+    assert_close_outputs(model(x), whole.graph.to_torch()(x)[0])
+
+
+def test_structurally_equal_regions_hash_equal_across_weights(resnet, resnet_o2):
+    model, x = resnet
+    other = torchvision.models.resnet18(num_classes=10).eval()  # fresh random weights
+    a, = partition(resnet_o2.clone(), lambda n: True)
+    b, = partition(o2(other, x), lambda n: True)
+    c, = partition(o2(model, torch.randn(2, 3, 32, 32)), lambda n: True)
+    assert a.hash == b.hash != c.hash
+
+
+# ------------------------------------------------------------------- backends
+def test_onnxruntime_backend_runs_a_region_with_io_binding(resnet, resnet_o2):
+    model, x = resnet
+    region, = partition(resnet_o2.clone(), OnnxRuntimeBackend().supports)
+    kernel = OnnxRuntimeBackend().compile(region, torch.device("cpu"))
+    out = kernel(x)
+    assert isinstance(out, tuple) and len(out) == 1
+    assert_close_outputs(model(x), out[0], rtol=1e-4)
+    assert_close_outputs(model(2 * x), kernel(2 * x)[0], rtol=1e-4)  # each call binds its own tensors
+
+
+def test_onnxruntime_backend_refuses_opaque_and_symbolic_nodes():
+    graph = api.capture(nn.Linear(4, 4), (torch.randn(3, 4),), dynamic={0: {0: "batch"}})
+    assert not any(OnnxRuntimeBackend().supports(n) for n in graph.nodes)
+
+
+# ------------------------------------------------------------------- lowering
+def lower(graph, **options):
+    return LowerRegions(**{"backends": FAST, **options})(graph)
+
+
+def test_lower_regions_replaces_the_graph_by_the_faster_kernel_and_keeps_outputs(resnet, resnet_o2):
+    model, x = resnet
+    graph = resnet_o2.clone()
+    result = lower(graph, source="resnet18")
+    assert result.modified and result.stats["lowered"] == 1
+    assert graph.op_counts() == {"kernel_call": 1}
+    decision, = graph.meta["lowering"]
+    chosen = {c.backend: c for c in decision.candidates}
+    assert decision.chosen == min(chosen, key=lambda b: chosen[b].measured + chosen[b].compile_seconds / 1000)
+    assert all(c.measured > 0 and c.predicted["analytical"] > 0 for c in chosen.values())
+    with torch.no_grad():
+        assert_close_outputs(model(x), graph.to_torch()(x), rtol=1e-4)
+    records = [r for r in TimingDatabase() if r.region_hash == decision.hash]
+    assert {r.backend for r in records} >= set(FAST) and {r.source for r in records} == {"resnet18"}
+
+
+def test_recorded_timings_are_reused_and_analytical_mode_measures_nothing(resnet, resnet_o2):
+    model, x = resnet
+    lower(resnet_o2.clone())
+    before = len(TimingDatabase())
+    graph = resnet_o2.clone()
+    lower(graph)
+    lower(o2(model, torch.randn(1, 3, 40, 40)), cost_model="analytical")
+    assert len(TimingDatabase()) == before
+    decision, = graph.meta["lowering"]
+    assert all(c.measured is not None for c in decision.candidates)
+
+
+def test_force_and_forbid_pick_the_backend(resnet_o2):
+    forced = resnet_o2.clone()
+    lower(forced, force="torch", cost_model="analytical")
+    assert forced.meta["lowering"][0].chosen == "torch"
+    assert "kernel_call" not in forced.op_counts()  # eager is what runs anyway: nothing to replace
+    forbidden = resnet_o2.clone()
+    lower(forbidden, forbid=("onnxruntime",), cost_model="analytical")
+    statuses = {c.backend: c.status for c in forbidden.meta["lowering"][0].candidates}
+    assert statuses["onnxruntime"] == "forbidden" and forbidden.meta["lowering"][0].chosen == "torch"
+
+
+@register_backend
+@dataclass
+class _WrongBackend(Backend):
+    """A backend whose kernels are off by one: the check against eager must reject it."""
+
+    name = "test_wrong"
+
+    def supports(self, node) -> bool:
+        return True
+
+    def compile(self, region, device):
+        module = region.graph.to_torch()
+        return lambda *xs: tuple(y + 1 for y in module(*xs))
+
+
+def test_a_kernel_that_differs_from_eager_is_rejected(resnet, resnet_o2):
+    model, x = resnet
+    graph = resnet_o2.clone()
+    lower(graph, backends=("test_wrong", "torch"), force="test_wrong", cost_model="analytical")
+    decision, = graph.meta["lowering"]
+    wrong = next(c for c in decision.candidates if c.backend == "test_wrong")
+    assert wrong.status == "failed" and "differs from eager" in wrong.reason
+    assert decision.chosen == "torch"
+    assert_close_outputs(model(x), graph.to_torch()(x))
+
+
+def test_bad_lowering_options_name_the_problem():
+    graph = o2(nn.Linear(4, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown backend 'nope'|unknown backend nope"):
+        lower(graph, backends=("nope",))
+    with pytest.raises(ValueError, match="cost_model"):
+        lower(graph, cost_model="oracle")
+    with pytest.raises(ValueError, match="expected_calls"):
+        lower(graph, expected_calls=0)
+
+
+def test_builtin_backends_are_registered():
+    load_builtin_backends()
+    assert {"torch", "inductor", "onnxruntime", "tvm", "triton"} <= set(BACKENDS)
+
+
+def test_o3_on_a_transformer_keeps_outputs_and_reruns_do_not_redecide():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    graph = api.optimize(api.capture(model, (ids,)), "O3", options={"lower_regions": {"backends": FAST}})
+    assert "kernel_call" in graph.op_counts()
+    hashes = [d.hash for d in graph.meta["lowering"]]
+    assert len(hashes) == len(set(hashes))
+    with torch.no_grad():
+        assert_close_outputs(model(ids), graph.to_torch()(ids), rtol=1e-4)
+
+
+def test_torch_compile_with_o3_runs_lowered_kernels(resnet, tmp_path):
+    model, x = resnet
+    report = tmp_path / "report.json"
+    compiled = torch.compile(model, backend="graphopt", options={
+        "level": "O3", "pass_options": {"lower_regions": {"backends": FAST}}, "report": str(report),
+        "fallback": False})
+    with torch.no_grad():
+        assert_close_outputs(model(x), compiled(x), rtol=1e-4)
+    entry, = json.loads(report.read_text())["graphs"]
+    assert "lower_regions" in entry["passes_fired"]
+
+
+# -------------------------------------------------------------------- explain
+def test_explain_lists_candidates_predictions_and_the_choice(resnet):
+    model, x = resnet
+    decisions = api.explain(model, (x,), backends=(*FAST, "triton"))
+    text = explain_table(decisions)
+    assert "region 0" in text and "→" in text and "chosen:" in text
+    assert "triton" in text and "unavailable" in text  # no GPU here: said, not hidden
+
+
+def test_explain_rejects_unknown_options(resnet):
+    model, x = resnet
+    with pytest.raises(ValueError, match="lower_regions options"):
+        api.explain(model, (x,), budget=3)
