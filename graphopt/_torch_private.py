@@ -111,7 +111,13 @@ def schema_arguments(op: Any) -> list[Any]:
 # ============================================================================
 
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable[..., Any]:
-    """Compile an fx graph of torch calls with inductor (AOTAutograd traces it to ATen first), no Dynamo."""
+    """Compile an fx graph of torch calls with inductor (AOTAutograd traces it to ATen first), no Dynamo.
+
+    Called from inside graphopt's own torch.compile backend, it must not see the outer
+    trace: its shape guards would land in Dynamo's guards for the user's graph.
+    """
+    from torch._guards import tracing
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs))
+    with tracing(None):
+        return compile_fx(gm, list(example_inputs))

@@ -192,6 +192,9 @@ def check_pipeline(level: str, passes: Sequence[str]) -> None:
             get_pass(name)
     except KeyError as e:
         raise GraphoptError(f"{e.args[0]} (see `graphopt passes`)") from None
+    if "lower_regions" in [*pipeline(level), *passes]:
+        raise GraphoptError("lower_regions (part of O3) turns regions into compiled kernels, which an ONNX file "
+                            "cannot hold; write ONNX with --level O2, and see the lowering with `graphopt explain`")
 
 
 def read_onnx(path: Path) -> onnx.ModelProto:

@@ -293,3 +293,11 @@ def test_explain_bad_options_are_one_line_errors(model_path, capsys, argv, messa
     code, out, err = run_cli(capsys, "explain", model_path, *argv)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["--level", "O3"], ["--passes", "lower_regions"]])
+def test_optimize_refuses_lowering_into_an_onnx_file(model_path, tmp_path, capsys, argv):
+    out_path = tmp_path / "never.onnx"
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, *argv)
+    assert code == 2 and "graphopt explain" in err and len(err.strip().splitlines()) == 1
+    assert not out_path.exists()

@@ -77,7 +77,16 @@ def capture(model: torch.nn.Module, example_inputs: tuple, dynamic: dict | None 
     dynamic_shapes, names = _dynamic_shapes(model, args, dynamic or {})
     program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     program = program.run_decompositions(decomposition_table())
-    return _ExportImporter(program, names, type(model).__name__).run()
+    graph = _ExportImporter(program, names, type(model).__name__).run()
+    _note_device(graph, args)
+    return graph
+
+
+def _note_device(graph: Graph, example_inputs: Sequence[Any]) -> None:
+    """Record where the example inputs live (``graph.meta["device"]``): where lowered kernels must run."""
+    tensors = [x for x in _torch_private.tree_flatten(list(example_inputs))[0] if isinstance(x, torch.Tensor)]
+    if tensors:
+        graph.meta["device"] = str(tensors[0].device)
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, dynamic: dict) -> tuple[tuple | None, dict[int, dict]]:
@@ -179,6 +188,8 @@ def from_fx(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> 
             raise NotImplementedError(f"from_fx: {node.op} nodes ({node.name}) are not ATen-level")
     importer.finish()
     graph.meta["source"] = "torch"
+    if example_inputs is not None:
+        _note_device(graph, example_inputs)
     return graph
 
 

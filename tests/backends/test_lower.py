@@ -235,3 +235,23 @@ def test_explain_rejects_unknown_options(resnet):
     model, x = resnet
     with pytest.raises(ValueError, match="lower_regions options"):
         api.explain(model, (x,), budget=3)
+
+
+def test_inductor_regions_inside_torch_compile_leave_dynamo_guards_alone():
+    """inductor compiling a region from inside graphopt's torch.compile backend must not add
+    guards to the outer graph (they failed to build: an IndexError in Dynamo)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(model, backend="graphopt", options={
+        "level": "O3", "fallback": False,
+        "pass_options": {"lower_regions": {"backends": ("inductor", "torch"), "force": "inductor"}}})
+    with torch.no_grad():
+        assert_close_outputs(model(x), compiled(x), rtol=1e-4)
+        assert_close_outputs(model(2 * x), compiled(2 * x), rtol=1e-4)
+
+
+def test_capture_records_the_input_device_for_lowering(resnet_o2):
+    assert resnet_o2.meta["device"] == "cpu"
