@@ -48,6 +48,24 @@ def aot_decompositions() -> dict[Any, Callable[..., Any]]:
     return table
 
 
+def frozen_input_indices() -> list[int]:
+    """Inputs of the graph AOTAutograd is compiling that are the module's parameters and buffers and that
+    the graph neither mutates nor returns an alias of: what inductor's freezing inlines as constants.
+
+    With Dynamo's inlined ``nn.Module``s the parameters reach the graph as inputs; Dynamo marks
+    them as static inputs in the forward metadata. Empty outside a torch.compile compilation.
+    """
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    meta = None if context is None else context.fw_metadata
+    if meta is None:
+        return []
+    aliased = {out.base_idx for out in meta.output_info if out.base_idx is not None}
+    return [i for i in meta.static_input_indices
+            if i not in aliased and not (meta.input_info[i].mutates_data or meta.input_info[i].mutates_metadata)]
+
+
 def boxed(fn: Callable[..., Any]) -> Callable[[list[Any]], Any]:
     """Give ``fn`` AOTAutograd's boxed calling convention (one list of arguments it may free)."""
     from torch._functorch.aot_autograd import make_boxed_func

@@ -38,6 +38,10 @@ class BackendOptions:
     """The ``options`` of ``torch.compile(..., backend="graphopt", options=...)``.
 
     ``level``: the pipeline to run. ``passes``: extra pass names run after it.
+    ``freeze``: an inference graph takes the module's parameters and buffers as
+    constants, read on its first call (as inductor's ``freezing`` does), so passes
+    fold them (batch norm into conv) and lowered kernels own them; recompile after
+    changing the weights in place.
     ``pass_options``: ``{pass name: {option: value}}``. ``verify``: check the IR
     after every pass (default: on under ``GRAPHOPT_DEBUG=1``). ``fallback``: run a
     graph unoptimized when graphopt fails on it, instead of raising. ``report``:
@@ -50,6 +54,7 @@ class BackendOptions:
     verify: bool | None = None
     fallback: bool = True
     report: Path | None = None
+    freeze: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -67,6 +72,7 @@ class BackendOptions:
             verify=_expect(options, "verify", bool, None),
             fallback=_expect(options, "fallback", bool, True),
             report=_report_path(options.get("report")),
+            freeze=_expect(options, "freeze", bool, True),
         )
         parsed.pass_manager()  # resolves level, pass and option names
         return parsed
@@ -134,16 +140,21 @@ class GraphCompiler:
 
     def for_kind(self, kind: str) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+            frozen = _torch_private.frozen_input_indices() if kind == "inference" and self.options.freeze else []
+            if frozen:
+                return _torch_private.boxed(_CompileOnFirstCall(self, gm, example_inputs, frozen))
             with _torch_private.outside_fake_mode():
                 return _torch_private.boxed(self.compile(gm, example_inputs, kind))
 
         return compile_graph
 
-    def compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], kind: str) -> Callable[..., Any]:
-        """The optimized module for ``gm``, or ``gm`` itself when graphopt fails on it."""
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], kind: str,
+                constants: dict[int, torch.Tensor] | None = None) -> Callable[..., Any]:
+        """The optimized module for ``gm``, or ``gm`` itself when graphopt fails on it. The callable
+        takes all of ``gm``'s inputs; those in ``constants`` (by position) are compiled in and ignored."""
         label = f"graph{self.id}.{kind}"
         try:
-            module, entry = self._optimize(gm, example_inputs)
+            module, entry = self._optimize(gm, example_inputs, constants or {})
         except Exception as exc:
             if not self.options.fallback:
                 raise
@@ -154,19 +165,46 @@ class GraphCompiler:
             write_report_entry(self.options.report, {"graph": label, **entry})
         return module
 
-    def _optimize(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Callable[..., Any], dict]:
+    def _optimize(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                  constants: dict[int, torch.Tensor]) -> tuple[Callable[..., Any], dict]:
         from .frontends.torch import from_fx
 
-        graph = from_fx(gm, example_inputs)
+        graph = from_fx(gm, example_inputs, constants)
         nodes_before = len(graph)
         manager = self.options.pass_manager()
         graph = manager.run(graph).graph
         module = graph.to_torch()
-        entry = {"nodes_before": nodes_before, "nodes_after": len(graph), "passes_fired": manager.report.fired,
+        if constants:
+            module = _without_inputs(module, set(constants))
+        entry = {"frozen_inputs": len(constants), "nodes_before": nodes_before, "nodes_after": len(graph), "passes_fired": manager.report.fired,
                  "passes": [dataclasses.asdict(r) for r in manager.report.records],
                  "lowering": [{"region": d.region, "hash": d.hash, "nodes": d.nodes, "chosen": d.chosen}
                               for d in graph.meta.get("lowering", [])]}
         return module, entry
+
+
+class _CompileOnFirstCall:
+    """An inference graph compiled when first called, with its frozen inputs' real values as constants
+    (at compile time AOTAutograd hands over fake tensors only)."""
+
+    def __init__(self, compiler: GraphCompiler, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 frozen: list[int]):
+        self.compiler, self.gm, self.example_inputs, self.frozen = compiler, gm, example_inputs, frozen
+        self.run: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.run is None:
+            constants = {i: args[i].detach() for i in self.frozen if isinstance(args[i], torch.Tensor)}
+            self.run = self.compiler.compile(self.gm, self.example_inputs, "inference", constants)
+        return self.run(*args)
+
+
+def _without_inputs(module: Callable[..., Any], dropped: set[int]) -> Callable[..., Any]:
+    """``module`` called with all of the graph's inputs, skipping those compiled in as constants."""
+    def run(*args: Any) -> Any:
+        return module(*(a for k, a in enumerate(args) if k not in dropped))
+
+    return run
 
 
 _report_entries: dict[Path, list[dict[str, Any]]] = {}

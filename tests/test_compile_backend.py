@@ -179,7 +179,7 @@ def test_unknown_option_surfaces_through_torch_compile():
 def test_graphopt_failure_falls_back_to_the_unoptimized_graph(monkeypatch, caplog):
     import graphopt.frontends.torch
 
-    def broken_from_fx(gm, example_inputs):
+    def broken_from_fx(gm, example_inputs, constants=None):
         raise RuntimeError("injected front-end failure")
 
     monkeypatch.setattr(graphopt.frontends.torch, "from_fx", broken_from_fx)
@@ -200,7 +200,7 @@ def test_graphopt_failure_falls_back_to_the_unoptimized_graph(monkeypatch, caplo
 def test_failure_raises_when_fallback_is_off(monkeypatch):
     import graphopt.frontends.torch
 
-    def broken_from_fx(gm, example_inputs):
+    def broken_from_fx(gm, example_inputs, constants=None):
         raise RuntimeError("injected front-end failure")
 
     monkeypatch.setattr(graphopt.frontends.torch, "from_fx", broken_from_fx)
@@ -231,3 +231,28 @@ def test_cuda_training_step_matches_eager(case):
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
     for p, p_ref in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_inference_graphs_freeze_parameters_so_batch_norm_folds(freeze, tmp_path):
+    model, x = conv_case()
+    model.eval()
+    report = tmp_path / "report.json"
+    with torch.no_grad():
+        expected = model(x)
+        got = compile_graphopt(model, freeze=freeze, report=str(report))(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    entry, = json.loads(report.read_text())["graphs"]
+    assert entry["graph"].endswith("inference")
+    frozen = entry["frozen_inputs"]
+    assert (frozen > 0) if freeze else (frozen == 0)
+    assert ("fold_batch_norm" in entry["passes_fired"]) == freeze
+
+
+def test_training_graphs_keep_parameters_as_inputs(tmp_path):
+    model, x = conv_case()
+    report = tmp_path / "report.json"
+    compile_graphopt(model, report=str(report))(x).sum().backward()
+    entries = json.loads(report.read_text())["graphs"]
+    assert {e["graph"].rsplit(".", 1)[1] for e in entries} == {"forward", "backward"}
+    assert all(e["frozen_inputs"] == 0 for e in entries)

@@ -163,21 +163,29 @@ class _ExportImporter:
 
 
 # ------------------------------------------------------------------ from_fx
-def from_fx(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> Graph:
+def from_fx(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None,
+            constants: dict[int, torch.Tensor] | None = None) -> Graph:
     """Import an ATen-level fx graph (AOTAutograd's): placeholders are the graph inputs.
 
     Types come from ``node.meta["val"]``; a graph without them is first run on fake
     copies of ``example_inputs``. The output structure (a tuple, a list, ``None``
-    entries) is kept in ``graph.meta["torch"]["out_spec"]``.
+    entries) is kept in ``graph.meta["torch"]["out_spec"]``. ``constants`` maps
+    placeholder positions to the tensors they always receive (frozen parameters):
+    those become graph constants instead of inputs.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if example_inputs is not None and any("val" not in n.meta for n in placeholders):
         _torch_private.propagate_fake_values(gm, example_inputs)
     graph = Graph(type(gm).__name__)
     importer = FxImporter(graph, gm)
+    constants = constants or {}
+    for k, node in enumerate(placeholders):
+        if k in constants:
+            importer.env[node] = graph.add_constant(constants[k], node.name, parameter=True)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            importer.add_input(node)
+            if node not in importer.env:
+                importer.add_input(node)
         elif node.op in ("call_function", "get_attr"):
             importer.convert(node)
         elif node.op == "output":
