@@ -41,7 +41,7 @@ from report import machine
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_model_accuracy.md"
 THREADS = 2
 MODELS = ("torchvision.resnet18", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0", "torchvision.convnext_tiny",
-          "torchvision.densenet121", "torchvision.regnet_y_400mf", "torchvision.squeezenet1_0",
+          "torchvision.squeezenet1_0",
           "timm.vit_tiny_patch16_224", "timm.resnet18d", "timm.mobilenetv3_small_050", "transformers.bert",
           "transformers.gpt2", "transformers.t5_encoder", "diffusers.dit")
 
