@@ -17,7 +17,6 @@ is saved where ``lower_regions`` loads it.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from graphopt.backends.lower import worth_lowering
 from graphopt.backends.region import Region, extract, partition
 from graphopt.cost_models.analytical import AnalyticalCostModel
 from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
-from graphopt.cost_models.learned import LearnedCostModel
+from graphopt.cost_models.learned import LearnedCostModel, ranking_scores
 from graphopt.cost_models.measured import measure
 from graphopt.models import MODEL_CASES
 from report import machine
@@ -84,19 +83,10 @@ def collect(name: str, backends: list[str], database: TimingDatabase) -> int:
 
 
 def analytical_scores(records: list[TimingRecord], regions: dict[str, Region]) -> dict[str, float]:
-    from scipy.stats import spearmanr
-
-    model = AnalyticalCostModel()
-    device = torch.device("cpu")
-    pairs = [(model.predict(regions[r.region_hash], r.backend, device), r) for r in records if r.region_hash in regions]
-    pairs = [(p, r) for p, r in pairs if p is not None]
-    by_region: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
-    for p, r in pairs:
-        by_region[r.region_hash][r.backend] = (p, r.seconds)
-    contested = [list(t.values()) for t in by_region.values() if len(t) > 1]
-    hits = sum(min(t, key=lambda x: x[0])[1] == min(s for _, s in t) for t in contested)
-    return {"spearman": float(spearmanr([p for p, _ in pairs], [r.seconds for _, r in pairs]).statistic),
-            "best_backend_share": hits / len(contested) if contested else math.nan}
+    model, device = AnalyticalCostModel(), torch.device("cpu")
+    pairs = [(r, model.predict(regions[r.region_hash], r.backend, device)) for r in records if r.region_hash in regions]
+    pairs = [(r, p) for r, p in pairs if p is not None]
+    return ranking_scores([r for r, _ in pairs], [p for _, p in pairs])
 
 
 def main(argv: list[str] | None = None) -> int:

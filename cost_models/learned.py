@@ -92,8 +92,6 @@ class LearnedCostModel(CostModel):
         on several backends (same device), the share where the backend predicted
         fastest is the measured fastest (NaN if there is none).
         """
-        from scipy.stats import spearmanr
-
         holdout = set(holdout_sources)
         records = list(records)
         train = [r for r in records if r.source not in holdout]
@@ -103,20 +101,7 @@ class LearnedCostModel(CostModel):
         model = LearnedCostModel(self.options).fit(train)
         test = [r for r in test if r.backend in model.backends]
         predicted = model.predict_seconds([(r.features, r.profile, r.backend) for r in test])
-        by_region: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
-        for r, p in zip(test, predicted):
-            by_region[r.region_hash, r.device][r.backend] = (p, r.seconds)
-        contested = [list(times.values()) for times in by_region.values() if len(times) > 1]
-        hits = sum(min(times, key=lambda t: t[0])[1] == min(s for _, s in times) for times in contested)
-        errors = [abs(math.log(p / r.seconds)) for r, p in zip(test, predicted)]
-        return {
-            "spearman": float(spearmanr(predicted, [r.seconds for r in test]).statistic),
-            "median_error_factor": math.exp(statistics.median(errors)),
-            "best_backend_share": hits / len(contested) if contested else float("nan"),
-            "train_records": len(train),
-            "heldout_records": len(test),
-            "heldout_regions_compared": len(contested),
-        }
+        return {**ranking_scores(test, predicted), "train_records": len(train), "heldout_records": len(test)}
 
     def save(self, path: Path | str | None = None) -> Path:
         """Pickle the fitted model (default: ``cache_dir("learned")/model.pkl``); load only files you wrote."""
@@ -136,6 +121,26 @@ class LearnedCostModel(CostModel):
         return ([features[k] for k in self.feature_names]
                 + [math.log(profile[k]) for k in PROFILE_KEYS]
                 + [float(backend == b) for b in self.backends])
+
+
+def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) -> dict[str, float]:
+    """How well ``predicted`` seconds rank the measured ``records``: ``spearman`` correlation,
+    ``median_error_factor``, and ``best_backend_share`` over the regions timed on several backends
+    (same device): the share where the backend predicted fastest is the measured fastest (NaN if none)."""
+    from scipy.stats import spearmanr
+
+    by_region: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
+    for r, p in zip(records, predicted):
+        by_region[r.region_hash, r.device][r.backend] = (p, r.seconds)
+    contested = [list(times.values()) for times in by_region.values() if len(times) > 1]
+    hits = sum(min(times, key=lambda t: t[0])[1] == min(s for _, s in times) for times in contested)
+    errors = [abs(math.log(p / r.seconds)) for r, p in zip(records, predicted)]
+    return {
+        "spearman": float(spearmanr(predicted, [r.seconds for r in records]).statistic),
+        "median_error_factor": math.exp(statistics.median(errors)),
+        "best_backend_share": hits / len(contested) if contested else float("nan"),
+        "heldout_regions_compared": len(contested),
+    }
 
 
 def _roofline(features: Mapping[str, float], profile: Mapping[str, float]) -> float:
