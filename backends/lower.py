@@ -102,7 +102,6 @@ class LowerRegions(Pass):
     """A label stored with the timings (the model's name), so a learned model can hold out whole models."""
 
     def call(self, graph: Graph) -> PassResult:
-        self.validate()
         from . import load_builtin_backends
 
         load_builtin_backends()
@@ -126,8 +125,8 @@ class LowerRegions(Pass):
         decided.extend(decisions)
         return PassResult(graph, lowered > 0, {"regions": len(decisions), "lowered": lowered})
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad option."""
+    def __post_init__(self) -> None:
+        """Bad options fail when the pass is made (a torch.compile option, an explain flag), naming the first."""
         unknown = sorted({*self.backends, *self.forbid, *([self.force] if self.force else [])} - set(_known()))
         if unknown:
             raise ValueError(f"unknown backend {', '.join(unknown)}; known backends: {', '.join(_known())}")

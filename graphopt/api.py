@@ -100,7 +100,6 @@ def explain(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[An
         raise InvalidOptionError(f"explain takes an nn.Module or a graphopt Graph, got {type(model_or_graph).__name__}")
     try:
         lower = LowerRegions(**lowering)
-        lower.validate()
     except TypeError as e:
         raise InvalidOptionError(f"{e}; lower_regions options: {', '.join(LowerRegions.option_names())}") from None
     except ValueError as e:

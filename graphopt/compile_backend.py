@@ -82,7 +82,7 @@ class BackendOptions:
             pipeline(self.level)  # PassManager would take an unknown level for a pass name
             return PassManager([self.level, *self.passes], options=dict(self.pass_options),
                                verify=self.verify)
-        except KeyError as e:
+        except (KeyError, ValueError) as e:  # unknown names; option values a pass rejects
             raise InvalidOptionError(e.args[0]) from None
 
 

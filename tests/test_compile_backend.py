@@ -164,6 +164,9 @@ def traced_linear() -> torch.fx.GraphModule:
     ({"passes": "dce"}, "must be a list of pass names"),
     ({"pass_options": {"dce": {"no_such_option": 1}}}, "has no option no_such_option"),
     ({"verify": "yes"}, "'verify' must be a bool"),
+    ({"freeze": 1}, "'freeze' must be a bool"),
+    ({"level": "O3", "pass_options": {"lower_regions": {"backends": ["nope"]}}}, "unknown backend nope"),
+    ({"level": "O3", "pass_options": {"lower_regions": {"cost_model": "oracle"}}}, "unknown cost_model 'oracle'"),
 ])
 def test_bad_options_raise_value_error(options, message):
     with pytest.raises(ValueError, match=message):
