@@ -93,13 +93,25 @@ class LowerRegions(Pass):
     forbid: tuple[str, ...] = ()
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str | None = None
-    """Where the kernels run; default: where the graph's constants are (else cpu)."""
+    """Where the kernels run; default: where the graph's inputs were captured (``graph.meta["device"]``)."""
     check: bool = True
     tolerance: float = 1e-3
     """Largest relative difference from eager a kernel may show (raised for half-precision outputs)."""
     repeats: int = 10
     source: str = ""
     """A label stored with the timings (the model's name), so a learned model can hold out whole models."""
+
+    def __post_init__(self) -> None:
+        """Bad options fail when the pass is made (a torch.compile option, an explain flag), naming the first."""
+        unknown = sorted({*self.backends, *self.forbid, *([self.force] if self.force else [])} - set(_known()))
+        if unknown:
+            raise ValueError(f"unknown backend {', '.join(unknown)}; known backends: {', '.join(_known())}")
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"unknown cost_model {self.cost_model!r}; choose one of {', '.join(COST_MODELS)}")
+        if self.force and self.force not in self.backends:
+            raise ValueError(f"force={self.force!r} is not among backends={list(self.backends)}")
+        if self.expected_calls < 1:
+            raise ValueError(f"expected_calls must be at least 1, got {self.expected_calls}")
 
     def call(self, graph: Graph) -> PassResult:
         from . import load_builtin_backends
@@ -125,24 +137,12 @@ class LowerRegions(Pass):
         decided.extend(decisions)
         return PassResult(graph, lowered > 0, {"regions": len(decisions), "lowered": lowered})
 
-    def __post_init__(self) -> None:
-        """Bad options fail when the pass is made (a torch.compile option, an explain flag), naming the first."""
-        unknown = sorted({*self.backends, *self.forbid, *([self.force] if self.force else [])} - set(_known()))
-        if unknown:
-            raise ValueError(f"unknown backend {', '.join(unknown)}; known backends: {', '.join(_known())}")
-        if self.cost_model not in COST_MODELS:
-            raise ValueError(f"unknown cost_model {self.cost_model!r}; choose one of {', '.join(COST_MODELS)}")
-        if self.force and self.force not in self.backends:
-            raise ValueError(f"force={self.force!r} is not among backends={list(self.backends)}")
-        if self.expected_calls < 1:
-            raise ValueError(f"expected_calls must be at least 1, got {self.expected_calls}")
-
     def _decide(self, region: Region, backends: dict[str, Backend], device: torch.device,
                 estimator: _Estimator) -> tuple[Decision, Kernel | None]:
         candidates = [self._candidate(region, name, backend, device, estimator) for name, backend in backends.items()]
         decision = Decision(region.index, region.hash, len(region.nodes), region.graph.op_counts(), region.flops,
                             candidates, None, self.cost_model)
-        for _ in candidates:
+        for _ in candidates:  # the best candidate whose kernel fails is marked failed; rank the rest again
             ranked = sorted((c for c in candidates if c.status == "ok" and self._cost(c) is not None),
                             key=self._cost)
             forced = [c for c in candidates if c.backend == self.force and c.status == "ok"]

@@ -11,7 +11,7 @@ import torch
 from graphopt import _torch_private
 from graphopt.ir import Node
 
-from .base import Backend, Kernel, register_backend
+from .base import Backend, Kernel, random_inputs, register_backend
 from .region import Region
 
 
@@ -42,8 +42,6 @@ class InductorBackend(Backend):
         return _has_torch_impl(node)
 
     def compile(self, region: Region, device: torch.device) -> Kernel:
-        from .base import random_inputs
-
         module = region.graph.to_torch().to(device)
         compiled = _torch_private.inductor_compile(module, random_inputs(region, device))
 
