@@ -78,7 +78,7 @@ def load(source: KernelSource) -> Any:
     if interpreting() != language_interpreted():
         raise RuntimeError("TRITON_INTERPRET changed after triton.language was imported: "
                            "kernels would fail inside Triton's library")
-    digest = hashlib.sha256(source.text.encode()).hexdigest()[:24]
+    digest = _digest(source)
     key = (digest, interpreting())
     if key not in _LOADED:
         path = cache_dir("triton") / f"{source.name}_{digest}.py"
@@ -93,6 +93,15 @@ def load(source: KernelSource) -> Any:
     return _LOADED[key]
 
 
+def _digest(source: KernelSource) -> str:
+    return hashlib.sha256(source.text.encode()).hexdigest()[:24]
+
+
+_TUNED: dict[tuple[str, int], LaunchConfig] = {}
+"""The configuration timed fastest per kernel text and GPU: the identical layers of a model share one
+kernel text (shapes are part of it), so they are timed once."""
+
+
 class Launcher:
     """Launches one generated kernel. With several configurations, the first call on a GPU times
     each on its arguments and keeps the fastest (the interpreter takes the first); a configuration
@@ -100,12 +109,16 @@ class Launcher:
 
     def __init__(self, source: KernelSource):
         self.kernel = load(source)
+        self.digest = _digest(source)
         self.configs = source.configs
         self.chosen: LaunchConfig | None = source.configs[0] if len(source.configs) == 1 or interpreting() else None
 
     def __call__(self, *args: torch.Tensor) -> None:
         if self.chosen is None:
-            self.chosen = self.fastest(args)
+            key = (self.digest, args[0].device.index or 0)
+            if key not in _TUNED:
+                _TUNED[key] = self.fastest(args)
+            self.chosen = _TUNED[key]
         self.launch(self.chosen, args)
 
     def launch(self, config: LaunchConfig, args: Sequence[torch.Tensor]) -> None:

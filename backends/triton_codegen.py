@@ -296,9 +296,14 @@ class _Writer:
     # ----------------------------------------------------------------- emit
     def write(self) -> KernelSource:
         self.prologue()
+        labels: dict[int, str] = {}  # per-kernel value labels: identical layers get identical text
+
+        def label(v: Value | None) -> str:
+            return "None" if v is None else labels.setdefault(id(v), f"%{len(labels)}")
+
         for node in self.graph.nodes:
-            operands = ", ".join("None" if v is None else f"%{v.name}" for v in node.inputs)
-            self.lines.append(f"# %{node.outputs[0].name} = {node.op}({operands})")
+            operands = ", ".join(label(v) for v in node.inputs)
+            self.lines.append(f"# {label(node.outputs[0])} = {node.op}({operands})")
             if node.op == "batch_norm":
                 self.batch_norm(node)
             elif node.op in POINTWISE:

@@ -9,7 +9,8 @@ For each model and batch size, four ways to run it:
   each region lowered to the backend the measured cost model picks (``--backends``).
 
 Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on 2 threads, timed
-round-robin (``report.round_robin``), with the interquartile range; ×: against eager;
+round-robin (``report.round_robin``) with one untimed settling call before each timed one (so
+no way pays for the previous way's spinning threads), with the interquartile range; ×: against eager;
 "prepare s" is the export or the first, compiling, call. The graphopt row also lists the
 backends its regions went to. Prints the tables and writes them to
 ``benchmarks/results/lowering_compare.md``.
@@ -119,7 +120,7 @@ def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...]) -> l
                 live.append((row, run))
             except Exception as exc:  # a way that fails on a model is a result, not a crash
                 row.error = failure_cell(exc)
-        timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP)
+        timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP, settle=1)
     for (row, _), t in zip(live, timings):
         row.q1_ms, row.median_ms, row.q3_ms = t.q1_ms, t.median_ms, t.q3_ms
     return rows

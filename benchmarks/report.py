@@ -42,14 +42,21 @@ class Timing:
         return f"{self.median_ms:.2f} ({self.q3_ms - self.q1_ms:.2f})"
 
 
-def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[Timing]:
-    """Time ``runs`` in turns, one call each per round, so load from other processes falls on all alike."""
+def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int, settle: int = 0) -> list[Timing]:
+    """Time ``runs`` in turns, one timed call each per round, so load from other processes falls on all alike.
+
+    ``settle`` untimed calls precede each timed one: the first call after switching runs shares the
+    cores with the previous run's thread pool (onnxruntime's and OpenMP's workers spin after their work
+    is done), which charges one runtime for another's threads.
+    """
     for run in runs:
         for _ in range(warmup):
             run()
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, ts in zip(runs, times):
+            for _ in range(settle):
+                run()
             start = time.perf_counter()
             run()
             ts.append((time.perf_counter() - start) * 1e3)

@@ -83,6 +83,18 @@ def outside_fake_mode() -> AbstractContextManager[Any]:
     return unset_fake_temporarily()
 
 
+def outside_dispatch_modes() -> AbstractContextManager[Any]:
+    """Suspend the Python dispatch modes active around a compiled graph's call.
+
+    AOTAutograd wraps a graph's first call in a mode that checks custom ops for aliasing; a
+    compilation that runs then (graphopt's on-first-call freezing) would trace and time every op
+    through it, and inductor's own functionalization fails under it.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 # ============================================================================
 # torch front end and emitter (owner: graphopt/frontends/torch.py, graphopt/emitters/torch.py)
 # ============================================================================

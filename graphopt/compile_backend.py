@@ -175,7 +175,7 @@ class GraphCompiler:
         graph = manager.run(graph).graph
         module = graph.to_torch()
         if constants:
-            module = _without_inputs(module, set(constants))
+            module = _without_inputs(module, set(constants), len(example_inputs))
         entry = {"frozen_inputs": len(constants), "nodes_before": nodes_before, "nodes_after": len(graph), "passes_fired": manager.report.fired,
                  "passes": [dataclasses.asdict(r) for r in manager.report.records],
                  "lowering": [{"region": d.region, "hash": d.hash, "nodes": d.nodes, "chosen": d.chosen}
@@ -195,14 +195,17 @@ class _CompileOnFirstCall:
     def __call__(self, *args: Any) -> Any:
         if self.run is None:
             constants = {i: args[i].detach() for i in self.frozen if isinstance(args[i], torch.Tensor)}
-            self.run = self.compiler.compile(self.gm, self.example_inputs, "inference", constants)
+            with _torch_private.outside_dispatch_modes():
+                self.run = self.compiler.compile(self.gm, self.example_inputs, "inference", constants)
         return self.run(*args)
 
 
-def _without_inputs(module: Callable[..., Any], dropped: set[int]) -> Callable[..., Any]:
-    """``module`` called with all of the graph's inputs, skipping those compiled in as constants."""
+def _without_inputs(module: Callable[..., Any], dropped: set[int], arity: int) -> Callable[..., Any]:
+    """``module`` called with all of the graph's ``arity`` inputs, skipping those compiled in as constants."""
+    kept = [k for k in range(arity) if k not in dropped]
+
     def run(*args: Any) -> Any:
-        return module(*(a for k, a in enumerate(args) if k not in dropped))
+        return module(*[args[k] for k in kept])
 
     return run
 

@@ -21,6 +21,7 @@ op's ``target_name`` (``add``) and ``overload_name`` (``Tensor``).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -434,6 +435,19 @@ def _topk(cx, a):
 @converts("view.default", "_unsafe_view.default", "reshape.default")
 def _reshape(cx, a):
     return cx.emit("reshape", [cx.tensor(a["self"])], shape=cx.shape(a["size"] if "size" in a else a["shape"]))
+
+
+@converts("as_strided.default")
+def _as_strided(cx, a):
+    """Only the form that is a reshape: AOTAutograd replays some views (an output aliasing an input)
+    as ``as_strided`` with the contiguous strides of the new size over a contiguous input."""
+    source, size, stride = a["self"], list(a["size"]), list(a["stride"])
+    value = source.meta.get("val") if hasattr(source, "meta") else None
+    _expect(isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in (*size, *stride)))
+    offset = a["storage_offset"] if a["storage_offset"] is not None else value.storage_offset()
+    _expect(value.is_contiguous() and offset == value.storage_offset() and value.numel() == math.prod(size))
+    _expect(all(st == math.prod(size[k + 1:]) for k, (d, st) in enumerate(zip(size, stride)) if d != 1))
+    return cx.emit("reshape", [cx.tensor(source)], shape=size)
 
 
 @converts("permute.default")

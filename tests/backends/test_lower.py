@@ -237,20 +237,24 @@ def test_explain_rejects_unknown_options(resnet):
         api.explain(model, (x,), budget=3)
 
 
-def test_inductor_regions_inside_torch_compile_leave_dynamo_guards_alone():
+def test_inductor_regions_inside_torch_compile_leave_dynamo_guards_alone(tmp_path):
     """inductor compiling a region from inside graphopt's torch.compile backend must not add
-    guards to the outer graph (they failed to build: an IndexError in Dynamo)."""
+    guards to the outer graph (they failed to build: an IndexError in Dynamo), nor trace under the
+    dispatch mode AOTAutograd holds around a graph's first call, when frozen graphs compile."""
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=8).eval()
     x = torch.randn(1, 3, 32, 32)
+    report = tmp_path / "report.json"
     compiled = torch.compile(model, backend="graphopt", options={
-        "level": "O3", "fallback": False,
+        "level": "O3", "fallback": False, "report": str(report),
         "pass_options": {"lower_regions": {"backends": ("inductor", "torch"), "force": "inductor"}}})
     with torch.no_grad():
         assert_close_outputs(model(x), compiled(x), rtol=1e-4)
         assert_close_outputs(model(2 * x), compiled(2 * x), rtol=1e-4)
+    [graph] = json.loads(report.read_text())["graphs"]
+    assert graph["frozen_inputs"] > 0 and [d["chosen"] for d in graph["lowering"]] == ["inductor"]
 
 
 def test_capture_records_the_input_device_for_lowering(resnet_o2):

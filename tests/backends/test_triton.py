@@ -334,6 +334,26 @@ def test_vit_regions_compile_and_match_torch(launches):
     assert len(launches) == fused
 
 
+def test_identical_layers_generate_identical_kernel_text():
+    """Kernel text labels values per kernel, not by graph name, so the groups of a model's repeated
+    blocks are one text: loaded, compiled and autotuned once (``_triton`` keys both by the text)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10).eval()
+    graph = graphopt.optimize(graphopt.capture(model, (torch.randn(2, 3, 32, 32),)), "O2")
+    members: dict[int, list] = {}
+    for node in graph.nodes:
+        if "fusion_group" in node.meta:
+            members.setdefault(node.meta["fusion_group"], []).append(node)
+    texts = []
+    for group, nodes in members.items():
+        try:
+            texts.append(generate(extract(graph, nodes, group).graph, _triton.MATMUL_TILES).text)
+        except Unsupported:
+            continue
+    per_block = (len(texts) - len(set(texts))) / 2  # blocks 2 and 3 repeat block 1
+    assert per_block >= 3 and per_block == int(per_block)  # attention projection, MLP in, MLP out
+
+
 # ------------------------------------------------------------------ performance
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

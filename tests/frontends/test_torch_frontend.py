@@ -149,6 +149,20 @@ class MultiIndex(nn.Module):
         return leading, middle, apart, x[:, rows]
 
 
+def test_as_strided_is_canonical_only_as_a_reshape():
+    """AOTAutograd replays some output views as ``as_strided`` (ConvNeXt's head): with contiguous
+    strides over a contiguous input it is a reshape; any other layout stays opaque."""
+    class M(nn.Module):
+        def forward(self, x):
+            flat = torch.as_strided(x.relu(), (2, 6, 1, 1), (6, 1, 6, 6))
+            transposed = torch.as_strided(x.sigmoid(), (3, 4), (1, 3))
+            return flat, transposed
+
+    graph = round_trip(M(), (torch.randn(2, 2, 3),))
+    assert graph.op_counts()["reshape"] == 1
+    assert opaque_targets(graph) == ["aten.as_strided.default"]
+
+
 def test_several_index_tensors_are_canonical():
     rows, cols = torch.tensor([[0, -1], [2, 1]]), torch.tensor([3, -4])
     inputs = (torch.rand(2, 16) > 0.5, torch.randn(3, 4, 5), rows.clamp(min=-3, max=2), cols)
