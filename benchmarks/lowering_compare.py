@@ -4,9 +4,13 @@ For each model and batch size, four ways to run it:
 
 - ``eager``: the model as written;
 - ``inductor``: ``torch.compile(model)``, the default backend;
-- ``onnxruntime``: ``torch.onnx.export`` (legacy exporter), ``ORT_ENABLE_ALL``;
+- ``onnxruntime``: ``torch.onnx.export`` (legacy exporter), ``ORT_ENABLE_ALL``, the session options
+  of graphopt's onnxruntime regions;
 - ``graphopt-O3``: ``torch.compile(model, backend="graphopt", options={"level": "O3"})``: O2, then
-  each region lowered to the backend the measured cost model picks (``--backends``).
+  each region lowered to the backend the measured cost model picks (``--backends``);
+- ``compile-floor``: ``torch.compile`` with a backend that computes nothing (it returns the outputs of
+  its first call): what any torch.compile backend pays per call before its code runs (Dynamo's guards
+  on every parameter and its frame handling). Not a way to run the model, a reference line.
 
 Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on 2 threads, timed
 round-robin (``report.round_robin``) with one untimed settling call before each timed one (so
@@ -43,7 +47,9 @@ from report import failure_cell, geomean, machine, round_robin
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
 THREADS = 2
 WARMUP = 3
-WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3")
+WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "compile-floor")
+ANCHORS = ("eager", "inductor", "onnxruntime")
+"""The ways graphopt-O3 is measured against ("best other")."""
 MODELS = ("torchvision.resnet18", "torchvision.resnet50", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0",
           "torchvision.convnext_tiny", "timm.vit_tiny_patch16_224", "timm.deit_tiny_patch16_224", "transformers.bert",
           "transformers.gpt2", "transformers.vit", "diffusers.dit")
@@ -77,6 +83,9 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., A
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # As graphopt's onnxruntime regions: workers stop spinning when a run returns. Spinning on, they
+    # held the cores long after it and slowed whichever way ran next by up to 2x.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)}
@@ -92,9 +101,16 @@ def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str
     torch.compiler.reset()
     if row.way == "inductor":
         return torch.compile(model)
+    if row.way == "compile-floor":
+        return torch.compile(model, backend=_floor_backend)
     lowering = {"backends": backends, "source": row.model}
     return torch.compile(model, backend="graphopt", options={
         "level": "O3", "pass_options": {"lower_regions": lowering}, "fallback": False, "report": str(report)})
+
+
+def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+    outputs = gm(*example_inputs)
+    return lambda *_: outputs
 
 
 def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...]) -> list[Row]:
@@ -151,8 +167,8 @@ def summary_table(rows: list[Row], batches: list[int]) -> list[str]:
             done = [r for r in rows if r.batch == batch and r.way == way and not r.error]
             against_best = []
             for r in done:
-                others = [o.median_ms for o in rows if o.model == r.model and o.batch == batch and o.way != way
-                          and o.way != "graphopt-O3" and not o.error]
+                others = [o.median_ms for o in rows if o.model == r.model and o.batch == batch
+                          and o.way in ANCHORS and not o.error]
                 if way == "graphopt-O3" and others:
                     against_best.append(r.median_ms / min(others))
             lines.append(f"| {batch} | {way} | {len(done)} | {geomean([ratio(r, rows) for r in done]):.3f} | "
