@@ -86,6 +86,8 @@ def region_features(region: Region) -> dict[str, float]:
         "eager_kernels": len(eager),
         "fused_kernels": len(fused),
         "fusion_groups": len({n.meta["fusion_group"] for n in nodes if "fusion_group" in n.meta}),
+        "inputs": len(graph.inputs),  # a call's fixed cost grows with the tensors a runtime binds
+        "outputs": len(graph.outputs),
         **{f"category_{c}": categories.count(c) for c in CATEGORIES},
         **{f"op_{o}": sum(n.op == o for n in nodes) for o in COMMON_OPS},
         "log_flops": math.log1p(flops),

@@ -107,6 +107,7 @@ def test_features_count_kernels_ops_and_fused_traffic():
     f = region_features(chain(6, (64, 512)))
     assert (f["nodes"], f["view_nodes"], f["eager_kernels"], f["fused_kernels"], f["fusion_groups"]) == (6, 0, 6, 1, 1)
     assert (f["category_elementwise"], f["op_relu"], f["op_matmul"]) == (6, 2, 0)
+    assert (f["inputs"], f["outputs"]) == (1, 1)
     tensor = 64 * 512 * 4
     assert f["log_fused_bytes"] == pytest.approx(math.log1p(2 * tensor))  # read x, write the result
     assert f["log_eager_bytes"] == pytest.approx(math.log1p(12 * tensor))
