@@ -183,7 +183,7 @@ class _Emitter:
         g = self.graph
         contrib = None
         if self.target.startswith("onnxruntime"):
-            contrib = plan_contrib_ops(g, self.opset, self._nchwc_block())
+            contrib = plan_contrib_ops(g, self.opset, self._nchwc_block(), cpu=self.target == "onnxruntime-cpu")
         output_names = self._plan_outputs()
         for v in g.inputs:
             if "onnx_default" in v.meta:

@@ -11,7 +11,10 @@ are off. The ops used, with the IR pattern each one replaces:
   leaky_relu, hardsigmoid, clamp]; computes ``act(conv(x) + b + z)``.
 - ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``: add →
   layer_norm / rms_norm over the last dim of a 3-D tensor; the fourth output
-  is the sum, so a residual stream that reads the sum keeps it.
+  is the sum, so a residual stream that reads the sum keeps it. Not on CPU
+  when the sum is read elsewhere (pre-LN blocks): there onnxruntime 1.32's
+  kernel with the sum output was slower than Add + LayerNormalization (timm
+  ViT-Ti, 2 threads: 13.8 ms against 12.2 ms at batch 8).
 - ``SimplifiedLayerNormalization`` (registered by onnxruntime in the default
   domain): rms_norm over the last dim, below opset 23's RMSNormalization.
 - ``QuickGelu`` (``x * sigmoid(alpha x)``, alpha 1): silu.
@@ -78,8 +81,9 @@ class ContribPlan:
         return not any(id(n) in self.absorbed or id(n) in self.emitters for n in nodes)
 
 
-def plan_contrib_ops(graph: Graph, opset: int, nchwc_block: int | None = None) -> ContribPlan:
-    """Plan the contrib-op lowerings; with ``nchwc_block``, blocked-layout regions first (``onnxruntime_nchwc``)."""
+def plan_contrib_ops(graph: Graph, opset: int, nchwc_block: int | None = None, cpu: bool = False) -> ContribPlan:
+    """Plan the contrib-op lowerings; with ``nchwc_block``, blocked-layout regions first (``onnxruntime_nchwc``);
+    ``cpu``: the model is for onnxruntime's CPU kernels only."""
     plan = ContribPlan()
     if nchwc_block is not None:
         from .onnxruntime_nchwc import plan_nchwc
@@ -91,7 +95,7 @@ def plan_contrib_ops(graph: Graph, opset: int, nchwc_block: int | None = None) -
         if node.op == "conv":
             _plan_fused_conv(plan, node)
         elif node.op in ("layer_norm", "rms_norm"):
-            _plan_skip_norm(plan, node)
+            _plan_skip_norm(plan, node, cpu)
             if node.op == "rms_norm" and opset < 23 and plan.free(node):
                 _plan_rms_norm(plan, node)
         elif node.op == "silu" and _is_f32(node.output):
@@ -138,7 +142,7 @@ def _plan_fused_conv(plan: ContribPlan, conv: Node) -> None:
     plan.claim(tail, group, write)
 
 
-def _plan_skip_norm(plan: ContribPlan, norm: Node) -> None:
+def _plan_skip_norm(plan: ContribPlan, norm: Node, cpu: bool) -> None:
     """add(a, b) → layer/rms norm, written where the add was, so every reader of the sum still sees it in time."""
     x = norm.inputs[0]
     add = x.producer
@@ -152,6 +156,8 @@ def _plan_skip_norm(plan: ContribPlan, norm: Node) -> None:
     if not (a.type == x.type and b.type == x.type):
         return
     sum_read_elsewhere = any(u is not norm for u in x.users()) or is_output(x)
+    if sum_read_elsewhere and cpu:
+        return
     op_type = "SkipLayerNormalization" if norm.op == "layer_norm" else "SkipSimplifiedLayerNormalization"
 
     def write(e: _Emitter) -> None:

@@ -127,6 +127,19 @@ def test_skip_layer_norm_keeps_the_residual_sum(read_sum):
     assert (len(node.output) == 4) == read_sum
 
 
+def test_cpu_target_keeps_pre_norm_residual_sums_out_of_skip_layer_norm():
+    """On CPU the kernel that also returns the sum is slower than Add + LayerNormalization (pre-LN ViT):
+    only the sums nothing else reads fuse there."""
+    graph, inputs, reference = optimized("timm.vit_tiny_patch16_224")
+    model = graph.to_onnx(target="onnxruntime-cpu")
+    skips = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert skips and all(len(n.output) < 4 for n in skips)
+    assert op_counts(model)["LayerNormalization"] >= 24
+    assert_close_outputs(reference, run_onnxruntime(graph, inputs, target="onnxruntime-cpu"))
+    bert, _, _ = optimized("transformers.bert")  # post-LN: nothing else reads the sum, so it still fuses
+    assert op_counts(bert.to_onnx(target="onnxruntime-cpu"))[f"{MS}:SkipLayerNormalization"] >= 4
+
+
 def test_skip_layer_norm_needs_a_3d_input():
     g, inputs = _residual_norm_graph(2, False)
     counts = _emit_and_check(g, inputs)
