@@ -1,6 +1,6 @@
 """Lowering (O3) against eager, inductor and onnxruntime: CPU latency at batch 1 and 8, compile time.
 
-For each model and batch size, four ways to run it:
+For each model and batch size, the ways to run it:
 
 - ``eager``: the model as written;
 - ``inductor``: ``torch.compile(model)``, the default backend;
