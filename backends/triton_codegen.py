@@ -474,10 +474,31 @@ class _ElementwiseWriter(_Writer):
                                          {"num_warps": max(1, min(8, block // 256))}),)
 
 
-class _RowWriter(_Writer):
+class _RowsByColumns(_Writer):
+    """A domain read as rows (every axis but the last, flattened) by columns (the last axis); a
+    program names its rows and columns by the expressions ``row_index`` and ``column_index``."""
+
+    row_index = ""
+    column_index = ""
+
+    def __init__(self, graph: Graph, domain: tuple[int, ...]):
+        super().__init__(graph, domain)
+        self.row_strides = _strides(domain[:-1])
+
+    def coordinate(self, axis: int) -> str:
+        if axis == len(self.domain) - 1:
+            return self.column_index
+        return _axis_term(self.row_index, self.row_strides[axis], self.domain[axis], axis == 0)
+
+    def linear(self) -> str:
+        return f"{self.row_index} * {self.domain[-1]} + {self.column_index}"
+
+
+class _RowWriter(_RowsByColumns):
     """One program per row of the reductions' input; the row's ``BLOCK_D`` columns in registers."""
 
     kind = "reduction"
+    row_index, column_index = "row", "cols"
 
     def __init__(self, graph: Graph):
         first = next(n for n in graph.nodes if n.op in ROW_OPS)
@@ -487,18 +508,9 @@ class _RowWriter(_Writer):
         super().__init__(graph, domain)
         self.width = domain[-1]
         self.rows = math.prod(domain[:-1])
-        self.row_strides = _strides(domain[:-1])
 
     def prologue(self) -> None:
         self.lines += ["row = tl.program_id(0)", "cols = tl.arange(0, BLOCK_D)", f"cmask = cols < {self.width}"]
-
-    def coordinate(self, axis: int) -> str:
-        if axis == len(self.domain) - 1:
-            return "cols"
-        return _axis_term("row", self.row_strides[axis], self.domain[axis], axis == 0)
-
-    def linear(self) -> str:
-        return f"row * {self.width} + cols"
 
     def mask(self, axes: Axes) -> str | None:
         """Columns are masked; a value that is one number per row needs no mask."""
@@ -577,10 +589,11 @@ class _RowWriter(_Writer):
         return expr
 
 
-class _EpilogueWriter(_Writer):
+class _EpilogueWriter(_RowsByColumns):
     """A ``BLOCK_M`` x ``BLOCK_N`` output tile per program: a K loop of ``tl.dot``, then the epilogue."""
 
     kind = "epilogue"
+    row_index, column_index = "rm[:, None]", "rn[None, :]"
 
     def __init__(self, graph: Graph, tiles: Sequence[Mapping[str, int]]):
         self.anchor = graph.nodes[0]
@@ -590,19 +603,10 @@ class _EpilogueWriter(_Writer):
         if len(self.domain) < 2:
             raise Unsupported(f"{self.anchor.op} with a result of rank {len(self.domain)}")
         self.m, self.n = math.prod(self.domain[:-1]), self.domain[-1]
-        self.row_strides = _strides(self.domain[:-1])
         self.tiles = tiles
         self.a, self.b, self.k, self.a_strides, self.b_strides = self.operands()
         if self.a.type.dtype != self.b.type.dtype or self.a.type.dtype == torch.bool:  # type: ignore[union-attr]
             raise Unsupported(f"{self.anchor.op} of {self.a.type} by {self.b.type}")
-
-    def coordinate(self, axis: int) -> str:
-        if axis == len(self.domain) - 1:
-            return "rn[None, :]"
-        return _axis_term("rm[:, None]", self.row_strides[axis], self.domain[axis], axis == 0)
-
-    def linear(self) -> str:
-        return f"rm[:, None] * {self.n} + rn[None, :]"
 
     def mask(self, axes: Axes) -> str | None:
         return "mask"
