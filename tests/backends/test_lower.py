@@ -17,6 +17,7 @@ from graphopt.backends.lower import LowerRegions
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.region import partition
 from graphopt.cost_models.database import TimingDatabase
+from graphopt.ir import Graph, TensorType
 from graphopt.passes.fusion_groups import Reachability
 from graphopt.testing import assert_close_outputs
 
@@ -94,7 +95,7 @@ def test_structurally_equal_regions_hash_equal_across_weights(resnet, resnet_o2)
 
 
 # ------------------------------------------------------------------- backends
-def test_onnxruntime_backend_runs_a_region_with_io_binding(resnet, resnet_o2):
+def test_onnxruntime_backend_runs_a_region(resnet, resnet_o2):
     model, x = resnet
     region, = partition(resnet_o2.clone(), OnnxRuntimeBackend().supports)
     kernel = OnnxRuntimeBackend().compile(region, torch.device("cpu"))
@@ -102,6 +103,25 @@ def test_onnxruntime_backend_runs_a_region_with_io_binding(resnet, resnet_o2):
     assert isinstance(out, tuple) and len(out) == 1
     assert_close_outputs(model(x), out[0], rtol=1e-4)
     assert_close_outputs(model(2 * x), kernel(2 * x)[0], rtol=1e-4)  # each call binds its own tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("rows", [3, 0])
+def test_onnxruntime_backend_reads_strided_inputs_and_returns_tensors_of_their_own(dtype, rows):
+    g = Graph("add_gt")
+    x = g.add_input("x", TensorType(dtype, (rows, 4)))
+    doubled = g.add_node("add", [x, x]).output
+    g.outputs = [doubled, g.add_node("gt", [x, doubled]).output]
+    region, = partition(g, lambda n: True)
+    kernel = OnnxRuntimeBackend().compile(region, torch.device("cpu"))
+    a = torch.arange(4 * rows).reshape(4, rows).t().to(dtype)  # not contiguous
+    first = kernel(a)
+    kept = [t.clone() for t in first]
+    second = kernel(a + 1)
+    assert [t.dtype for t in first] == [dtype, torch.bool] and first[0].shape == (rows, 4)
+    assert torch.equal(first[0], a + a) and torch.equal(first[1], a > a + a)
+    assert torch.equal(second[0], 2 * (a + 1))
+    assert all(torch.equal(t, k) for t, k in zip(first, kept))  # the second call wrote elsewhere
 
 
 def test_onnxruntime_backend_refuses_opaque_and_symbolic_nodes():

@@ -116,6 +116,26 @@ def test_features_count_kernels_ops_and_fused_traffic():
     assert counts == (18, 12, 6, 6, 12)
 
 
+def conv(channels: int, groups: int, kernel: int, stride: int) -> Region:
+    g = Graph("conv")
+    x = g.add_input("x", f32(1, channels, 16, 16))
+    w = g.add_input("w", f32(channels, channels // groups, kernel, kernel))
+    g.outputs = [g.add_node("conv", [x, w], {"stride": (stride, stride), "padding": (kernel // 2,) * 2,
+                                               "groups": groups}).output]
+    return as_region(g)
+
+
+def test_features_tell_conv_kinds_and_matmul_rows_apart():
+    """A depthwise 3x3 and a dense 1x1 conv can do the same arithmetic; the library routines differ."""
+    depthwise, pointwise = region_features(conv(64, 64, 3, 1)), region_features(conv(8, 1, 1, 2))
+    assert (depthwise["conv_depthwise"], depthwise["conv_pointwise"], depthwise["conv_strided"]) == (1, 0, 0)
+    assert (pointwise["conv_depthwise"], pointwise["conv_pointwise"], pointwise["conv_strided"]) == (0, 1, 1)
+    assert depthwise["log_conv_kernel_area"] == pytest.approx(math.log1p(9))
+    assert pointwise["log_conv_kernel_area"] == pytest.approx(math.log1p(1))
+    assert region_features(matmul(8, 256, 8))["log_matmul_rows"] == pytest.approx(math.log1p(8))
+    assert region_features(chain(2, (8, 8)))["log_matmul_rows"] == 0
+
+
 def test_fused_kernel_moves_only_boundary_values():
     region = chain(4, (32, 32))
     (fused,) = launches(region.graph, fused=True)
