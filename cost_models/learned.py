@@ -92,7 +92,8 @@ class LearnedCostModel(CostModel):
         ``spearman``: rank correlation of predicted and measured seconds over the
         held-out records. ``best_backend_share``: over the held-out regions timed
         on several backends (same device), the share where the backend predicted
-        fastest is the measured fastest (NaN if there is none).
+        fastest is the measured fastest (NaN if there is none). ``pruned_share`` and
+        ``fastest_pruned``: what ``pruning_scores`` says of these predictions.
         """
         holdout = set(holdout_sources)
         records = list(records)
@@ -103,7 +104,8 @@ class LearnedCostModel(CostModel):
         model = LearnedCostModel(self.options).fit(train)
         test = [r for r in test if r.backend in model.backends]
         predicted = model.predict_seconds([(r.features, r.profile, r.backend) for r in test])
-        return {**ranking_scores(test, predicted), "train_records": len(train), "heldout_records": len(test)}
+        return {**ranking_scores(test, predicted), **pruning_scores(test, predicted),
+                "train_records": len(train), "heldout_records": len(test)}
 
     def save(self, path: Path | str | None = None) -> Path:
         """Pickle the fitted model (default: ``cache_dir("learned")/model.pkl``); load only files you wrote."""
@@ -143,6 +145,21 @@ def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) 
         "best_backend_share": hits / len(contested) if contested else float("nan"),
         "heldout_regions_compared": len(contested),
     }
+
+
+def pruning_scores(records: Sequence[TimingRecord], predicted: Sequence[float], factor: float = 2.0) -> dict[str, float]:
+    """What pruning at ``factor`` (``LowerRegions.prune_factor``) would do with ``predicted``: over the regions
+    timed on several backends, the share of their candidates predicted ``factor`` times slower than the
+    region's fastest prediction (``pruned_share``), and the number of regions whose measured fastest
+    backend is among them (``fastest_pruned``)."""
+    by_region: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r, p in zip(records, predicted):
+        by_region[r.region_hash, r.device].append((p, r.seconds))
+    contested = [times for times in by_region.values() if len(times) > 1]
+    pruned = [[p > factor * min(q for q, _ in times) for p, _ in times] for times in contested]
+    lost = sum(cut[min(range(len(times)), key=lambda k: times[k][1])] for times, cut in zip(contested, pruned))
+    candidates = sum(map(len, pruned))
+    return {"pruned_share": sum(map(sum, pruned)) / candidates if candidates else float("nan"), "fastest_pruned": lost}
 
 
 def _roofline(features: Mapping[str, float], profile: Mapping[str, float]) -> float:

@@ -16,7 +16,10 @@ from graphopt.backends.explain import explain_table
 from graphopt.backends.lower import LowerRegions
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.region import partition
-from graphopt.cost_models.database import TimingDatabase
+from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
+from graphopt.cost_models.device_profile import DeviceProfile
+from graphopt.cost_models.features import region_features
+from graphopt.cost_models.learned import LearnedCostModel
 from graphopt.ir import Graph, TensorType
 from graphopt.passes.fusion_groups import Reachability
 from graphopt.testing import assert_close_outputs
@@ -199,6 +202,44 @@ def test_a_kernel_that_differs_from_eager_is_rejected(resnet, resnet_o2):
     assert_close_outputs(model(x), graph.to_torch()(x))
 
 
+@register_backend
+@dataclass
+class _CountingBackend(Backend):
+    """Eager kernels that count how often a region was compiled."""
+
+    name = "test_counting"
+    compiled = 0
+
+    def supports(self, node) -> bool:
+        return True
+
+    def compile(self, region, device):
+        type(self).compiled += 1
+        return region.graph.to_torch()
+
+
+def test_candidates_the_learned_model_predicts_far_slower_are_never_compiled(resnet, resnet_o2, tmp_path,
+                                                                              monkeypatch):
+    """A learned model trained on timings where ``test_counting`` is 100x slower than torch everywhere."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    model, x = resnet
+    regions = [*partition(resnet_o2.clone(), lambda n: True), *partition(o2(model, torch.randn(2, 3, 48, 48)),
+                                                                         lambda n: True)]
+    cpu = torch.device("cpu")
+    records = [TimingRecord(r.hash, backend, device_key(cpu), {}, seconds, 0.0, 5, 0.1, region_features(r),
+                            DeviceProfile.for_device(cpu).numbers(), "synthetic")
+               for r in regions for backend, seconds in (("torch", 1e-3), ("test_counting", 1e-1))]
+    LearnedCostModel().fit(records * 4).save()
+    for prune_factor, compiles in ((2.0, 0), (None, 1)):
+        _CountingBackend.compiled = 0
+        graph = resnet_o2.clone()
+        lower(graph, backends=("test_counting", "torch"), prune_factor=prune_factor)
+        counting = next(c for c in graph.meta["lowering"][0].candidates if c.backend == "test_counting")
+        assert _CountingBackend.compiled == compiles
+        assert (counting.status == "pruned") == (compiles == 0) and graph.meta["lowering"][0].chosen == "torch"
+        assert ("pruned: learned model predicts" in explain_table(graph.meta["lowering"])) == (compiles == 0)
+
+
 def test_bad_lowering_options_name_the_problem():
     graph = o2(nn.Linear(4, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown backend 'nope'|unknown backend nope"):
@@ -207,6 +248,8 @@ def test_bad_lowering_options_name_the_problem():
         lower(graph, cost_model="oracle")
     with pytest.raises(ValueError, match="expected_calls"):
         lower(graph, expected_calls=0)
+    with pytest.raises(ValueError, match="prune_factor must be at least 1"):
+        lower(graph, prune_factor=0.5)
 
 
 def test_builtin_backends_are_registered():

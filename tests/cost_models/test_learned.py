@@ -16,7 +16,7 @@ from graphopt.api import capture, optimize
 from graphopt.backends.base import random_inputs
 from graphopt.backends.region import extract, partition
 from graphopt.cost_models.database import TimingDatabase, TimingRecord
-from graphopt.cost_models.learned import LearnedCostModel
+from graphopt.cost_models.learned import LearnedCostModel, pruning_scores
 from graphopt.cost_models.measured import measure
 
 CPU = torch.device("cpu")
@@ -168,3 +168,14 @@ def test_nothing_to_learn_from():
     record = TimingRecord("h", "torch", "cpu", {}, 1e-3, 0.0, 1, 0.0, {"log_flops": 1.0}, {}, "a")
     with pytest.raises(ValueError):
         LearnedCostModel().evaluate([record], ["a"])
+
+
+def test_pruning_scores_count_candidates_cut_and_fastest_backends_lost():
+    def record(region: str, backend: str, seconds: float) -> TimingRecord:
+        return TimingRecord(region, backend, "cpu", {}, seconds, 0.0, 1, 0.0, {}, {}, "")
+
+    records = [record("a", "torch", 1.0), record("a", "big", 3.0), record("b", "torch", 1.0), record("b", "big", 2.0),
+               record("c", "torch", 1.0)]  # c: one backend, nothing to prune
+    predicted = [1.0, 2.5, 5.0, 1.0, 1.0]  # a: big cut, rightly; b: torch cut, and it was the fastest
+    assert pruning_scores(records, predicted) == {"pruned_share": 0.5, "fastest_pruned": 1}
+    assert pruning_scores(records, predicted, factor=6.0) == {"pruned_share": 0.0, "fastest_pruned": 0}
