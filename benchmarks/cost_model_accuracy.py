@@ -10,15 +10,20 @@ Spearman rank correlation of predicted against measured seconds, and the share o
 regions where the backend predicted fastest is the measured fastest, and what
 ``lower_regions``' pruning (``prune_factor`` 2) would have done with those predictions:
 the share of candidates it skips and the regions whose fastest backend it would have
-skipped. The analytical model is scored on the same regions. Prints the table and writes it to
+skipped. The analytical model is scored on the same regions. With ``--recheck``, a
+second database of the same regions timed by an independent run of this script, the
+table also gives how often the two runs agree on the fastest backend: how well any
+cost model can do when its labels are timings on this machine. Prints the table and writes it to
 ``benchmarks/results/cost_model_accuracy.md``; the learned model fitted on all records
 is saved where ``lower_regions`` loads it.
 
     python benchmarks/cost_model_accuracy.py [--models a,b] [--backends onnxruntime,torch]
+        [--database FILE] [--recheck FILE]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -94,11 +99,31 @@ def analytical_scores(records: list[TimingRecord], regions: dict[str, Region]) -
     return ranking_scores([r for r, _ in pairs], [p for _, p in pairs])
 
 
+def fastest_backends(records, device: str) -> dict[str, str]:
+    """The measured fastest backend of each region timed on several."""
+    by_region: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in records:
+        if r.device == device:
+            by_region[r.region_hash][r.backend] = r.seconds
+    return {h: min(times, key=times.get) for h, times in by_region.items() if len(times) > 1}
+
+
+def agreement(fastest: dict[str, str], recheck: dict[str, str], regions: set[str]) -> float:
+    """The share of ``regions`` where both runs found the same fastest backend (NaN if none was timed twice)."""
+    both = [h for h in regions if h in fastest and h in recheck]
+    return sum(fastest[h] == recheck[h] for h in both) / len(both) if both else float("nan")
+
+
+def percent(share: float) -> str:
+    return "" if math.isnan(share) else f"{share:.0%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--backends", default="onnxruntime,torch")
     parser.add_argument("--database", help="timing database file (default: the cache's)")
+    parser.add_argument("--recheck", help="the database of a second, independent run over the same models")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     load_builtin_backends()
@@ -110,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     key = device_key(torch.device("cpu"))
     records = [r for r in database if r.source in names and r.backend in backends and r.device == key]
+    recheck = fastest_backends(TimingDatabase(args.recheck), key) if args.recheck else {}
+    fastest = fastest_backends(records, key)
+    own = {r.source for r in records}
+    for name in [n for n in names if n not in own]:
+        print(f"{name}: every region also occurs in a model listed before it; not held out on its own")
+    names = [n for n in names if n in own]
     rows = ["| held-out model | regions | learned Spearman | learned picks fastest | analytical Spearman | "
-            "analytical picks fastest | median error × (learned) | pruned ×2 | fastest pruned |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "analytical picks fastest | median error × (learned) | pruned ×2 | fastest pruned | runs agree |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     learned, analytical = defaultdict(list), defaultdict(list)
     for name in names:
         score = LearnedCostModel().evaluate(records, [name])
@@ -126,19 +157,26 @@ def main(argv: list[str] | None = None) -> int:
             analytical[k].append(ana[k])
         learned["pruned_share"].append(score["pruned_share"])
         learned["fastest_pruned"].append(score["fastest_pruned"])
+        learned["agreement"].append(agreement(fastest, recheck, {r.region_hash for r in records if r.source == name}))
         rows.append(f"| {name} | {score['heldout_regions_compared']} | {score['spearman']:.3f} | "
                     f"{score['best_backend_share']:.0%} | {ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | "
-                    f"{score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} |")
+                    f"{score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} | "
+                    f"{percent(learned['agreement'][-1])} |")
     mean = statistics.fmean
     rows.append(f"| **mean** | | **{mean(learned['spearman']):.3f}** | **{mean(learned['best_backend_share']):.0%}** | "
                 f"{mean(analytical['spearman']):.3f} | {mean(analytical['best_backend_share']):.0%} | | "
-                f"{mean(learned['pruned_share']):.0%} | **{sum(learned['fastest_pruned'])}** (total) |")
+                f"{mean(learned['pruned_share']):.0%} | **{sum(learned['fastest_pruned'])}** (total) | "
+                f"{percent(mean(learned['agreement']))} |")
     path = LearnedCostModel().fit(records).save()
     text = "\n".join([
         "# Cost model accuracy on held-out models", "",
         f"{machine()}, {THREADS} threads, torch {torch.__version__}; backends: {', '.join(backends)}; "
         f"{len(records)} timings of {len({r.region_hash for r in records})} regions from {len(names)} models. "
         "Leave-one-model-out: the learned model never saw the held-out model's regions.", "", *rows, "",
+        "pruned ×2: the share of the held-out model's candidates that `lower_regions` would not compile (the "
+        "learned model predicts them twice as slow as the fastest); fastest pruned: regions whose measured fastest "
+        "backend was among them. runs agree: regions where a second, independent run of this script (`--recheck`) "
+        f"measured the same backend fastest.{'' if recheck else ' (No second run given.)'}", "",
         f"The model fitted on all records is saved at {path.name} in the cache folder.", ""])
     print(text)
     RESULTS.parent.mkdir(exist_ok=True)
