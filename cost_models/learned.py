@@ -133,10 +133,7 @@ def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) 
     (same device): the share where the backend predicted fastest is the measured fastest (NaN if none)."""
     from scipy.stats import spearmanr
 
-    by_region: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
-    for r, p in zip(records, predicted):
-        by_region[r.region_hash, r.device][r.backend] = (p, r.seconds)
-    contested = [list(times.values()) for times in by_region.values() if len(times) > 1]
+    contested = _contested(records, predicted)
     hits = sum(min(times, key=lambda t: t[0])[1] == min(s for _, s in times) for times in contested)
     errors = [abs(math.log(p / r.seconds)) for r, p in zip(records, predicted)]
     return {
@@ -152,14 +149,22 @@ def pruning_scores(records: Sequence[TimingRecord], predicted: Sequence[float], 
     timed on several backends, the share of their candidates predicted ``factor`` times slower than the
     region's fastest prediction (``pruned_share``), and the number of regions whose measured fastest
     backend is among them (``fastest_pruned``)."""
-    by_region: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    contested = _contested(records, predicted)
+    pruned = lost = 0
+    for times in contested:
+        cut = factor * min(p for p, _ in times)
+        pruned += sum(p > cut for p, _ in times)
+        lost += min(times, key=lambda t: t[1])[0] > cut  # the measured fastest predicted past the cut
+    candidates = sum(map(len, contested))
+    return {"pruned_share": pruned / candidates if candidates else float("nan"), "fastest_pruned": lost}
+
+
+def _contested(records: Sequence[TimingRecord], predicted: Sequence[float]) -> list[list[tuple[float, float]]]:
+    """(predicted, measured) seconds of each backend, for each region timed on several (same device)."""
+    by_region: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
     for r, p in zip(records, predicted):
-        by_region[r.region_hash, r.device].append((p, r.seconds))
-    contested = [times for times in by_region.values() if len(times) > 1]
-    pruned = [[p > factor * min(q for q, _ in times) for p, _ in times] for times in contested]
-    lost = sum(cut[min(range(len(times)), key=lambda k: times[k][1])] for times, cut in zip(contested, pruned))
-    candidates = sum(map(len, pruned))
-    return {"pruned_share": sum(map(sum, pruned)) / candidates if candidates else float("nan"), "fastest_pruned": lost}
+        by_region[r.region_hash, r.device][r.backend] = (p, r.seconds)
+    return [list(times.values()) for times in by_region.values() if len(times) > 1]
 
 
 def _roofline(features: Mapping[str, float], profile: Mapping[str, float]) -> float:
