@@ -236,7 +236,9 @@ def test_candidates_the_learned_model_predicts_far_slower_are_never_compiled(res
         lower(graph, backends=("test_counting", "torch"), prune_factor=prune_factor)
         counting = next(c for c in graph.meta["lowering"][0].candidates if c.backend == "test_counting")
         assert _CountingBackend.compiled == compiles
-        assert (counting.status == "pruned") == (compiles == 0) and graph.meta["lowering"][0].chosen == "torch"
+        assert (counting.status == "pruned") == (compiles == 0)
+        if compiles == 0:
+            assert graph.meta["lowering"][0].chosen == "torch"
         assert ("pruned: learned model predicts" in explain_table(graph.meta["lowering"])) == (compiles == 0)
 
 
