@@ -15,11 +15,12 @@ For each model and batch size, the ways to run it:
 Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on 2 threads, timed
 round-robin (``report.round_robin``) with one untimed settling call before each timed one (so
 no way pays for the previous way's spinning threads), with the interquartile range; ×: against eager;
-"prepare s" is the export or the first, compiling, call. The graphopt row also lists the
+"prepare s" is the export or the first, compiling, call: with ``--cold`` inductor and graphopt
+start from empty caches, otherwise both reuse what earlier runs left. The graphopt row also lists the
 backends its regions went to. Prints the tables and writes them to
 ``benchmarks/results/lowering_compare.md``.
 
-    python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20]
+    python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20] [--cold]
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import argparse
 import functools
 import io
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +43,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
+from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
 from report import failure_cell, geomean, machine, round_robin
@@ -177,6 +181,19 @@ def summary_table(rows: list[Row], batches: list[int]) -> list[str]:
     return lines
 
 
+def empty_caches() -> str:
+    """Point inductor and graphopt at fresh cache folders, so that "prepare s" is a cold compile for both;
+    the learned cost model moves along (it is trained once per machine, not per model). Says which."""
+    learned = cache_dir("learned") / "model.pkl"
+    fresh = Path(tempfile.mkdtemp(prefix="lowering-compare-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(fresh / "inductor")
+    os.environ["GRAPHOPT_CACHE_DIR"] = str(fresh / "graphopt")
+    if not learned.exists():
+        return "cold (empty inductor and graphopt caches; no learned cost model)"
+    shutil.copy(learned, cache_dir("learned") / "model.pkl")
+    return "cold (empty inductor and graphopt caches; graphopt's learned cost model kept)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
@@ -184,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--backends", default="onnxruntime,inductor,torch",
                         help="graphopt's candidate backends (default: onnxruntime,inductor,torch)")
+    parser.add_argument("--cold", action="store_true",
+                        help="compile with empty inductor and graphopt caches (graphopt's learned cost model is kept)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
+    caches = empty_caches() if args.cold else "as found (inductor's and graphopt's caches may hold earlier compiles)"
     batches = [int(b) for b in args.batches.split(",")]
     backends = tuple(args.backends.split(","))
     rows: list[Row] = []
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(detail_table([r for r in rows if r.model == name and r.batch == batch])[2:]), flush=True)
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
               f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
-              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats.", ""]
+              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats; caches: {caches}.", ""]
     text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
     print(text)
     RESULTS.parent.mkdir(exist_ok=True)
