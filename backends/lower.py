@@ -133,10 +133,11 @@ class LowerRegions(Pass):
         decided: list[Decision] = graph.meta.setdefault("lowering", [])
         seen = {d.hash for d in decided}
         decisions, lowered = [], 0
-        estimator = _Estimator(self, device)
+        estimator = None  # loads the timing database and the learned model: only when a region needs them
         for region in regions:
             if not worth_lowering(region) or region.hash in seen:  # decided on an earlier run: left to eager
                 continue
+            estimator = estimator or _Estimator(self, device)
             decision, kernel = self._decide(region, backends, device, estimator)
             decisions.append(decision)
             if kernel is not None and decision.chosen != "torch":
