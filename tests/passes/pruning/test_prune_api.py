@@ -93,18 +93,15 @@ def test_macs_target():
 
 
 @pytest.mark.slow
-def test_latency_target_prunes_with_the_real_timer():
-    """End to end with the real timer: a target of 0.6x the measured latency makes ``prune`` remove
-    channels. Whether the pruned graph then meets it is a timing claim, left to a benchmark
-    (``benchmarks/prune_speed.py``); ``test_plan`` checks the search itself against a simulated timer."""
+def test_latency_target():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 64, 64)
     graph = graphopt.optimize(graphopt.capture(Net().eval(), (x,)), "O1")
-    from graphopt.passes.pruning import count_macs, measure_latency
+    from graphopt.passes.pruning import measure_latency
 
-    macs = count_macs(graph)
-    graphopt.prune(graph, (x,), target={"latency_ms": 0.6 * measure_latency(graph, (x,))})
-    assert count_macs(graph) < macs
+    limit = 0.6 * measure_latency(graph, (x,))
+    graphopt.prune(graph, (x,), target={"latency_ms": limit})
+    assert measure_latency(graph, (x,), runs=9) <= 1.3 * limit  # timing noise
 
 
 @pytest.mark.slow
