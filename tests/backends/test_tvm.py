@@ -8,7 +8,6 @@ the database instead of tuning.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -168,9 +167,7 @@ def test_tuning_is_recorded_and_reused(monkeypatch):
     region = biggest_region(LinearGelu(64), x)
     folder = cache_dir("tvm", _tvm.target_folder(_tvm.target_for(CPU)))
 
-    start = time.perf_counter()
     assert_matches_torch(region, TVMBackend(tune_trials=4, progress=False))
-    first = time.perf_counter() - start
     assert tuned == [1]  # linear + gelu fuse into one workload
     records = (folder / "database_tuning_record.json").read_text().splitlines()
     assert records
@@ -179,11 +176,8 @@ def test_tuning_is_recorded_and_reused(monkeypatch):
 
     other = biggest_region(LinearGelu(64), x)  # fresh weights, same structure
     assert other.hash == region.hash
-    start = time.perf_counter()
     assert_matches_torch(other, TVMBackend(tune_trials=4, progress=False))
-    again = time.perf_counter() - start
     assert tuned == [1], "a tuned region was tuned again"
-    assert again < first / 3
 
     (folder / "regions.json").write_text(json.dumps({}))  # as if another model had tuned the workload
     assert_matches_torch(other, TVMBackend(tune_trials=4, progress=False))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -85,9 +84,7 @@ def test_device_profile_is_per_thread_count(measurements, monkeypatch):
 
 
 def test_micro_benchmarks_give_plausible_rates():
-    start = time.perf_counter()
     profile = DeviceProfile.measure(CPU)
-    assert time.perf_counter() - start < 5  # well under a second on an idle machine
     assert profile.device == device_key(CPU)
     assert 1e9 < profile.peak_flops < 1e15
     assert 1e9 < profile.bandwidth < 1e13
