@@ -10,15 +10,18 @@ Spearman rank correlation of predicted against measured seconds, and the share o
 regions where the backend predicted fastest is the measured fastest, and what
 ``lower_regions``' pruning (``prune_factor`` 2) would have done with those predictions:
 the share of candidates it skips and the regions whose fastest backend it would have
-skipped. The analytical model is scored on the same regions. With ``--recheck``, a
-second database of the same regions timed by an independent run of this script, the
-table also gives how often the two runs agree on the fastest backend: how well any
-cost model can do when its labels are timings on this machine. Prints the table and writes it to
-``benchmarks/results/cost_model_accuracy.md``; the learned model fitted on all records
-is saved where ``lower_regions`` loads it.
+skipped. The analytical model is scored on the same regions.
+
+Timings on a shared machine are noisy: a sixth of the regions have two backends within 10% of
+each other. Give ``--database`` several times to time every region once per file, one file after
+the other (independent runs; a file that already holds a timing keeps it): the models are then
+trained and scored on the median over the runs, and the table gives how often two runs agree on
+the fastest backend, the ceiling for any cost model scored on one run's timings. Prints the table
+and writes it to ``benchmarks/results/cost_model_accuracy.md``; the learned model fitted on all
+records is saved where ``lower_regions`` loads it.
 
     python benchmarks/cost_model_accuracy.py [--models a,b] [--backends onnxruntime,torch]
-        [--database FILE] [--recheck FILE]
+        [--database FILE [--database FILE ...]]
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -108,10 +113,20 @@ def fastest_backends(records, device: str) -> dict[str, str]:
     return {h: min(times, key=times.get) for h, times in by_region.items() if len(times) > 1}
 
 
-def agreement(fastest: dict[str, str], recheck: dict[str, str], regions: set[str]) -> float:
-    """The share of ``regions`` where both runs found the same fastest backend (NaN if none was timed twice)."""
-    both = [h for h in regions if h in fastest and h in recheck]
-    return sum(fastest[h] == recheck[h] for h in both) / len(both) if both else float("nan")
+def agreement(runs: list[dict[str, str]], regions: set[str]) -> float:
+    """The share of ``regions`` where two runs found the same fastest backend, over all pairs of runs
+    (NaN with one run)."""
+    same = [a[h] == b[h] for a, b in combinations(runs, 2) for h in regions if h in a and h in b]
+    return sum(same) / len(same) if same else float("nan")
+
+
+def median_over_runs(runs: list[list[TimingRecord]]) -> list[TimingRecord]:
+    """One record per region, backend and device, its time the median of the runs' times."""
+    by_key: dict[tuple[str, str, str], list[TimingRecord]] = defaultdict(list)
+    for run in runs:
+        for r in run:
+            by_key[r.region_hash, r.backend, r.device].append(r)
+    return [replace(rs[0], seconds=statistics.median(r.seconds for r in rs)) for rs in by_key.values()]
 
 
 def percent(share: float) -> str:
@@ -122,21 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--backends", default="onnxruntime,torch")
-    parser.add_argument("--database", help="timing database file (default: the cache's)")
-    parser.add_argument("--recheck", help="the database of a second, independent run over the same models")
+    parser.add_argument("--database", action="append",
+                        help="timing database file (default: the cache's); repeat it for independent runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     load_builtin_backends()
     names, backends = args.models.split(","), args.backends.split(",")
-    database = TimingDatabase(args.database)
-    for name in names:
-        start = time.perf_counter()
-        print(f"{name}: {collect(name, backends, database)} new timings in {time.perf_counter() - start:.0f} s",
-              flush=True)
     key = device_key(torch.device("cpu"))
-    records = [r for r in database if r.source in names and r.backend in backends and r.device == key]
-    recheck = fastest_backends(TimingDatabase(args.recheck), key) if args.recheck else {}
-    fastest = fastest_backends(records, key)
+    runs = []
+    for k, path in enumerate(args.database or [None], 1):
+        database = TimingDatabase(path)
+        for name in names:
+            start = time.perf_counter()
+            print(f"run {k}, {name}: {collect(name, backends, database)} new timings in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        runs.append([r for r in database if r.source in names and r.backend in backends and r.device == key])
+    records = median_over_runs(runs)
+    fastest_per_run = [fastest_backends(run, key) for run in runs]
     own = {r.source for r in records}
     for name in [n for n in names if n not in own]:
         print(f"{name}: every region also occurs in a model listed before it; not held out on its own")
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             analytical[k].append(ana[k])
         learned["pruned_share"].append(score["pruned_share"])
         learned["fastest_pruned"].append(score["fastest_pruned"])
-        learned["agreement"].append(agreement(fastest, recheck, {r.region_hash for r in records if r.source == name}))
+        learned["agreement"].append(agreement(fastest_per_run, {r.region_hash for r in records if r.source == name}))
         rows.append(f"| {name} | {score['heldout_regions_compared']} | {score['spearman']:.3f} | "
                     f"{score['best_backend_share']:.0%} | {ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | "
                     f"{score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} | "
@@ -175,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         "Leave-one-model-out: the learned model never saw the held-out model's regions.", "", *rows, "",
         "pruned ×2: the share of the held-out model's candidates that `lower_regions` would not compile (the "
         "learned model predicts them twice as slow as the fastest); fastest pruned: regions whose measured fastest "
-        "backend was among them. runs agree: regions where a second, independent run of this script (`--recheck`) "
-        f"measured the same backend fastest.{'' if recheck else ' (No second run given.)'}", "",
+        "backend was among them. runs agree: over pairs of independent timing runs, the share of regions where "
+        f"both measured the same backend fastest; {len(runs)} run(s), the models are trained and scored on the median "
+        "over them.", "",
         f"The model fitted on all records is saved at {path.name} in the cache folder.", ""])
     print(text)
     RESULTS.parent.mkdir(exist_ok=True)

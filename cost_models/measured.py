@@ -17,9 +17,16 @@ from .device_profile import DeviceProfile
 from .features import region_features
 
 
+MIN_TIMED_SECONDS = 0.02
+"""The least time the timed calls of one kernel span. A 20 µs region timed 21 times spans half a
+millisecond, short enough for one burst of a neighbour's work to shift its median: three runs of the
+same 286 CPU regions then differed by 1.3-2.5x on a third of the regions under 60 µs."""
+
+
 def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmup: int = 3, repeats: int = 10,
-                device: torch.device | None = None) -> tuple[float, float]:
-    """Median seconds of one call of ``fn(*inputs)`` and the interquartile range, over ``repeats`` calls.
+                device: torch.device | None = None, min_seconds: float = 0.0) -> tuple[float, float, int]:
+    """Median seconds of one call of ``fn(*inputs)``, the interquartile range, and the number of timed
+    calls: at least ``repeats``, and more until they span ``min_seconds``.
 
     The median, because a shared machine's noise only ever adds time and
     comes in bursts that would drag a mean. The warm-up calls absorb lazy
@@ -31,29 +38,30 @@ def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmu
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     device = device or device_of(inputs)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times = []
+    times: list[float] = []
     with torch.no_grad():
-        for k in range(warmup + repeats):
-            sync()
+        for _ in range(warmup):
+            fn(*inputs)
+        sync()
+        while len(times) < repeats or sum(times) < min_seconds:
             start = time.perf_counter()
             fn(*inputs)
             sync()
-            if k >= warmup:
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
     if len(times) < 2:
-        return times[0], 0.0
+        return times[0], 0.0, 1
     q1, _, q3 = statistics.quantiles(times, n=4)
-    return statistics.median(times), q3 - q1
+    return statistics.median(times), q3 - q1, len(times)
 
 
 def measure(region: Region, backend_name: str, kernel: Callable[..., object], inputs: Sequence[torch.Tensor],
             compile_seconds: float = 0.0, source: str = "", *, database: TimingDatabase | None = None,
-            warmup: int = 3, repeats: int = 10) -> TimingRecord:
+            warmup: int = 3, repeats: int = 10, min_seconds: float = MIN_TIMED_SECONDS) -> TimingRecord:
     """Time ``kernel`` (the region compiled by ``backend_name``) on ``inputs`` and store the record."""
     device = device_of(inputs)
-    seconds, spread = time_kernel(kernel, inputs, warmup, repeats, device)
+    seconds, spread, calls = time_kernel(kernel, inputs, warmup, repeats, device, min_seconds)
     record = TimingRecord(region.hash, backend_name, device_key(device), dict(library_versions(backend_name)),
-                          seconds, spread, repeats, compile_seconds, region_features(region),
+                          seconds, spread, calls, compile_seconds, region_features(region),
                           DeviceProfile.for_device(device).numbers(), source)
     (database if database is not None else TimingDatabase()).add(record)
     return record

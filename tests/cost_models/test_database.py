@@ -78,19 +78,31 @@ def test_time_kernel_reports_median_and_spread():
         calls.append(x)
         time.sleep(0.002 if len(calls) % 2 else 0.001)
 
-    median, spread = time_kernel(sleepy, [torch.zeros(1)], warmup=2, repeats=7)  # timed: 4 of 2 ms, 3 of 1 ms
-    assert len(calls) == 9
+    median, spread, timed = time_kernel(sleepy, [torch.zeros(1)], warmup=2, repeats=7)  # 4 of 2 ms, 3 of 1 ms
+    assert len(calls) == 9 and timed == 7
     assert 0.002 <= median < 0.01  # the median, not the mean (1.6 ms)
     assert 0.0005 < spread < 0.01
     with pytest.raises(ValueError):
         time_kernel(sleepy, [torch.zeros(1)], repeats=0)
 
 
+def test_time_kernel_times_short_kernels_for_at_least_min_seconds():
+    calls = []
+
+    def short(x):
+        calls.append(x)
+        time.sleep(0.001)
+
+    _, _, timed = time_kernel(short, [torch.zeros(1)], warmup=1, repeats=3, min_seconds=0.1)
+    assert len(calls) == timed + 1
+    assert 3 < timed <= 100  # every call sleeps at least 1 ms, so 100 of them span the 0.1 s
+
+
 def test_measure_stores_a_record_the_measured_model_answers_from(tmp_path):
     db = TimingDatabase(tmp_path / "t.jsonl")
     region = relu_chain(256)
     rec = measure(region, "torch", region.graph.to_torch(), random_inputs(region, CPU), compile_seconds=0.25,
-                  source="chain", database=db, warmup=1, repeats=3)
+                  source="chain", database=db, warmup=1, repeats=3, min_seconds=0.0)
     assert (rec.region_hash, rec.backend, rec.device, rec.repeats) == (region.hash, "torch", device_key(CPU), 3)
     assert rec.source == "chain"
     assert rec.seconds > 0 and rec.compile_seconds == 0.25 and rec.features["eager_kernels"] == 3
