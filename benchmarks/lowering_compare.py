@@ -20,7 +20,13 @@ start from empty caches, otherwise both reuse what earlier runs left. The grapho
 backends its regions went to. Prints the tables and writes them to
 ``benchmarks/results/lowering_compare.md``.
 
+With ``--tuned-malloc`` the script runs under ``report.TUNED_MALLOC`` (glibc keeps freed memory
+instead of page-faulting it in again on every large tensor) and writes
+``lowering_compare_tuned_malloc.md``: every way runs in the same process, so the allocator is the
+same for all of them, but it changes eager's and inductor's times much more than onnxruntime's.
+
     python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20] [--cold]
+        [--tuned-malloc]
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ import torch
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
-from report import failure_cell, geomean, machine, round_robin
+from report import failure_cell, geomean, machine, restart_with_tuned_malloc, round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
 THREADS = 2
@@ -203,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="graphopt's candidate backends (default: onnxruntime,inductor,torch)")
     parser.add_argument("--cold", action="store_true",
                         help="compile with empty inductor and graphopt caches (graphopt's learned cost model is kept)")
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="run under report.TUNED_MALLOC and write lowering_compare_tuned_malloc.md")
     args = parser.parse_args(argv)
+    if args.tuned_malloc:
+        restart_with_tuned_malloc()
     torch.set_num_threads(THREADS)
     caches = empty_caches() if args.cold else "as found (inductor's and graphopt's caches may hold earlier compiles)"
     batches = [int(b) for b in args.batches.split(",")]
@@ -218,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
               f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats; caches: {caches}.", ""]
     text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
     print(text)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text)
+    results = RESULTS.with_name("lowering_compare_tuned_malloc.md") if args.tuned_malloc else RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(text)
     return 0
 
 

@@ -5,13 +5,40 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
 def machine() -> str:
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), {allocator()}"
+
+
+TUNED_MALLOC = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647"
+"""``GLIBC_TUNABLES`` that keep freed memory in the heap: with glibc's defaults a large tensor freed
+at the top of the heap goes back to the OS and the next one page-faults its memory in again, which
+made a 64-channel depthwise conv on a 56x56 map take about 1.7 ms here instead of about 0.3 ms.
+Runtimes with their own arenas (onnxruntime) never see the difference; eager and inductor do."""
+
+
+def restart_with_tuned_malloc() -> None:
+    """Run this script again under ``TUNED_MALLOC`` unless it already is: glibc reads its tunables
+    only when a process starts."""
+    if os.environ.get("GLIBC_TUNABLES") != TUNED_MALLOC:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": TUNED_MALLOC})
+
+
+def allocator() -> str:
+    """The malloc the process runs with, for the results header: timings of torch on CPU depend on it."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return name
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
+    if os.environ.get("GLIBC_TUNABLES") == TUNED_MALLOC:
+        return "glibc malloc, tuned (freed memory kept: benchmarks/report.py TUNED_MALLOC)"
+    return f"glibc malloc ({', '.join(tunables)})" if tunables else "glibc malloc, default thresholds"
 
 
 def geomean(xs: list[float]) -> float:
