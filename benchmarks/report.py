@@ -35,9 +35,9 @@ def allocator() -> str:
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in preload:
             return name
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
     if os.environ.get("GLIBC_TUNABLES") == TUNED_MALLOC:
         return "glibc malloc, tuned (freed memory kept: benchmarks/report.py TUNED_MALLOC)"
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
     return f"glibc malloc ({', '.join(tunables)})" if tunables else "glibc malloc, default thresholds"
 
 
