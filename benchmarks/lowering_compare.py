@@ -25,8 +25,12 @@ instead of page-faulting it in again on every large tensor) and writes
 ``lowering_compare_tuned_malloc.md``: every way runs in the same process, so the allocator is the
 same for all of them, but it changes eager's and inductor's times much more than onnxruntime's.
 
+With ``--frozen-guards`` every ``torch.compile`` way (inductor, graphopt, the floor) is compiled with
+``options={"guard_filter_fn": graphopt.frozen_module_guards}``, which drops Dynamo's guards on module
+attributes, and the results file gets a ``_frozen_guards`` suffix.
+
     python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20] [--cold]
-        [--tuned-malloc]
+        [--tuned-malloc] [--frozen-guards]
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
+from graphopt import frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
@@ -103,19 +108,19 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., A
 
 
 def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str, ...],
-            report: Path) -> Callable[..., Any]:
+            report: Path, guards: dict[str, Any]) -> Callable[..., Any]:
     if row.way == "eager":
         return model
     if row.way == "onnxruntime":
         return onnxruntime_runner(model, inputs)
     torch.compiler.reset()
     if row.way == "inductor":
-        return torch.compile(model)
+        return torch.compile(model, options=dict(guards))
     if row.way == "compile-floor":
-        return torch.compile(model, backend=_floor_backend)
+        return torch.compile(model, backend=_floor_backend, options=dict(guards))
     lowering = {"backends": backends, "source": row.model}
     return torch.compile(model, backend="graphopt", options={
-        "level": "O3", "pass_options": {"lower_regions": lowering}, "fallback": False, "report": str(report)})
+        "level": "O3", "pass_options": {"lower_regions": lowering}, "fallback": False, "report": str(report), **guards})
 
 
 def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
@@ -123,7 +128,7 @@ def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[.
     return lambda *_: outputs
 
 
-def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...]) -> list[Row]:
+def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...], guards: dict[str, Any]) -> list[Row]:
     model, inputs = MODEL_CASES[name].build()
     inputs = batched(inputs, batch)
     rows, live = [], []
@@ -135,7 +140,7 @@ def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...]) -> l
             report = Path(tmp) / f"{way}.json"
             try:
                 start = time.perf_counter()
-                run = prepare(row, model, inputs, backends, report)
+                run = prepare(row, model, inputs, backends, report, guards)
                 got = flatten_outputs(run(*inputs))
                 row.prepare_s = time.perf_counter() - start
                 row.max_rel_error = max_rel_error(reference[:len(got)], got)
@@ -210,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true",
                         help="compile with empty inductor and graphopt caches (graphopt's learned cost model is kept)")
     parser.add_argument("--tuned-malloc", action="store_true",
-                        help="run under report.TUNED_MALLOC and write lowering_compare_tuned_malloc.md")
+                        help="run under report.TUNED_MALLOC (results file suffix _tuned_malloc)")
+    parser.add_argument("--frozen-guards", action="store_true",
+                        help="compile with graphopt.frozen_module_guards as guard filter (suffix _frozen_guards)")
     args = parser.parse_args(argv)
     if args.tuned_malloc:
         restart_with_tuned_malloc()
@@ -218,17 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     caches = empty_caches() if args.cold else "as found (inductor's and graphopt's caches may hold earlier compiles)"
     batches = [int(b) for b in args.batches.split(",")]
     backends = tuple(args.backends.split(","))
+    guards = {"guard_filter_fn": frozen_module_guards} if args.frozen_guards else {}
     rows: list[Row] = []
     for name in args.models.split(","):
         for batch in batches:
-            rows += compare(name, batch, args.repeats, backends)
+            rows += compare(name, batch, args.repeats, backends, guards)
             print("\n".join(detail_table([r for r in rows if r.model == name and r.batch == batch])[2:]), flush=True)
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
               f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
-              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats; caches: {caches}.", ""]
+              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats; caches: {caches}; "
+              f"Dynamo guards: {'graphopt.frozen_module_guards' if guards else 'all (default)'}.", ""]
     text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
     print(text)
-    results = RESULTS.with_name("lowering_compare_tuned_malloc.md") if args.tuned_malloc else RESULTS
+    suffix = "_tuned_malloc" * args.tuned_malloc + "_frozen_guards" * args.frozen_guards
+    results = RESULTS.with_name(f"{RESULTS.stem}{suffix}.md")
     results.parent.mkdir(exist_ok=True)
     results.write_text(text)
     return 0

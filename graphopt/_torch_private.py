@@ -66,6 +66,13 @@ def frozen_input_indices() -> list[int]:
             if i not in aliased and not (meta.input_info[i].mutates_data or meta.input_info[i].mutates_metadata)]
 
 
+def guards_module_attribute(entry: Any) -> bool:
+    """Whether a Dynamo guard (a ``guard_filter_fn`` entry) checks something reached through an
+    ``nn.Module``'s attributes: a submodule, its flags, hooks or parameters."""
+    guard = entry.orig_guard
+    return guard is not None and guard.source is not None and guard.source.is_unspecialized_nn_module()
+
+
 def boxed(fn: Callable[..., Any]) -> Callable[[list[Any]], Any]:
     """Give ``fn`` AOTAutograd's boxed calling convention (one list of arguments it may free)."""
     from torch._functorch.aot_autograd import make_boxed_func
