@@ -129,17 +129,21 @@ class LearnedCostModel(CostModel):
 
 def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) -> dict[str, float]:
     """How well ``predicted`` seconds rank the measured ``records``: ``spearman`` correlation,
-    ``median_error_factor``, and ``best_backend_share`` over the regions timed on several backends
-    (same device): the share where the backend predicted fastest is the measured fastest (NaN if none)."""
+    ``median_error_factor``, and over the regions timed on several backends (same device):
+    ``best_backend_share``, the share where the backend predicted fastest is the measured fastest (NaN
+    if none), and ``pick_regret``, the geometric mean of the predicted-fastest backend's measured time
+    over the fastest one's (1 when every pick is right): a miss between near-equal backends costs little."""
     from scipy.stats import spearmanr
 
     contested = _contested(records, predicted)
-    hits = sum(min(times, key=lambda t: t[0])[1] == min(s for _, s in times) for times in contested)
+    regrets = [min(times, key=lambda t: t[0])[1] / min(s for _, s in times) for times in contested]
+    hits = sum(regret == 1.0 for regret in regrets)
     errors = [abs(math.log(p / r.seconds)) for r, p in zip(records, predicted)]
     return {
         "spearman": float(spearmanr(predicted, [r.seconds for r in records]).statistic),
         "median_error_factor": math.exp(statistics.median(errors)),
         "best_backend_share": hits / len(contested) if contested else float("nan"),
+        "pick_regret": math.exp(statistics.fmean(map(math.log, regrets))) if regrets else float("nan"),
         "heldout_regions_compared": len(contested),
     }
 

@@ -16,7 +16,7 @@ from graphopt.api import capture, optimize
 from graphopt.backends.base import random_inputs
 from graphopt.backends.region import extract, partition
 from graphopt.cost_models.database import TimingDatabase, TimingRecord
-from graphopt.cost_models.learned import LearnedCostModel, pruning_scores
+from graphopt.cost_models.learned import LearnedCostModel, pruning_scores, ranking_scores
 from graphopt.cost_models.measured import measure
 
 CPU = torch.device("cpu")
@@ -179,3 +179,15 @@ def test_pruning_scores_count_candidates_cut_and_fastest_backends_lost():
     predicted = [1.0, 2.5, 5.0, 1.0, 1.0]  # a: big cut, rightly; b: torch cut, and it was the fastest
     assert pruning_scores(records, predicted) == {"pruned_share": 0.5, "fastest_pruned": 1}
     assert pruning_scores(records, predicted, factor=6.0) == {"pruned_share": 0.0, "fastest_pruned": 0}
+
+
+def test_pick_regret_is_what_the_wrong_picks_cost():
+    def record(region: str, backend: str, seconds: float) -> TimingRecord:
+        return TimingRecord(region, backend, "cpu", {}, seconds, 0.0, 1, 0.0, {}, {}, "")
+
+    records = [record("a", "torch", 1.0), record("a", "big", 3.0), record("b", "torch", 1.0), record("b", "big", 1.44),
+               record("c", "torch", 1.0)]  # c: one backend, no pick to make
+    predicted = [1.0, 2.0, 2.0, 1.0, 1.0]  # a: right; b: picks big, 1.44x the fastest
+    scores = ranking_scores(records, predicted)
+    assert scores["best_backend_share"] == 0.5 and scores["heldout_regions_compared"] == 2
+    assert scores["pick_regret"] == pytest.approx(1.2)
