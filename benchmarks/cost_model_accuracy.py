@@ -190,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             learned[k].append(score[k])
             analytical[k].append(ana[k])
         learned["pick_regret"].append(score["pick_regret"])
-        learned["hits"].append(round(score["best_backend_share"] * score["heldout_regions_compared"]))
+        learned["hits"].append(score["best_backend_hits"])
         learned["compared"].append(score["heldout_regions_compared"])
         learned["pruned_share"].append(score["pruned_share"])
         learned["fastest_pruned"].append(score["fastest_pruned"])
         learned["agreement"].append(agreement(fastest_per_run, {r.region_hash for r in records if r.source == name}))
         rows.append(f"| {name} | {score['heldout_regions_compared']} | {score['spearman']:.3f} | "
-                    f"{score['best_backend_share']:.0%} ({learned['hits'][-1]}/{learned['compared'][-1]}) | {ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | "
-                    f"{score['pick_regret']:.3f} | {score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} | "
+                    f"{score['best_backend_share']:.0%} ({score['best_backend_hits']}/{score['heldout_regions_compared']}) | "
+                    f"{ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | {score['pick_regret']:.3f} | "
+                    f"{score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} | "
                     f"{percent(learned['agreement'][-1])} |")
     mean = statistics.fmean
     hits, compared = sum(learned["hits"]), sum(learned["compared"])

@@ -131,7 +131,7 @@ def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) 
     """How well ``predicted`` seconds rank the measured ``records``: ``spearman`` correlation,
     ``median_error_factor``, and over the regions timed on several backends (same device):
     ``best_backend_share``, the share where the backend predicted fastest is the measured fastest (NaN
-    if none), and ``pick_regret``, the geometric mean of the predicted-fastest backend's measured time
+    if none; ``best_backend_hits`` of them), and ``pick_regret``, the geometric mean of the predicted-fastest backend's measured time
     over the fastest one's (1 when every pick is right): a miss between near-equal backends costs little."""
     from scipy.stats import spearmanr
 
@@ -143,6 +143,7 @@ def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) 
         "spearman": float(spearmanr(predicted, [r.seconds for r in records]).statistic),
         "median_error_factor": math.exp(statistics.median(errors)),
         "best_backend_share": hits / len(contested) if contested else float("nan"),
+        "best_backend_hits": hits,
         "pick_regret": math.exp(statistics.fmean(map(math.log, regrets))) if regrets else float("nan"),
         "heldout_regions_compared": len(contested),
     }

@@ -189,5 +189,6 @@ def test_pick_regret_is_what_the_wrong_picks_cost():
                record("c", "torch", 1.0)]  # c: one backend, no pick to make
     predicted = [1.0, 2.0, 2.0, 1.0, 1.0]  # a: right; b: picks big, 1.44x the fastest
     scores = ranking_scores(records, predicted)
-    assert scores["best_backend_share"] == 0.5 and scores["heldout_regions_compared"] == 2
+    assert scores["best_backend_share"] == 0.5 and scores["best_backend_hits"] == 1
+    assert scores["heldout_regions_compared"] == 2
     assert scores["pick_regret"] == pytest.approx(1.2)
