@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: every region also occurs in a model listed before it; not held out on its own")
     names = [n for n in names if n in own]
     rows = ["| held-out model | regions | learned Spearman | learned picks fastest | analytical Spearman | "
-            "analytical picks fastest | pick regret × (learned) | median error × (learned) | pruned ×2 | fastest pruned | "
-            "runs agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "analytical picks fastest | pick regret × (learned) | median error × (learned) | pruned ×2 | "
+            "fastest pruned | runs agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     learned, analytical = defaultdict(list), defaultdict(list)
     for name in names:
         score = LearnedCostModel().evaluate(records, [name])
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         learned["fastest_pruned"].append(score["fastest_pruned"])
         learned["agreement"].append(agreement(fastest_per_run, {r.region_hash for r in records if r.source == name}))
         rows.append(f"| {name} | {score['heldout_regions_compared']} | {score['spearman']:.3f} | "
-                    f"{score['best_backend_share']:.0%} ({score['best_backend_hits']}/{score['heldout_regions_compared']}) | "
+                    f"{score['best_backend_share']:.0%} "
+                    f"({score['best_backend_hits']}/{score['heldout_regions_compared']}) | "
                     f"{ana['spearman']:.3f} | {ana['best_backend_share']:.0%} | {score['pick_regret']:.3f} | "
                     f"{score['median_error_factor']:.2f} | {score['pruned_share']:.0%} | {score['fastest_pruned']} | "
                     f"{percent(learned['agreement'][-1])} |")

@@ -131,8 +131,9 @@ def ranking_scores(records: Sequence[TimingRecord], predicted: Sequence[float]) 
     """How well ``predicted`` seconds rank the measured ``records``: ``spearman`` correlation,
     ``median_error_factor``, and over the regions timed on several backends (same device):
     ``best_backend_share``, the share where the backend predicted fastest is the measured fastest (NaN
-    if none; ``best_backend_hits`` of them), and ``pick_regret``, the geometric mean of the predicted-fastest backend's measured time
-    over the fastest one's (1 when every pick is right): a miss between near-equal backends costs little."""
+    if none; ``best_backend_hits`` of them), and ``pick_regret``, the geometric mean of the picked
+    backend's measured time over the fastest one's (1 when every pick is right): a miss between
+    near-equal backends costs little."""
     from scipy.stats import spearmanr
 
     contested = _contested(records, predicted)
