@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,19 +186,49 @@ class GraphCompiler:
 
 class _CompileOnFirstCall:
     """An inference graph compiled when first called, with its frozen inputs' real values as constants
-    (at compile time AOTAutograd hands over fake tensors only)."""
+    (at compile time AOTAutograd hands over fake tensors only).
+
+    Dynamo reuses a graph for every instance of a module's class whose guards pass, handing over that
+    instance's parameters; a graph with another instance's weights compiled in would compute wrong
+    outputs. So each call checks that the frozen inputs are the very tensors compiled in (identity,
+    as Dynamo's ``ID_MATCH`` guards do) and compiles once more for a new set, keeping the last few.
+    """
+
+    max_variants = 8
+    """Sets of frozen tensors kept compiled per graph (Dynamo's default recompile limit)."""
 
     def __init__(self, compiler: GraphCompiler, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  frozen: list[int]):
         self.compiler, self.gm, self.example_inputs, self.frozen = compiler, gm, example_inputs, frozen
+        self.frozen_of = _picker(frozen)
+        self.variants: dict[tuple[int, ...], tuple[tuple[Any, ...], Callable[..., Any]]] = {}
+        self.tensors: tuple[Any, ...] = ()
         self.run: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.run is None:
+        tensors = self.frozen_of(args)
+        if self.run is None or not all(map(operator.is_, tensors, self.tensors)):
+            self.tensors, self.run = self._variant(tensors, args)
+        return self.run(*args)
+
+    def _variant(self, tensors: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Callable[..., Any]]:
+        key = tuple(map(id, tensors))  # the variant holds its tensors, so their ids stay theirs
+        if key not in self.variants:
+            if len(self.variants) == self.max_variants:
+                del self.variants[next(iter(self.variants))]
             constants = {i: args[i].detach() for i in self.frozen if isinstance(args[i], torch.Tensor)}
             with _torch_private.outside_dispatch_modes():
-                self.run = self.compiler.compile(self.gm, self.example_inputs, "inference", constants)
-        return self.run(*args)
+                self.variants[key] = tensors, self.compiler.compile(self.gm, self.example_inputs, "inference",
+                                                                    constants)
+        return self.variants[key]
+
+
+def _picker(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """A fast ``lambda xs: tuple(xs[i] for i in indices)``."""
+    if len(indices) == 1:
+        index, = indices
+        return lambda xs: (xs[index],)
+    return operator.itemgetter(*indices)
 
 
 def _without_inputs(module: Callable[..., Any], dropped: set[int], arity: int) -> Callable[..., Any]:

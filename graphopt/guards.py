@@ -22,9 +22,9 @@ def frozen_module_guards(entries: Sequence[Any]) -> list[bool]:
     flag; drop the other guards on module attributes.
 
     Pass it as ``torch.compile(model, backend="graphopt", options={"guard_filter_fn":
-    graphopt.frozen_module_guards})``. ``model.train()``/``model.eval()`` and new input
-    shapes still recompile; replacing a submodule or parameter, or adding a hook, after the
-    first call is not seen (recompile with ``torch.compiler.reset()``).
+    graphopt.frozen_module_guards})``. ``model.train()``/``model.eval()``, new input shapes
+    and a parameter replaced by a new tensor still recompile; replacing a submodule or adding
+    a hook after the first call is not seen (recompile with ``torch.compiler.reset()``).
     """
     return [not _torch_private.guards_module_attribute(e) or _is_training_flag(e) for e in entries]
 

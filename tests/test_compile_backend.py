@@ -252,6 +252,26 @@ def test_inference_graphs_freeze_parameters_so_batch_norm_folds(freeze, tmp_path
     assert ("fold_batch_norm" in entry["passes_fired"]) == freeze
 
 
+@pytest.mark.parametrize("guards", ["all", "frozen_module_guards"])
+def test_frozen_graph_is_not_reused_with_another_instances_weights(guards, tmp_path):
+    """Dynamo hands a graph compiled for one instance the parameters of another instance of the class."""
+    import graphopt
+
+    models = [conv_case()[0].eval(), SmallConvNet().eval()]  # same class, other weights
+    x = torch.randn(2, 3, 16, 16)
+    report = tmp_path / "report.json"
+    options = {"report": str(report)}
+    if guards == "frozen_module_guards":
+        options["guard_filter_fn"] = graphopt.frozen_module_guards
+    compiled = [compile_graphopt(m, **options) for m in models]
+    with torch.no_grad():
+        for _ in range(2):
+            for model, fn in zip(models, compiled):
+                torch.testing.assert_close(fn(x), model(x), rtol=1e-5, atol=1e-5)
+    entries = json.loads(report.read_text())["graphs"]
+    assert len(entries) == 2 and all(e["frozen_inputs"] > 0 for e in entries)  # one variant per instance, reused
+
+
 def test_training_graphs_keep_parameters_as_inputs(tmp_path):
     model, x = conv_case()
     report = tmp_path / "report.json"

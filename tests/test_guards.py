@@ -53,10 +53,12 @@ def test_train_eval_switches_and_new_shapes_still_recompile():
         assert len(graphs) == 3, "the input shape is guarded"
 
 
-def test_graphopt_with_frozen_guards_matches_eager():
+def test_graphopt_with_frozen_guards_matches_eager_and_sees_a_replaced_parameter():
     model, inputs = MODEL_CASES["torchvision.mobilenet_v2"].build()
     compiled = torch.compile(model, backend="graphopt", options={"guard_filter_fn": frozen_module_guards})
     with torch.no_grad():
         expected = model(*inputs)
         torch.testing.assert_close(compiled(*inputs), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled(*inputs), expected, rtol=1e-4, atol=1e-5)
+        model.classifier[1].weight = torch.nn.Parameter(torch.randn_like(model.classifier[1].weight))
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)  # a new parameter
