@@ -159,16 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     load_builtin_backends()
     names, backends = args.models.split(","), args.backends.split(",")
     train_only = [n for n in args.train_models.split(",") if n and n not in names]
+    timed = (*names, *train_only)
     key = device_key(torch.device("cpu"))
     runs = []
     for k, path in enumerate(args.database or [None], 1):
         database = TimingDatabase(path)
-        for name in [*names, *train_only]:
+        for name in timed:
             start = time.perf_counter()
             print(f"run {k}, {name}: {collect(name, backends, database)} new timings in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-        runs.append([r for r in database
-                     if r.source in (*names, *train_only) and r.backend in backends and r.device == key])
+        runs.append([r for r in database if r.source in timed and r.backend in backends and r.device == key])
     records = median_over_runs(runs)
     fastest_per_run = [fastest_backends(run, key) for run in runs]
     own = {r.source for r in records}

@@ -143,7 +143,7 @@ class GraphCompiler:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
             frozen = _torch_private.frozen_input_indices() if kind == "inference" and self.options.freeze else []
             if frozen:
-                return _torch_private.boxed(_CompileOnFirstCall(self, gm, example_inputs, frozen))
+                return _torch_private.boxed(_FrozenInferenceGraph(self, gm, example_inputs, frozen))
             with _torch_private.outside_fake_mode():
                 return _torch_private.boxed(self.compile(gm, example_inputs, kind))
 
@@ -184,7 +184,7 @@ class GraphCompiler:
         return module, entry
 
 
-class _CompileOnFirstCall:
+class _FrozenInferenceGraph:
     """An inference graph compiled when first called, with its frozen inputs' real values as constants
     (at compile time AOTAutograd hands over fake tensors only).
 
@@ -200,18 +200,17 @@ class _CompileOnFirstCall:
     def __init__(self, compiler: GraphCompiler, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  frozen: list[int]):
         self.compiler, self.gm, self.example_inputs, self.frozen = compiler, gm, example_inputs, frozen
-        self.frozen_of = _picker(frozen)
         self.variants: dict[tuple[int, ...], tuple[tuple[Any, ...], Callable[..., Any]]] = {}
-        self.tensors: tuple[Any, ...] = ()
+        self.tensors: tuple[Any, ...] | None = None  # those of the variant in use, and its callable
         self.run: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        tensors = self.frozen_of(args)
-        if self.run is None or not all(map(operator.is_, tensors, self.tensors)):
-            self.tensors, self.run = self._variant(tensors, args)
+        if self.tensors is None or not all(map(operator.is_, map(args.__getitem__, self.frozen), self.tensors)):
+            self.tensors, self.run = self._variant(args)
         return self.run(*args)
 
-    def _variant(self, tensors: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Callable[..., Any]]:
+    def _variant(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Callable[..., Any]]:
+        tensors = tuple(args[i] for i in self.frozen)
         key = tuple(map(id, tensors))  # the variant holds its tensors, so their ids stay theirs
         if key not in self.variants:
             if len(self.variants) == self.max_variants:
@@ -221,14 +220,6 @@ class _CompileOnFirstCall:
                 self.variants[key] = tensors, self.compiler.compile(self.gm, self.example_inputs, "inference",
                                                                     constants)
         return self.variants[key]
-
-
-def _picker(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """A fast ``lambda xs: tuple(xs[i] for i in indices)``."""
-    if len(indices) == 1:
-        index, = indices
-        return lambda xs: (xs[index],)
-    return operator.itemgetter(*indices)
 
 
 def _without_inputs(module: Callable[..., Any], dropped: set[int], arity: int) -> Callable[..., Any]:
