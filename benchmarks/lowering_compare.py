@@ -12,41 +12,52 @@ For each model and batch size, the ways to run it:
   its first call): what any torch.compile backend pays per call before its code runs (Dynamo's guards
   on every parameter and its frame handling). Not a way to run the model, a reference line.
 
-Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on 2 threads, timed
-round-robin (``report.round_robin``) with one untimed settling call before each timed one (so
-no way pays for the previous way's spinning threads), with the interquartile range; ×: against eager;
-"prepare s" is the export or the first, compiling, call: with ``--cold`` inductor and graphopt
-start from empty caches, otherwise both reuse what earlier runs left. The graphopt row also lists the
-backends its regions went to. Prints the tables and writes them to
-``benchmarks/results/lowering_compare.md``.
+Each way of each model and batch size runs in a process of its own, one process at a time: it
+builds the model, prepares the way, checks its outputs against eager, and times it alone
+(``--repeats`` samples, each the mean of at least ``SAMPLE_MS`` of back-to-back calls, under
+``torch.no_grad()`` on 2 threads). Timed in one process, the ways skewed each other: every
+``torch.compile`` of one model adds a cache entry to the same ``forward`` code object, and which
+entry Dynamo meets first moved a backend that computes nothing between 0.07 and 0.13 ms per call
+on MobileNetV2; processes alive side by side charged each other for their spinning thread pools
+(inductor's GPT-2 at 1.5 ms instead of 0.6). The load of this shared machine drifts by more than
+that (one way, one process after another: 0.33 to 0.51 ms), so every way gets ``--rounds``
+processes, in rounds over all models with the ways' order rotated each round: "ms" and "IQR" are
+over all rounds' samples, "process spread" is how far the processes' own medians disagree.
+×: against eager; "prepare s" is the export or the first, compiling, call, in the first round:
+with ``--cold`` inductor and graphopt start from empty caches, otherwise both reuse what earlier
+runs left. The graphopt row also lists the backends its regions went to. Prints the tables and
+writes them to ``benchmarks/results/lowering_compare.md``.
 
 With ``--tuned-malloc`` the script runs under ``report.TUNED_MALLOC`` (glibc keeps freed memory
 instead of page-faulting it in again on every large tensor) and writes
-``lowering_compare_tuned_malloc.md``: every way runs in the same process, so the allocator is the
-same for all of them, but it changes eager's and inductor's times much more than onnxruntime's.
+``lowering_compare_tuned_malloc.md``: the allocator is the same for every way, but it changes
+eager's and inductor's times much more than onnxruntime's.
 
 With ``--frozen-guards`` every ``torch.compile`` way (inductor, graphopt, the floor) is compiled with
 ``options={"guard_filter_fn": graphopt.frozen_module_guards}``, which drops Dynamo's guards on module
 attributes, and the results file gets a ``_frozen_guards`` suffix.
 
-    python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 20] [--cold]
-        [--tuned-malloc] [--frozen-guards]
+    python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 10] [--rounds 3]
+        [--cold] [--tuned-malloc] [--frozen-guards]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +68,13 @@ from graphopt import frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
-from report import failure_cell, geomean, machine, restart_with_tuned_malloc, round_robin
+from report import Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, time_alone
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
 THREADS = 2
 WARMUP = 3
+SAMPLE_MS = 20.0
+"""The least time one sample spans (calls are repeated back to back until it does)."""
 WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "compile-floor")
 ANCHORS = ("eager", "inductor", "onnxruntime")
 """The ways graphopt-O3 is measured against ("best other")."""
@@ -82,6 +95,25 @@ class Row:
     max_rel_error: float | None = None
     chosen: str = ""
     error: str = ""
+    samples_ms: list[float] = field(default_factory=list)
+    process_ms: list[float] = field(default_factory=list)
+    """The median of each process's samples (one process per round)."""
+
+    def add_round(self, other: Row) -> None:
+        """Pool another process's samples of this way into this row; a failure in any round fails the row."""
+        self.error = self.error or other.error
+        if self.prepare_s is None:
+            self.prepare_s, self.max_rel_error, self.chosen = other.prepare_s, other.max_rel_error, other.chosen
+        if other.samples_ms:
+            self.samples_ms += other.samples_ms
+            self.process_ms.append(statistics.median(other.samples_ms))
+            timing = Timing.of(self.samples_ms)
+            self.q1_ms, self.median_ms, self.q3_ms = timing.q1_ms, timing.median_ms, timing.q3_ms
+
+    @property
+    def process_spread(self) -> float:
+        """(slowest - fastest process median) / median: how far the rounds disagree."""
+        return (max(self.process_ms) - min(self.process_ms)) / self.median_ms
 
 
 def batched(inputs: tuple, batch: int) -> tuple:
@@ -128,33 +160,43 @@ def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[.
     return lambda *_: outputs
 
 
-def compare(name: str, batch: int, repeats: int, backends: tuple[str, ...], guards: dict[str, Any]) -> list[Row]:
+def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
+            guards: dict[str, Any]) -> Row:
+    """One way of one model and batch size, prepared, checked and timed in this process."""
+    torch.set_num_threads(THREADS)
     model, inputs = MODEL_CASES[name].build()
     inputs = batched(inputs, batch)
-    rows, live = [], []
+    row = Row(name, batch, way)
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         reference = flatten_outputs(model(*inputs))
-        for way in WAYS:
-            row = Row(name, batch, way)
-            rows.append(row)
-            report = Path(tmp) / f"{way}.json"
-            try:
-                start = time.perf_counter()
-                run = prepare(row, model, inputs, backends, report, guards)
-                got = flatten_outputs(run(*inputs))
-                row.prepare_s = time.perf_counter() - start
-                row.max_rel_error = max_rel_error(reference[:len(got)], got)
-                if report.exists():
-                    chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
-                                     for d in g["lowering"])
-                    row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
-                live.append((row, run))
-            except Exception as exc:  # a way that fails on a model is a result, not a crash
-                row.error = failure_cell(exc)
-        timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP, settle=1)
-    for (row, _), t in zip(live, timings):
-        row.q1_ms, row.median_ms, row.q3_ms = t.q1_ms, t.median_ms, t.q3_ms
-    return rows
+        report = Path(tmp) / "report.json"
+        try:
+            start = time.perf_counter()
+            run = prepare(row, model, inputs, backends, report, guards)
+            got = flatten_outputs(run(*inputs))
+            row.prepare_s = time.perf_counter() - start
+        except Exception as exc:  # a way that fails on a model is a result, not a crash
+            row.error = failure_cell(exc)
+            return row
+        row.max_rel_error = max_rel_error(reference[:len(got)], got)
+        if report.exists():
+            chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
+                             for d in g["lowering"])
+            row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
+        row.samples_ms = time_alone(functools.partial(run, *inputs), repeats, WARMUP, SAMPLE_MS)
+    return row
+
+
+def compare_in_child(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
+                     frozen_guards: bool) -> Row:
+    """:func:`compare` in a fresh process (this script with ``--child``), waited for."""
+    spec = json.dumps({"name": name, "batch": batch, "way": way, "repeats": repeats, "backends": backends,
+                       "frozen_guards": frozen_guards})
+    done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    if done.returncode == 0:
+        return Row(**json.loads(done.stdout.splitlines()[-1]))
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return Row(name, batch, way, error=f"process died: {last[:120]}".replace("|", "/"))
 
 
 def ratio(row: Row, rows: list[Row]) -> float | None:
@@ -163,14 +205,15 @@ def ratio(row: Row, rows: list[Row]) -> float | None:
 
 
 def detail_table(rows: list[Row]) -> list[str]:
-    lines = ["| model | batch | way | ms (median) | IQR ms | ×eager | prepare s | max rel error | regions → backend |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | way | ms (median) | IQR ms | process spread | ×eager | prepare s | max rel error "
+             "| regions → backend |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.batch} | {r.way} | failed: {r.error} | | | | | |")
+            lines.append(f"| {r.model} | {r.batch} | {r.way} | failed: {r.error} | | | | | | |")
             continue
         lines.append(f"| {r.model} | {r.batch} | {r.way} | {r.median_ms:.2f} | {r.q3_ms - r.q1_ms:.2f} | "
-                     f"{ratio(r, rows):.2f} | {r.prepare_s:.1f} | {r.max_rel_error:.1e} | {r.chosen} |")
+                     f"{r.process_spread:.0%} | {ratio(r, rows):.2f} | {r.prepare_s:.1f} | {r.max_rel_error:.1e} "
+                     f"| {r.chosen} |")
     return lines
 
 
@@ -209,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10, help="samples per process")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="processes per way, model and batch, in rounds over all of them (default 3)")
     parser.add_argument("--backends", default="onnxruntime,inductor,torch",
                         help="graphopt's candidate backends (default: onnxruntime,inductor,torch)")
     parser.add_argument("--cold", action="store_true",
@@ -218,23 +263,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="run under report.TUNED_MALLOC (results file suffix _tuned_malloc)")
     parser.add_argument("--frozen-guards", action="store_true",
                         help="compile with graphopt.frozen_module_guards as guard filter (suffix _frozen_guards)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one way, as compare_in_child asks
     args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        guards = {"guard_filter_fn": frozen_module_guards} if spec["frozen_guards"] else {}
+        row = compare(spec["name"], spec["batch"], spec["way"], spec["repeats"], tuple(spec["backends"]), guards)
+        print(json.dumps(dataclasses.asdict(row)))
+        return 0
     if args.tuned_malloc:
         restart_with_tuned_malloc()
-    torch.set_num_threads(THREADS)
     caches = empty_caches() if args.cold else "as found (inductor's and graphopt's caches may hold earlier compiles)"
     batches = [int(b) for b in args.batches.split(",")]
     backends = tuple(args.backends.split(","))
-    guards = {"guard_filter_fn": frozen_module_guards} if args.frozen_guards else {}
-    rows: list[Row] = []
-    for name in args.models.split(","):
-        for batch in batches:
-            rows += compare(name, batch, args.repeats, backends, guards)
-            print("\n".join(detail_table([r for r in rows if r.model == name and r.batch == batch])[2:]), flush=True)
+    names = args.models.split(",")
+    rows = {(name, batch, way): Row(name, batch, way) for name in names for batch in batches for way in WAYS}
+    for round_ in range(args.rounds):  # rounds over everything: slow drifts of the machine's load fall on all ways
+        for name in names:
+            for batch in batches:
+                ways = WAYS[round_ % len(WAYS):] + WAYS[:round_ % len(WAYS)]
+                for way in ways:
+                    rows[name, batch, way].add_round(
+                        compare_in_child(name, batch, way, args.repeats, backends, args.frozen_guards))
+                done = [rows[name, batch, way] for way in WAYS]
+                print(f"round {round_ + 1}:", *detail_table(done)[2:], sep="\n", flush=True)
+    rows = list(rows.values())
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
               f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
-              f"graphopt candidates: {', '.join(backends)}; {args.repeats} round-robin repeats; caches: {caches}; "
-              f"Dynamo guards: {'graphopt.frozen_module_guards' if guards else 'all (default)'}.", ""]
+              f"graphopt candidates: {', '.join(backends)}; each way alone in a process of its own, {args.rounds} "
+              f"processes (rounds) of {args.repeats} samples of ≥ {SAMPLE_MS:g} ms each; caches: {caches} "
+              f"(prepare s: the first round's); "
+              f"Dynamo guards: {'graphopt.frozen_module_guards' if args.frozen_guards else 'all (default)'}.", ""]
     text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
     print(text)
     suffix = "_tuned_malloc" * args.tuned_malloc + "_frozen_guards" * args.frozen_guards
