@@ -225,13 +225,11 @@ class _FrozenInferenceGraph:
 def _without_inputs(module: Callable[..., Any], dropped: set[int], arity: int) -> Callable[..., Any]:
     """``module`` called with all of the graph's ``arity`` inputs, skipping those compiled in as constants."""
     kept = [k for k in range(arity) if k not in dropped]
-    if not kept:
-        return lambda *args: module()
-    if len(kept) == 1:
-        only = kept[0]
-        return lambda *args: module(args[only])
-    pick = operator.itemgetter(*kept)  # one C call per run: a frozen graph drops hundreds of inputs
-    return lambda *args: module(*pick(args))
+
+    def run(*args: Any) -> Any:
+        return module(*[args[k] for k in kept])
+
+    return run
 
 
 _report_entries: dict[Path, list[dict[str, Any]]] = {}
