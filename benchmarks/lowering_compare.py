@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile with graphopt.frozen_module_guards as guard filter (suffix _frozen_guards)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one way, as compare_in_child asks
     args = parser.parse_args(argv)
+    if args.repeats < 2 or args.rounds < 1:
+        parser.error("--repeats must be at least 2 (quartiles need two samples) and --rounds at least 1")
+    unknown = sorted(set(args.models.split(",")) - set(MODEL_CASES))
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; zoo names: {', '.join(sorted(MODEL_CASES))}")
     if args.child:
         spec = json.loads(args.child)
         guards = {"guard_filter_fn": frozen_module_guards} if spec["frozen_guards"] else {}
