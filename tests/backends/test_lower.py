@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ from graphopt.backends import load_builtin_backends
 from graphopt.backends.base import BACKENDS, Backend, register_backend
 from graphopt.backends.explain import explain_table
 from graphopt.backends.lower import LowerRegions
+from graphopt.backends import onnxruntime as onnxruntime_backend
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.region import partition
 from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
@@ -125,6 +127,36 @@ def test_onnxruntime_backend_reads_strided_inputs_and_returns_tensors_of_their_o
     assert torch.equal(first[0], a + a) and torch.equal(first[1], a > a + a)
     assert torch.equal(second[0], 2 * (a + 1))
     assert all(torch.equal(t, k) for t, k in zip(first, kept))  # the second call wrote elsewhere
+
+
+def test_onnxruntime_thread_trial_keeps_the_faster_session_and_skips_long_regions():
+    def sleeper(seconds):
+        return lambda *inputs: time.sleep(seconds)
+
+    slow, fast = sleeper(0.0015), sleeper(0.0001)
+    assert onnxruntime_backend._faster(slow, lambda: fast, []) is fast
+    assert onnxruntime_backend._faster(fast, lambda: slow, []) is fast
+
+    def never():
+        raise AssertionError("a region slower than THREAD_TRIAL_SECONDS is not tried on one thread")
+
+    long = sleeper(onnxruntime_backend.THREAD_TRIAL_SECONDS * 1.5)
+    assert onnxruntime_backend._faster(long, never, []) is long
+
+
+@pytest.mark.parametrize("threads, torch_threads, trial", [(None, 2, True), (2, 2, False), (None, 1, False)])
+def test_onnxruntime_backend_tries_one_thread_unless_told_its_count(resnet, resnet_o2, monkeypatch, threads,
+                                                                     torch_threads, trial):
+    tried = []
+    monkeypatch.setattr(onnxruntime_backend, "_faster", lambda kernel, make_other, inputs: tried.append(
+        make_other()) or tried[0])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
+    model, x = resnet
+    region, = partition(resnet_o2.clone(), OnnxRuntimeBackend().supports)
+    kernel = OnnxRuntimeBackend(threads=threads).compile(region, torch.device("cpu"))
+    assert bool(tried) == trial
+    assert kernel.session.get_session_options().intra_op_num_threads == (1 if trial else threads or torch_threads)
+    assert_close_outputs(model(x), kernel(x)[0], rtol=1e-4)
 
 
 def test_onnxruntime_backend_refuses_opaque_and_symbolic_nodes():
