@@ -66,9 +66,9 @@ class OnnxRuntimeBackend(Backend):
     def compile(self, region: Region, device: torch.device) -> Kernel:
         target = "onnxruntime-cpu" if device.type == "cpu" else "onnxruntime"
         model = region.graph.to_onnx(opset=DEFAULT_OPSET, target=target).SerializeToString()
-        if device.type == "cuda":
-            return _BoundSession(_session(model, device, 1), region, device)
         threads = self.threads or torch.get_num_threads()
+        if device.type == "cuda":
+            return _BoundSession(_session(model, device, threads), region, device)
         kernel = _NumpySession(_session(model, device, threads), region)
         if self.threads is None and threads > 1:
             kernel = _faster(kernel, lambda: _NumpySession(_session(model, device, 1), region),
@@ -136,7 +136,7 @@ def _ml_dtype(t: Any) -> bool:
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as a numpy array; a contiguous copy first when its strides have gaps."""
+    """The tensor's memory as a numpy array (a contiguous copy of it when it is not contiguous)."""
     return t.numpy() if t.is_contiguous() and not t.requires_grad else t.detach().contiguous().numpy()
 
 
