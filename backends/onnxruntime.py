@@ -27,12 +27,13 @@ from .base import Backend, Kernel, random_inputs, register_backend, static_tenso
 from .region import Region
 
 
-THREAD_TRIAL_SECONDS = 0.02
+THREAD_TRIAL_SECONDS = 0.001
 """Regions whose call takes longer on all threads are not tried on one: their ops are large enough to
-share out, and timing them costs compile time."""
+share out (MobileNetV2 at batch 1 already gains from the second core), and a trial of noisy millisecond
+calls could pick the slower session."""
 THREAD_TRIAL_ROUNDS = 5
 """Rounds of the thread trial; each times both sessions for ``THREAD_TRIAL_SAMPLE`` seconds, alternating."""
-THREAD_TRIAL_SAMPLE = 0.002
+THREAD_TRIAL_SAMPLE = 0.005
 
 
 @register_backend

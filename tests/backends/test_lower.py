@@ -129,19 +129,20 @@ def test_onnxruntime_backend_reads_strided_inputs_and_returns_tensors_of_their_o
     assert all(torch.equal(t, k) for t, k in zip(first, kept))  # the second call wrote elsewhere
 
 
-def test_onnxruntime_thread_trial_keeps_the_faster_session_and_skips_long_regions():
+def test_onnxruntime_thread_trial_keeps_the_faster_session_and_skips_long_regions(monkeypatch):
     def sleeper(seconds):
         return lambda *inputs: time.sleep(seconds)
 
-    slow, fast = sleeper(0.0015), sleeper(0.0001)
+    slow, fast = sleeper(0.002), sleeper(0.0001)
+    monkeypatch.setattr(onnxruntime_backend, "THREAD_TRIAL_SECONDS", 1.0)  # both tried, however slow the machine
     assert onnxruntime_backend._faster(slow, lambda: fast, []) is fast
     assert onnxruntime_backend._faster(fast, lambda: slow, []) is fast
 
     def never():
         raise AssertionError("a region slower than THREAD_TRIAL_SECONDS is not tried on one thread")
 
-    long = sleeper(onnxruntime_backend.THREAD_TRIAL_SECONDS * 1.5)
-    assert onnxruntime_backend._faster(long, never, []) is long
+    monkeypatch.setattr(onnxruntime_backend, "THREAD_TRIAL_SECONDS", 0.001)
+    assert onnxruntime_backend._faster(slow, never, []) is slow
 
 
 @pytest.mark.parametrize("threads, torch_threads, trial", [(None, 2, True), (2, 2, False), (None, 1, False)])
