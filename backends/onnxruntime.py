@@ -28,9 +28,9 @@ from .region import Region
 
 
 THREAD_TRIAL_SECONDS = 0.001
-"""Regions whose call takes longer on all threads are not tried on one: their ops are large enough to
-share out (MobileNetV2 at batch 1 already gains from the second core), and a trial of noisy millisecond
-calls could pick the slower session."""
+"""Regions whose call takes longer on all threads are not tried on one: at that size the second core
+paid on every model measured (DeiT-tiny at batch 1: 3.2 ms a call against 4.2 on one thread), and a
+trial of a few noisy millisecond calls could still pick the slower session."""
 THREAD_TRIAL_ROUNDS = 5
 """Rounds of the thread trial; each times both sessions for ``THREAD_TRIAL_SAMPLE`` seconds, alternating."""
 THREAD_TRIAL_SAMPLE = 0.005

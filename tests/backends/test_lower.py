@@ -12,10 +12,10 @@ from torch import nn
 
 from graphopt import api
 from graphopt.backends import load_builtin_backends
+from graphopt.backends import onnxruntime as onnxruntime_backend
 from graphopt.backends.base import BACKENDS, Backend, register_backend
 from graphopt.backends.explain import explain_table
 from graphopt.backends.lower import LowerRegions
-from graphopt.backends import onnxruntime as onnxruntime_backend
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.backends.region import partition
 from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
