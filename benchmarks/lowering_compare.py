@@ -37,8 +37,14 @@ With ``--frozen-guards`` every ``torch.compile`` way (inductor, graphopt, the fl
 ``options={"guard_filter_fn": graphopt.frozen_module_guards}``, which drops Dynamo's guards on module
 attributes, and the results file gets a ``_frozen_guards`` suffix.
 
+With ``--anchored`` the inductor and graphopt-O3 processes also time eager and the onnxruntime export,
+in turns with their own way (``report.time_in_turns``): neither adds a Dynamo cache entry, so they
+skew nothing, and the ratios to them come out of one process, where the machine's load cancels. The
+"same-process ratios" table gives them, pooled over rounds by geometric mean; O3 ÷ inductor goes
+through eager (each process's O3 ÷ eager over inductor's ÷ eager). The file gets an ``_anchored`` suffix.
+
     python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 10] [--rounds 3]
-        [--cold] [--tuned-malloc] [--frozen-guards]
+        [--cold] [--tuned-malloc] [--frozen-guards] [--anchored]
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -68,7 +75,7 @@ from graphopt import frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
-from report import Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, time_alone
+from report import Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, time_alone, time_in_turns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
 THREADS = 2
@@ -78,6 +85,8 @@ SAMPLE_MS = 20.0
 WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "compile-floor")
 ANCHORS = ("eager", "inductor", "onnxruntime")
 """The ways graphopt-O3 is measured against ("best other")."""
+SAME_PROCESS = ("eager", "onnxruntime")
+"""The ways an ``--anchored`` process times beside its own: they add no Dynamo cache entries."""
 MODELS = ("torchvision.resnet18", "torchvision.resnet50", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0",
           "torchvision.convnext_tiny", "timm.vit_tiny_patch16_224", "timm.deit_tiny_patch16_224", "transformers.bert",
           "transformers.gpt2", "transformers.vit", "diffusers.dit")
@@ -98,6 +107,8 @@ class Row:
     samples_ms: list[float] = field(default_factory=list)
     process_ms: list[float] = field(default_factory=list)
     """The median of each process's samples (one process per round)."""
+    same_process: dict[str, list[float]] = field(default_factory=dict)
+    """``--anchored``: for each of ``SAME_PROCESS``, this way's median over that way's, one per process."""
 
     def add_round(self, other: Row) -> None:
         """Pool another process's samples of this way into this row; a failure in any round fails the row."""
@@ -107,6 +118,8 @@ class Row:
         if other.samples_ms:
             self.samples_ms += other.samples_ms
             self.process_ms.append(statistics.median(other.samples_ms))
+            for anchor, ratios in other.same_process.items():
+                self.same_process.setdefault(anchor, []).extend(ratios)
             timing = Timing.of(self.samples_ms)
             self.q1_ms, self.median_ms, self.q3_ms = timing.q1_ms, timing.median_ms, timing.q3_ms
 
@@ -161,7 +174,7 @@ def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[.
 
 
 def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
-            guards: dict[str, Any]) -> Row:
+            guards: dict[str, Any], anchored: bool = False) -> Row:
     """One way of one model and batch size, prepared, checked and timed in this process."""
     torch.set_num_threads(THREADS)
     model, inputs = MODEL_CASES[name].build()
@@ -183,15 +196,27 @@ def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, 
             chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
                              for d in g["lowering"])
             row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
-        row.samples_ms = time_alone(functools.partial(run, *inputs), repeats, WARMUP, SAMPLE_MS)
+        if not (anchored and way in ("inductor", "graphopt-O3")):
+            row.samples_ms = time_alone(functools.partial(run, *inputs), repeats, WARMUP, SAMPLE_MS)
+            return row
+        anchors = {"eager": model}
+        try:
+            anchors["onnxruntime"] = onnxruntime_runner(model, inputs)
+        except Exception:  # the export fails on this model (its own row says why)
+            pass
+        samples = time_in_turns([functools.partial(f, *inputs) for f in (run, *anchors.values())], repeats, WARMUP,
+                                SAMPLE_MS)
+        row.samples_ms = samples[0]
+        row.same_process = {a: [statistics.median(samples[0]) / statistics.median(ts)]
+                            for a, ts in zip(anchors, samples[1:])}
     return row
 
 
 def compare_in_child(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
-                     frozen_guards: bool) -> Row:
+                     frozen_guards: bool, anchored: bool) -> Row:
     """:func:`compare` in a fresh process (this script with ``--child``), waited for."""
     spec = json.dumps({"name": name, "batch": batch, "way": way, "repeats": repeats, "backends": backends,
-                       "frozen_guards": frozen_guards})
+                       "frozen_guards": frozen_guards, "anchored": anchored})
     done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
     if done.returncode == 0:
         return Row(**json.loads(done.stdout.splitlines()[-1]))
@@ -248,6 +273,33 @@ def empty_caches() -> str:
     return "cold (empty inductor and graphopt caches; graphopt's learned cost model kept)"
 
 
+def same_process_table(rows: list[Row], batches: list[int]) -> list[str]:
+    """``--anchored`` ratios: O3 against onnxruntime and eager timed in its own processes, and against
+    inductor through eager; "O3 ÷ best other" is the largest of the three (O3 over the fastest way)."""
+    def pooled(model: str, batch: int, way: str, anchor: str) -> float:
+        row = next((r for r in rows if (r.model, r.batch, r.way) == (model, batch, way)), None)
+        return math.nan if row is None or row.error else geomean(row.same_process.get(anchor, []))
+
+    lines = ["| model | batch | O3 ÷ onnxruntime | O3 ÷ eager | inductor ÷ eager | O3 ÷ inductor "
+             "| O3 ÷ best other |", "|---|---|---|---|---|---|---|"]
+    best_by_batch: dict[int, list[float]] = {b: [] for b in batches}
+    for model in dict.fromkeys(r.model for r in rows):
+        for batch in batches:
+            vs_ort = pooled(model, batch, "graphopt-O3", "onnxruntime")
+            vs_eager = pooled(model, batch, "graphopt-O3", "eager")
+            inductor = pooled(model, batch, "inductor", "eager")
+            vs_inductor = vs_eager / inductor
+            known = [x for x in (vs_ort, vs_eager, vs_inductor) if not math.isnan(x)]
+            best = max(known) if known else math.nan
+            if not math.isnan(best):
+                best_by_batch[batch].append(best)
+            lines.append(f"| {model} | {batch} | {vs_ort:.3f} | {vs_eager:.3f} | {inductor:.3f} | {vs_inductor:.3f} "
+                         f"| {best:.3f} |")
+    for batch in batches:
+        lines.append(f"| geomean | {batch} | | | | | {geomean(best_by_batch[batch]):.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
@@ -263,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run under report.TUNED_MALLOC (results file suffix _tuned_malloc)")
     parser.add_argument("--frozen-guards", action="store_true",
                         help="compile with graphopt.frozen_module_guards as guard filter (suffix _frozen_guards)")
+    parser.add_argument("--anchored", action="store_true",
+                        help="time eager and the onnxruntime export beside inductor and O3 in their processes "
+                             "(suffix _anchored)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one way, as compare_in_child asks
     args = parser.parse_args(argv)
     if args.repeats < 2 or args.rounds < 1:
@@ -273,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(args.child)
         guards = {"guard_filter_fn": frozen_module_guards} if spec["frozen_guards"] else {}
-        row = compare(spec["name"], spec["batch"], spec["way"], spec["repeats"], tuple(spec["backends"]), guards)
+        row = compare(spec["name"], spec["batch"], spec["way"], spec["repeats"], tuple(spec["backends"]), guards,
+                      spec["anchored"])
         print(json.dumps(dataclasses.asdict(row)))
         return 0
     if args.tuned_malloc:
@@ -289,19 +345,22 @@ def main(argv: list[str] | None = None) -> int:
                 ways = WAYS[round_ % len(WAYS):] + WAYS[:round_ % len(WAYS)]
                 for way in ways:
                     rows[name, batch, way].add_round(
-                        compare_in_child(name, batch, way, args.repeats, backends, args.frozen_guards))
+                        compare_in_child(name, batch, way, args.repeats, backends, args.frozen_guards, args.anchored))
                 done = [rows[name, batch, way] for way in WAYS]
                 print(f"round {round_ + 1}:", *detail_table(done)[2:], sep="\n", flush=True)
     rows = list(rows.values())
+    harness = ("each way in a process of its own (inductor and O3 timed in turns with eager and the onnxruntime "
+               "export)" if args.anchored else "each way alone in a process of its own")
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
               f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
-              f"graphopt candidates: {', '.join(backends)}; each way alone in a process of its own, {args.rounds} "
+              f"graphopt candidates: {', '.join(backends)}; {harness}, {args.rounds} "
               f"processes (rounds) of {args.repeats} samples of ≥ {SAMPLE_MS:g} ms each; caches: {caches} "
               f"(prepare s: the first round's); "
               f"Dynamo guards: {'graphopt.frozen_module_guards' if args.frozen_guards else 'all (default)'}.", ""]
-    text = "\n".join([*header, *summary_table(rows, batches), "", *detail_table(rows), ""])
+    same = ["Same-process ratios (--anchored):", "", *same_process_table(rows, batches), ""] if args.anchored else []
+    text = "\n".join([*header, *summary_table(rows, batches), "", *same, *detail_table(rows), ""])
     print(text)
-    suffix = "_tuned_malloc" * args.tuned_malloc + "_frozen_guards" * args.frozen_guards
+    suffix = "_tuned_malloc" * args.tuned_malloc + "_frozen_guards" * args.frozen_guards + "_anchored" * args.anchored
     results = RESULTS.with_name(f"{RESULTS.stem}{suffix}.md")
     results.parent.mkdir(exist_ok=True)
     results.write_text(text)

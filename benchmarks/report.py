@@ -94,15 +94,28 @@ def time_alone(run: Callable[[], object], repeats: int, warmup: int, sample_ms: 
     """Time ``run`` with nothing else running in the process: ``repeats`` samples (ms), each the mean of
     as many back-to-back calls as fill ``sample_ms`` (counted from the warm-up), so a sub-millisecond
     call is not measured against the clock's and the loop's own cost."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        run()
-    per_call_ms = (time.perf_counter() - start) * 1e3 / max(warmup, 1)
-    calls = max(1, math.ceil(sample_ms / max(per_call_ms, 1e-6)))
-    times = []
-    for _ in range(repeats):
+    return time_in_turns([run], repeats, warmup, sample_ms, settle=0)[0]
+
+
+def time_in_turns(runs: Sequence[Callable[[], object]], repeats: int, warmup: int, sample_ms: float,
+                  settle: int = 1) -> list[list[float]]:
+    """Samples (ms) of each of ``runs``, taken in turns: round after round, one sample of each, so the
+    machine's drifting load falls on all alike. A sample is the mean of as many back-to-back calls as
+    fill ``sample_ms``; ``settle`` untimed calls precede it (see :func:`round_robin`)."""
+    calls = []
+    for run in runs:
         start = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(warmup):
             run()
-        times.append((time.perf_counter() - start) * 1e3 / calls)
+        per_call_ms = (time.perf_counter() - start) * 1e3 / max(warmup, 1)
+        calls.append(max(1, math.ceil(sample_ms / max(per_call_ms, 1e-6))))
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, n, ts in zip(runs, calls, times):
+            for _ in range(settle):
+                run()
+            start = time.perf_counter()
+            for _ in range(n):
+                run()
+            ts.append((time.perf_counter() - start) * 1e3 / n)
     return times
