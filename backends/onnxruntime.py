@@ -133,7 +133,7 @@ class _NumpySession:
 
 def _ml_dtype(t: Any) -> bool:
     """Whether numpy holds this tensor type's elements as an ml_dtypes type (bfloat16, float8)."""
-    return isinstance(t, TensorType) and torch_to_numpy(torch.empty(0, dtype=t.dtype)).dtype.type.__module__ != "numpy"
+    return isinstance(t, TensorType) and _numpy_dtype(t.dtype).type.__module__ != "numpy"
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray:

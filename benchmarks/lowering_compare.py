@@ -196,14 +196,15 @@ def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, 
             chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
                              for d in g["lowering"])
             row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
-        if not (anchored and way in ("inductor", "graphopt-O3")):
+        if not (anchored and way in ("inductor", "graphopt-O3")):  # the ways with a Dynamo cache entry
             row.samples_ms = time_alone(functools.partial(run, *inputs), repeats, WARMUP, SAMPLE_MS)
             return row
-        anchors = {"eager": model}
-        try:
-            anchors["onnxruntime"] = onnxruntime_runner(model, inputs)
-        except Exception:  # the export fails on this model (its own row says why)
-            pass
+        anchors = {}
+        for anchor in SAME_PROCESS:
+            try:
+                anchors[anchor] = prepare(Row(name, batch, anchor), model, inputs, backends, report, guards)
+            except Exception:  # the export fails on this model (its own row says why)
+                pass
         samples = time_in_turns([functools.partial(f, *inputs) for f in (run, *anchors.values())], repeats, WARMUP,
                                 SAMPLE_MS)
         row.samples_ms = samples[0]

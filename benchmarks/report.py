@@ -76,18 +76,7 @@ def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int,
     cores with the previous run's thread pool (onnxruntime's and OpenMP's workers spin after their work
     is done), which charges one runtime for another's threads.
     """
-    for run in runs:
-        for _ in range(warmup):
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, ts in zip(runs, times):
-            for _ in range(settle):
-                run()
-            start = time.perf_counter()
-            run()
-            ts.append((time.perf_counter() - start) * 1e3)
-    return [Timing.of(ts) for ts in times]
+    return [Timing.of(ts) for ts in time_in_turns(runs, repeats, warmup, 0.0, settle)]
 
 
 def time_alone(run: Callable[[], object], repeats: int, warmup: int, sample_ms: float) -> list[float]:
