@@ -81,10 +81,10 @@ class LowerRegions(Pass):
     device and library versions), ``analytical`` (roofline) or ``learned``
     (trained on the timing database). Measuring, candidates the learned model
     (when one is trained) predicts ``prune_factor`` times slower than the
-    fastest are neither compiled nor timed. ``force`` picks one backend
-    wherever it supports a region; ``forbid`` removes backends. A chosen kernel
-    is checked against eager on random inputs (``check``) and dropped if it
-    differs.
+    fastest are neither compiled nor timed; the others are compiled first,
+    then timed in turns. ``force`` picks one backend wherever it supports a
+    region; ``forbid`` removes backends. A chosen kernel is checked against
+    eager on random inputs (``check``) and dropped if it differs.
     """
 
     name = "lower_regions"
@@ -153,9 +153,7 @@ class LowerRegions(Pass):
         candidates = [self._candidate(region, name, backend, device, estimator) for name, backend in backends.items()]
         if self.cost_model == "measured":
             self._prune(candidates)
-            for c in candidates:
-                if c.status == "ok" and c.measured is None:
-                    estimator.measure(region, c, backends[c.backend])
+            estimator.measure(region, [c for c in candidates if c.status == "ok" and c.measured is None], backends)
         decision = Decision(region.index, region.hash, len(region.nodes), region.graph.op_counts(), region.flops,
                             candidates, None, self.cost_model)
         for _ in candidates:  # the best candidate whose kernel fails is marked failed; rank the rest again
@@ -244,16 +242,19 @@ class _Estimator:
         options = self.options.backend_options.get(backend)
         return backend if not options else f"{backend}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
 
-    def measure(self, region: Region, c: Candidate, backend: Backend) -> None:
-        """Compile the candidate and time it (the record goes to the database)."""
-        from graphopt.cost_models.measured import measure
+    def measure(self, region: Region, candidates: list[Candidate], backends: dict[str, Backend]) -> None:
+        """Compile the candidates, then time them in turns (the records go to the database)."""
+        from graphopt.cost_models.measured import measure_in_turns
 
-        kernel = self._compile(region, c, backend)
-        if kernel is None:
+        compiled = {self.record_name(c.backend): (c, kernel) for c in candidates
+                    if (kernel := self._compile(region, c, backends[c.backend])) is not None}
+        if not compiled:
             return
-        record = measure(region, self.record_name(c.backend), kernel, random_inputs(region, self.device), c.compile_seconds or 0.0,
-                         self.options.source, database=self.database, repeats=self.options.repeats)
-        c.measured, c.spread = record.seconds, record.spread
+        kernels = {name: (kernel, c.compile_seconds or 0.0) for name, (c, kernel) in compiled.items()}
+        records = measure_in_turns(region, kernels, random_inputs(region, self.device), self.options.source,
+                                   database=self.database, repeats=self.options.repeats)
+        for name, (c, _) in compiled.items():
+            c.measured, c.spread = records[name].seconds, records[name].spread
 
     def kernel(self, region: Region, c: Candidate, backend: Backend) -> Kernel | None:
         """The candidate's compiled kernel, checked against eager; None (and the candidate failed) if not."""

@@ -51,7 +51,7 @@ from graphopt.backends.region import Region, extract, partition
 from graphopt.cost_models.analytical import AnalyticalCostModel
 from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key
 from graphopt.cost_models.learned import LearnedCostModel, ranking_scores
-from graphopt.cost_models.measured import measure
+from graphopt.cost_models.measured import measure_in_turns
 from graphopt.models import MODEL_CASES
 from report import geomean, machine, restart_with_tuned_malloc
 
@@ -93,17 +93,21 @@ def collect(name: str, backends: list[str], database: TimingDatabase) -> int:
     device = torch.device("cpu")
     count = 0
     for region in regions_of(graph, lambda n: all(c.supports(n) for c in compilers.values())):
+        kernels, inputs = {}, random_inputs(region, device)
         for b, backend in compilers.items():
             if database.lookup(region.hash, b, device_key(device)) is not None:
                 continue
             try:
                 start = time.perf_counter()
                 kernel = backend.compile(region, device)
-                measure(region, b, kernel, random_inputs(region, device), time.perf_counter() - start, name,
-                        database=database, repeats=REPEATS)
-                count += 1
+                kernels[b] = kernel, time.perf_counter() - start
+                kernel(*inputs)  # fails here rather than in the timing, which has the other backends' kernels too
             except Exception as exc:  # a backend failing on a region is left out of the data
+                kernels.pop(b, None)
                 print(f"  {name}: {b} failed on region {region.hash}: {type(exc).__name__}", file=sys.stderr)
+        if kernels:
+            measure_in_turns(region, kernels, inputs, name, database=database, repeats=REPEATS)
+            count += len(kernels)
     return count
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,20 +35,44 @@ def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmu
     each call is bracketed by synchronizations, so the time is the kernel's,
     not its launch's.
     """
+    return time_in_turns([fn], inputs, warmup, repeats, device, min_seconds)[0]
+
+
+def time_in_turns(kernels: Sequence[Callable[..., object]], inputs: Sequence[torch.Tensor], warmup: int = 3,
+                  repeats: int = 10, device: torch.device | None = None,
+                  min_seconds: float = 0.0) -> list[tuple[float, float, int]]:
+    """``time_kernel`` of each kernel, timed in ``repeats`` rounds in which every kernel takes a turn of
+    calls spanning ``min_seconds / repeats`` (at least one call).
+
+    A burst of load on a shared machine then falls on every kernel alike:
+    timed one after the other, a burst during one kernel's timing alone
+    reverses the ranking (it sent a whole ResNet-50 at batch 8 to eager torch,
+    65 ms a call, against onnxruntime's 38, in one benchmark run).
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     device = device or device_of(inputs)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in kernels]
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(*inputs)
+        for fn in kernels:
+            for _ in range(warmup):
+                fn(*inputs)
         sync()
-        while len(times) < repeats or sum(times) < min_seconds:
-            start = time.perf_counter()
-            fn(*inputs)
-            sync()
-            times.append(time.perf_counter() - start)
+        for _ in range(repeats):
+            for fn, samples in zip(kernels, times):
+                turn = 0.0
+                while not turn or turn < min_seconds / repeats:
+                    start = time.perf_counter()
+                    fn(*inputs)
+                    sync()
+                    samples.append(time.perf_counter() - start)
+                    turn += samples[-1]
+    return [_summary(samples) for samples in times]
+
+
+def _summary(times: list[float]) -> tuple[float, float, int]:
+    """Median, interquartile range and count of some call times."""
     if len(times) < 2:
         return times[0], 0.0, 1
     q1, _, q3 = statistics.quantiles(times, n=4)
@@ -59,13 +83,26 @@ def measure(region: Region, backend_name: str, kernel: Callable[..., object], in
             compile_seconds: float = 0.0, source: str = "", *, database: TimingDatabase | None = None,
             warmup: int = 3, repeats: int = 10, min_seconds: float = MIN_TIMED_SECONDS) -> TimingRecord:
     """Time ``kernel`` (the region compiled by ``backend_name``) on ``inputs`` and store the record."""
+    return measure_in_turns(region, {backend_name: (kernel, compile_seconds)}, inputs, source, database=database,
+                            warmup=warmup, repeats=repeats, min_seconds=min_seconds)[backend_name]
+
+
+def measure_in_turns(region: Region, kernels: Mapping[str, tuple[Callable[..., object], float]],
+                     inputs: Sequence[torch.Tensor], source: str = "", *, database: TimingDatabase | None = None,
+                     warmup: int = 3, repeats: int = 10,
+                     min_seconds: float = MIN_TIMED_SECONDS) -> dict[str, TimingRecord]:
+    """Time the region's kernels (backend name: kernel and its compile seconds) in turns on ``inputs``
+    and store a record for each."""
     device = device_of(inputs)
-    seconds, spread, calls = time_kernel(kernel, inputs, warmup, repeats, device, min_seconds)
-    record = TimingRecord(region.hash, backend_name, device_key(device), dict(library_versions(backend_name)),
-                          seconds, spread, calls, compile_seconds, region_features(region),
-                          DeviceProfile.for_device(device).numbers(), source)
-    (database if database is not None else TimingDatabase()).add(record)
-    return record
+    timings = time_in_turns([k for k, _ in kernels.values()], inputs, warmup, repeats, device, min_seconds)
+    database = database if database is not None else TimingDatabase()
+    features, profile = region_features(region), DeviceProfile.for_device(device).numbers()
+    records = {}
+    for (name, (_, compile_seconds)), (seconds, spread, calls) in zip(kernels.items(), timings):
+        records[name] = TimingRecord(region.hash, name, device_key(device), dict(library_versions(name)), seconds,
+                                     spread, calls, compile_seconds, features, profile, source)
+        database.add(records[name])
+    return records
 
 
 @dataclass

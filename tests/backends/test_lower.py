@@ -275,6 +275,60 @@ def test_candidates_the_learned_model_predicts_far_slower_are_never_compiled(res
         assert ("pruned: learned model predicts" in explain_table(graph.meta["lowering"])) == (compiles == 0)
 
 
+class _Burst:
+    """Machine load that triples every kernel's time for the first 60 ms after the first call."""
+
+    start: float | None = None
+
+    @classmethod
+    def sleep(cls, seconds: float) -> None:
+        cls.start = cls.start or time.perf_counter()
+        time.sleep(seconds * (3 if time.perf_counter() - cls.start < 0.06 else 1))
+
+
+@register_backend
+@dataclass
+class _QuickBackend(Backend):
+    """Eager kernels that take 1 ms a call (unloaded)."""
+
+    name = "test_quick"
+    seconds = 0.001
+
+    def supports(self, node) -> bool:
+        return True
+
+    def compile(self, region, device):
+        module = region.graph.to_torch()
+
+        def run(*xs):
+            _Burst.sleep(self.seconds)
+            return module(*xs)
+
+        return run
+
+
+@register_backend
+@dataclass
+class _SlowBackend(_QuickBackend):
+    """Eager kernels that take 1.5 ms a call (unloaded)."""
+
+    name = "test_slow"
+    seconds = 0.0015
+
+
+def test_candidates_are_timed_in_turns_so_a_burst_of_load_cannot_flip_the_pick(tmp_path, monkeypatch):
+    """Timed one after the other, the quick backend would take all its calls inside the burst (3 ms
+    each, against the slow one's 1.5 ms after it) and lose."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    _Burst.start = None
+    graph = o2(nn.Linear(4, 4), torch.randn(2, 4))
+    lower(graph, backends=("test_quick", "test_slow"))
+    decision, = graph.meta["lowering"]
+    measured = {c.backend: c.measured for c in decision.candidates}
+    assert decision.chosen == "test_quick", measured
+    assert measured["test_quick"] < measured["test_slow"]
+
+
 def test_bad_lowering_options_name_the_problem():
     graph = o2(nn.Linear(4, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown backend 'nope'|unknown backend nope"):
