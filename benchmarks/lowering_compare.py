@@ -35,7 +35,8 @@ eager's and inductor's times much more than onnxruntime's.
 
 With ``--frozen-guards`` every ``torch.compile`` way (inductor, graphopt, the floor) is compiled with
 ``options={"guard_filter_fn": graphopt.frozen_module_guards}``, which drops Dynamo's guards on module
-attributes, and the results file gets a ``_frozen_guards`` suffix.
+attributes, and the results file gets a ``_frozen_guards`` suffix; ``--frozen-guards model`` takes
+``graphopt.frozen_model_guards``, which drops the guards on globals too (suffix ``_frozen_model_guards``).
 
 With ``--anchored`` the inductor and graphopt-O3 processes also time eager and the onnxruntime export,
 in turns with their own way (``report.time_in_turns``): neither adds a Dynamo cache entry, so they
@@ -44,7 +45,7 @@ skew nothing, and the ratios to them come out of one process, where the machine'
 through eager (each process's O3 ÷ eager over inductor's ÷ eager). The file gets an ``_anchored`` suffix.
 
     python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 10] [--rounds 3]
-        [--cold] [--tuned-malloc] [--frozen-guards] [--anchored]
+        [--cold] [--tuned-malloc] [--frozen-guards [modules|model]] [--anchored]
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
-from graphopt import frozen_module_guards
+from graphopt import frozen_model_guards, frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
@@ -85,6 +86,8 @@ SAMPLE_MS = 20.0
 WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "compile-floor")
 ANCHORS = ("eager", "inductor", "onnxruntime")
 """The ways graphopt-O3 is measured against ("best other")."""
+GUARD_FILTERS = {"modules": frozen_module_guards, "model": frozen_model_guards}
+"""``--frozen-guards`` choices."""
 SAME_PROCESS = ("eager", "onnxruntime")
 """The ways an ``--anchored`` process times beside its own: they add no Dynamo cache entries."""
 MODELS = ("torchvision.resnet18", "torchvision.resnet50", "torchvision.mobilenet_v2", "torchvision.efficientnet_b0",
@@ -214,7 +217,7 @@ def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, 
 
 
 def compare_in_child(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
-                     frozen_guards: bool, anchored: bool) -> Row:
+                     frozen_guards: str | None, anchored: bool) -> Row:
     """:func:`compare` in a fresh process (this script with ``--child``), waited for."""
     spec = json.dumps({"name": name, "batch": batch, "way": way, "repeats": repeats, "backends": backends,
                        "frozen_guards": frozen_guards, "anchored": anchored})
@@ -314,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile with empty inductor and graphopt caches (graphopt's learned cost model is kept)")
     parser.add_argument("--tuned-malloc", action="store_true",
                         help="run under report.TUNED_MALLOC (results file suffix _tuned_malloc)")
-    parser.add_argument("--frozen-guards", action="store_true",
-                        help="compile with graphopt.frozen_module_guards as guard filter (suffix _frozen_guards)")
+    parser.add_argument("--frozen-guards", nargs="?", const="modules", choices=sorted(GUARD_FILTERS),
+                        help="compile with graphopt.frozen_module_guards (modules, the default; suffix _frozen_guards) "
+                             "or frozen_model_guards (model; suffix _frozen_model_guards) as guard filter")
     parser.add_argument("--anchored", action="store_true",
                         help="time eager and the onnxruntime export beside inductor and O3 in their processes "
                              "(suffix _anchored)")
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model {', '.join(unknown)}; zoo names: {', '.join(sorted(MODEL_CASES))}")
     if args.child:
         spec = json.loads(args.child)
-        guards = {"guard_filter_fn": frozen_module_guards} if spec["frozen_guards"] else {}
+        guards = {"guard_filter_fn": GUARD_FILTERS[spec["frozen_guards"]]} if spec["frozen_guards"] else {}
         row = compare(spec["name"], spec["batch"], spec["way"], spec["repeats"], tuple(spec["backends"]), guards,
                       spec["anchored"])
         print(json.dumps(dataclasses.asdict(row)))
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = [rows[name, batch, way] for way in WAYS]
                 print(f"round {round_ + 1}:", *detail_table(done)[2:], sep="\n", flush=True)
     rows = list(rows.values())
+    guards = f"graphopt.{GUARD_FILTERS[args.frozen_guards].__name__}" if args.frozen_guards else "all (default)"
     harness = ("each way in a process of its own (inductor and O3 timed in turns with eager and the onnxruntime "
                "export)" if args.anchored else "each way alone in a process of its own")
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
@@ -357,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
               f"graphopt candidates: {', '.join(backends)}; {harness}, {args.rounds} "
               f"processes (rounds) of {args.repeats} samples of ≥ {SAMPLE_MS:g} ms each; caches: {caches} "
               f"(prepare s: the first round's); "
-              f"Dynamo guards: {'graphopt.frozen_module_guards' if args.frozen_guards else 'all (default)'}.", ""]
+              f"Dynamo guards: {guards}.", ""]
     same = ["Same-process ratios (--anchored):", "", *same_process_table(rows, batches), ""] if args.anchored else []
     text = "\n".join([*header, *summary_table(rows, batches), "", *same, *detail_table(rows), ""])
     print(text)
-    suffix = "_tuned_malloc" * args.tuned_malloc + "_frozen_guards" * args.frozen_guards + "_anchored" * args.anchored
+    guards_suffix = {None: "", "modules": "_frozen_guards", "model": "_frozen_model_guards"}[args.frozen_guards]
+    suffix = "_tuned_malloc" * args.tuned_malloc + guards_suffix + "_anchored" * args.anchored
     results = RESULTS.with_name(f"{RESULTS.stem}{suffix}.md")
     results.parent.mkdir(exist_ok=True)
     results.write_text(text)
