@@ -10,6 +10,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from graphopt.cost_models.measured import SETTLE_SECONDS
+
+SETTLE_MS = SETTLE_SECONDS * 1e3
+"""Untimed calls this long precede each timed turn of :func:`time_in_turns` by default."""
+
 
 def machine() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), {allocator()}"
@@ -69,28 +74,26 @@ class Timing:
         return f"{self.median_ms:.2f} ({self.q3_ms - self.q1_ms:.2f})"
 
 
-def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int, settle: int = 0) -> list[Timing]:
-    """Time ``runs`` in turns, one timed call each per round, so load from other processes falls on all alike.
-
-    ``settle`` untimed calls precede each timed one: the first call after switching runs shares the
-    cores with the previous run's thread pool (onnxruntime's and OpenMP's workers spin after their work
-    is done), which charges one runtime for another's threads.
-    """
-    return [Timing.of(ts) for ts in time_in_turns(runs, repeats, warmup, 0.0, settle)]
+def round_robin(runs: Sequence[Callable[[], object]], repeats: int, warmup: int,
+                settle_ms: float = 0.0) -> list[Timing]:
+    """Time ``runs`` in turns, one timed call each per round, so load from other processes falls on all alike
+    (``settle_ms``: see :func:`time_in_turns`)."""
+    return [Timing.of(ts) for ts in time_in_turns(runs, repeats, warmup, 0.0, settle_ms)]
 
 
 def time_alone(run: Callable[[], object], repeats: int, warmup: int, sample_ms: float) -> list[float]:
     """Time ``run`` with nothing else running in the process: ``repeats`` samples (ms), each the mean of
     as many back-to-back calls as fill ``sample_ms`` (counted from the warm-up), so a sub-millisecond
     call is not measured against the clock's and the loop's own cost."""
-    return time_in_turns([run], repeats, warmup, sample_ms, settle=0)[0]
+    return time_in_turns([run], repeats, warmup, sample_ms, settle_ms=0.0)[0]
 
 
 def time_in_turns(runs: Sequence[Callable[[], object]], repeats: int, warmup: int, sample_ms: float,
-                  settle: int = 1) -> list[list[float]]:
+                  settle_ms: float = SETTLE_MS) -> list[list[float]]:
     """Samples (ms) of each of ``runs``, taken in turns: round after round, one sample of each, so the
     machine's drifting load falls on all alike. A sample is the mean of as many back-to-back calls as
-    fill ``sample_ms``; ``settle`` untimed calls precede it (see :func:`round_robin`)."""
+    fill ``sample_ms``; untimed calls spanning ``settle_ms`` precede it, because another runtime's
+    worker threads spin on after it returns (``graphopt.cost_models.measured.SETTLE_SECONDS``)."""
     calls = []
     for run in runs:
         start = time.perf_counter()
@@ -101,7 +104,8 @@ def time_in_turns(runs: Sequence[Callable[[], object]], repeats: int, warmup: in
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, n, ts in zip(runs, calls, times):
-            for _ in range(settle):
+            settle_until = time.perf_counter() + settle_ms / 1e3
+            while time.perf_counter() < settle_until:
                 run()
             start = time.perf_counter()
             for _ in range(n):

@@ -9,8 +9,9 @@ For each zoo model, four ways to run it:
 
 Latency is the median of ``--repeats`` calls under ``torch.no_grad()`` on
 2 threads, timed round-robin so that load from other processes falls on all
-ways alike (one untimed settling call before each timed one, so that no way
-pays for the previous way's spinning OpenMP threads), with the interquartile
+ways alike (untimed settling calls spanning ``report.SETTLE_MS`` before each
+timed one: one call did not outlast the previous way's spinning OpenMP
+threads), with the interquartile
 range; ratios are against eager and are summarised by their geometric mean.
 "prepare s" is capture + optimisation + emission, or the first (compiling)
 call. Prints the tables and writes them to ``benchmarks/results/torch_compare.md``.
@@ -33,7 +34,7 @@ import torch
 
 import graphopt
 from graphopt.models import MODEL_CASES
-from report import failure_cell, geomean, machine, round_robin
+from report import SETTLE_MS, failure_cell, geomean, machine, round_robin
 from graphopt.testing import max_rel_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "torch_compare.md"
@@ -90,7 +91,7 @@ def compare(name: str, repeats: int, level: str) -> list[Row]:
 
 
 def time_round_robin(live: list[tuple[Row, Callable[..., Any]]], inputs: tuple, repeats: int) -> None:
-    timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP, settle=1)
+    timings = round_robin([functools.partial(run, *inputs) for _, run in live], repeats, WARMUP, settle_ms=SETTLE_MS)
     for (row, _), t in zip(live, timings):
         row.q1_ms, row.median_ms, row.q3_ms = t.q1_ms, t.median_ms, t.q3_ms
 

@@ -24,6 +24,15 @@ backend for 86% of the regions with this floor against 81% without it (the large
 disagreement was the allocator: ``benchmarks/report.py`` ``TUNED_MALLOC``)."""
 
 
+SETTLE_SECONDS = 0.015
+"""Untimed calls at least this long open each turn of :func:`time_in_turns`: another runtime's worker
+threads keep spinning for milliseconds after it returns and would be charged to the kernel timed next
+(2 cores: onnxruntime ran MobileNetV2 1.8x slower in the 4 ms after an eager torch call, whose OpenMP
+workers spin on, and up to 1.5x slower until 11 ms after it)."""
+ROUNDS = 3
+"""Rounds of :func:`time_in_turns`: each turn costs a settling period, so a few long turns, not many short."""
+
+
 def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmup: int = 3, repeats: int = 10,
                 device: torch.device | None = None, min_seconds: float = 0.0) -> tuple[float, float, int]:
     """Median seconds of one call of ``fn(*inputs)``, the interquartile range, and the number of timed
@@ -35,22 +44,23 @@ def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmu
     each call is bracketed by synchronizations, so the time is the kernel's,
     not its launch's.
     """
-    return time_in_turns([fn], inputs, warmup, repeats, device, min_seconds)[0]
+    return time_in_turns([fn], inputs, warmup, repeats, device, min_seconds, rounds=1, settle_seconds=0.0)[0]
 
 
 def time_in_turns(kernels: Sequence[Callable[..., object]], inputs: Sequence[torch.Tensor], warmup: int = 3,
-                  repeats: int = 10, device: torch.device | None = None,
-                  min_seconds: float = 0.0) -> list[tuple[float, float, int]]:
-    """``time_kernel`` of each kernel, timed in ``repeats`` rounds in which every kernel takes a turn of
-    calls spanning ``min_seconds / repeats`` (at least one call).
+                  repeats: int = 10, device: torch.device | None = None, min_seconds: float = 0.0,
+                  rounds: int = ROUNDS, settle_seconds: float = SETTLE_SECONDS) -> list[tuple[float, float, int]]:
+    """``time_kernel`` of each kernel, timed in ``rounds`` rounds in which every kernel takes a turn:
+    untimed calls spanning ``settle_seconds``, then ``repeats / rounds`` timed calls, more until they
+    span ``min_seconds / rounds``.
 
     A burst of load on a shared machine then falls on every kernel alike:
     timed one after the other, a burst during one kernel's timing alone
     reverses the ranking (it sent a whole ResNet-50 at batch 8 to eager torch,
     65 ms a call, against onnxruntime's 38, in one benchmark run).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"repeats and rounds must be at least 1, got {repeats} and {rounds}")
     device = device or device_of(inputs)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in kernels]
@@ -59,16 +69,23 @@ def time_in_turns(kernels: Sequence[Callable[..., object]], inputs: Sequence[tor
             for _ in range(warmup):
                 fn(*inputs)
         sync()
-        for _ in range(repeats):
+        for _ in range(rounds):
             for fn, samples in zip(kernels, times):
-                turn = 0.0
-                while not turn or turn < min_seconds / repeats:
-                    start = time.perf_counter()
-                    fn(*inputs)
-                    sync()
-                    samples.append(time.perf_counter() - start)
-                    turn += samples[-1]
+                _calls_for(fn, inputs, sync, settle_seconds)
+                samples += _calls_for(fn, inputs, sync, min_seconds / rounds, -(-repeats // rounds))
     return [_summary(samples) for samples in times]
+
+
+def _calls_for(fn: Callable[..., object], inputs: Sequence[torch.Tensor], sync: Callable[[], None],
+               seconds: float, calls: int = 0) -> list[float]:
+    """Times of back-to-back calls of ``fn(*inputs)``: at least ``calls``, and more until they span ``seconds``."""
+    times: list[float] = []
+    while len(times) < calls or sum(times) < seconds:
+        start = time.perf_counter()
+        fn(*inputs)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _summary(times: list[float]) -> tuple[float, float, int]:
@@ -92,9 +109,10 @@ def measure_in_turns(region: Region, kernels: Mapping[str, tuple[Callable[..., o
                      warmup: int = 3, repeats: int = 10,
                      min_seconds: float = MIN_TIMED_SECONDS) -> dict[str, TimingRecord]:
     """Time the region's kernels (backend name: kernel and its compile seconds) in turns on ``inputs``
-    and store a record for each."""
+    and store a record for each. A lone kernel is timed in one turn: nothing runs between its calls."""
     device = device_of(inputs)
-    timings = time_in_turns([k for k, _ in kernels.values()], inputs, warmup, repeats, device, min_seconds)
+    turns = {} if len(kernels) > 1 else {"rounds": 1, "settle_seconds": 0.0}
+    timings = time_in_turns([k for k, _ in kernels.values()], inputs, warmup, repeats, device, min_seconds, **turns)
     database = database if database is not None else TimingDatabase()
     features, profile = region_features(region), DeviceProfile.for_device(device).numbers()
     records = {}

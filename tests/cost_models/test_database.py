@@ -10,7 +10,7 @@ import torch
 from graphopt.backends.base import random_inputs
 from graphopt.backends.region import Region, partition
 from graphopt.cost_models.database import TimingDatabase, TimingRecord, device_key, library_versions
-from graphopt.cost_models.measured import MeasuredCostModel, measure, time_kernel
+from graphopt.cost_models.measured import MeasuredCostModel, measure, time_in_turns, time_kernel
 from graphopt.ir import Graph, TensorType
 from graphopt.passes.fusion_groups import MarkFusionGroups
 
@@ -95,7 +95,27 @@ def test_time_kernel_times_short_kernels_for_at_least_min_seconds():
 
     _, _, timed = time_kernel(short, [torch.zeros(1)], warmup=1, repeats=3, min_seconds=0.1)
     assert len(calls) == timed + 1
-    assert 3 < timed <= 3 * 34  # every call sleeps at least 1 ms, so 34 of them span a turn of 0.1 / 3 s
+    assert 3 < timed <= 100  # every call sleeps at least 1 ms, so 100 of them span the 0.1 s
+
+
+def test_time_in_turns_settles_so_no_kernel_is_charged_for_threads_another_left_spinning():
+    spinning_until = [0.0]
+
+    def spinner(x):  # 1.3 ms a call; its "worker threads" keep a core busy for 10 ms after it returns
+        time.sleep(0.0013)
+        spinning_until[0] = time.perf_counter() + 0.01
+
+    def victim(x):  # 1 ms a call, 3 ms while the spinner's threads spin
+        time.sleep(0.003 if time.perf_counter() < spinning_until[0] else 0.001)
+
+    x = [torch.zeros(1)]
+    (spinner_s, _, _), (victim_s, _, _) = time_in_turns([spinner, victim], x, warmup=1, repeats=6, min_seconds=0.02,
+                                                        settle_seconds=0.0)
+    assert victim_s > 2 * spinner_s, "unsettled, every timed victim call comes right after a spinner turn"
+    (spinner_s, _, spinner_calls), (victim_s, _, victim_calls) = time_in_turns([spinner, victim], x, warmup=1,
+                                                                               repeats=6, min_seconds=0.02)
+    assert victim_s < spinner_s
+    assert min(spinner_calls, victim_calls) >= 6
 
 
 def test_measure_stores_a_record_the_measured_model_answers_from(tmp_path):
