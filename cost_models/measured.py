@@ -44,21 +44,25 @@ def time_kernel(fn: Callable[..., object], inputs: Sequence[torch.Tensor], warmu
     each call is bracketed by synchronizations, so the time is the kernel's,
     not its launch's.
     """
-    return time_in_turns([fn], inputs, warmup, repeats, device, min_seconds, rounds=1, settle_seconds=0.0)[0]
+    return time_in_turns([fn], inputs, warmup, repeats, device, min_seconds)[0]
 
 
 def time_in_turns(kernels: Sequence[Callable[..., object]], inputs: Sequence[torch.Tensor], warmup: int = 3,
                   repeats: int = 10, device: torch.device | None = None, min_seconds: float = 0.0,
-                  rounds: int = ROUNDS, settle_seconds: float = SETTLE_SECONDS) -> list[tuple[float, float, int]]:
+                  rounds: int | None = None, settle_seconds: float | None = None) -> list[tuple[float, float, int]]:
     """``time_kernel`` of each kernel, timed in ``rounds`` rounds in which every kernel takes a turn:
     untimed calls spanning ``settle_seconds``, then ``repeats / rounds`` timed calls, more until they
-    span ``min_seconds / rounds``.
+    span ``min_seconds / rounds``. By default ``ROUNDS`` rounds settling ``SETTLE_SECONDS``, and one
+    unsettled turn for a lone kernel: nothing runs between its calls.
 
     A burst of load on a shared machine then falls on every kernel alike:
     timed one after the other, a burst during one kernel's timing alone
     reverses the ranking (it sent a whole ResNet-50 at batch 8 to eager torch,
     65 ms a call, against onnxruntime's 38, in one benchmark run).
     """
+    default_rounds, default_settle = (1, 0.0) if len(kernels) == 1 else (ROUNDS, SETTLE_SECONDS)
+    rounds = default_rounds if rounds is None else rounds
+    settle_seconds = default_settle if settle_seconds is None else settle_seconds
     if repeats < 1 or rounds < 1:
         raise ValueError(f"repeats and rounds must be at least 1, got {repeats} and {rounds}")
     device = device or device_of(inputs)
@@ -109,10 +113,9 @@ def measure_in_turns(region: Region, kernels: Mapping[str, tuple[Callable[..., o
                      warmup: int = 3, repeats: int = 10,
                      min_seconds: float = MIN_TIMED_SECONDS) -> dict[str, TimingRecord]:
     """Time the region's kernels (backend name: kernel and its compile seconds) in turns on ``inputs``
-    and store a record for each. A lone kernel is timed in one turn: nothing runs between its calls."""
+    and store a record for each."""
     device = device_of(inputs)
-    turns = {} if len(kernels) > 1 else {"rounds": 1, "settle_seconds": 0.0}
-    timings = time_in_turns([k for k, _ in kernels.values()], inputs, warmup, repeats, device, min_seconds, **turns)
+    timings = time_in_turns([k for k, _ in kernels.values()], inputs, warmup, repeats, device, min_seconds)
     database = database if database is not None else TimingDatabase()
     features, profile = region_features(region), DeviceProfile.for_device(device).numbers()
     records = {}

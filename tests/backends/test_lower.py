@@ -209,15 +209,19 @@ def test_force_and_forbid_pick_the_backend(resnet_o2):
     assert statuses["onnxruntime"] == "forbidden" and forbidden.meta["lowering"][0].chosen == "torch"
 
 
-@register_backend
-@dataclass
-class _WrongBackend(Backend):
-    """A backend whose kernels are off by one: the check against eager must reject it."""
-
-    name = "test_wrong"
+class _AnyNodeBackend(Backend):
+    """A test backend that takes every node."""
 
     def supports(self, node) -> bool:
         return True
+
+
+@register_backend
+@dataclass
+class _WrongBackend(_AnyNodeBackend):
+    """A backend whose kernels are off by one: the check against eager must reject it."""
+
+    name = "test_wrong"
 
     def compile(self, region, device):
         module = region.graph.to_torch()
@@ -237,14 +241,11 @@ def test_a_kernel_that_differs_from_eager_is_rejected(resnet, resnet_o2):
 
 @register_backend
 @dataclass
-class _CountingBackend(Backend):
+class _CountingBackend(_AnyNodeBackend):
     """Eager kernels that count how often a region was compiled."""
 
     name = "test_counting"
     compiled = 0
-
-    def supports(self, node) -> bool:
-        return True
 
     def compile(self, region, device):
         type(self).compiled += 1
@@ -288,14 +289,11 @@ class _Burst:
 
 @register_backend
 @dataclass
-class _QuickBackend(Backend):
+class _QuickBackend(_AnyNodeBackend):
     """Eager kernels that take 1 ms a call (unloaded)."""
 
     name = "test_quick"
     seconds = 0.001
-
-    def supports(self, node) -> bool:
-        return True
 
     def compile(self, region, device):
         module = region.graph.to_torch()
