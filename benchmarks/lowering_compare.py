@@ -8,6 +8,10 @@ For each model and batch size, the ways to run it:
   of graphopt's onnxruntime regions;
 - ``graphopt-O3``: ``torch.compile(model, backend="graphopt", options={"level": "O3"})``: O2, then
   each region lowered to the backend the measured cost model picks (``--backends``);
+- ``graphopt-export``: graphopt's Python API, ``graphopt.optimize(graphopt.capture(model, inputs), "O3")``
+  emitted back to a ``GraphModule``: the same pipeline and cost models as graphopt-O3, captured once
+  through ``torch.export``, so a call runs no Dynamo (guards, parameter fetches) and no AOTAutograd
+  wrappers. It shows what the torch.compile entry costs graphopt-O3 per call;
 - ``compile-floor``: ``torch.compile`` with a backend that computes nothing (it returns the outputs of
   its first call): what any torch.compile backend pays per call before its code runs (Dynamo's guards
   on every parameter and its frame handling). Not a way to run the model, a reference line.
@@ -38,11 +42,12 @@ With ``--frozen-guards`` every ``torch.compile`` way (inductor, graphopt, the fl
 attributes, and the results file gets a ``_frozen_guards`` suffix; ``--frozen-guards model`` takes
 ``graphopt.frozen_model_guards``, which drops the guards on globals too (suffix ``_frozen_model_guards``).
 
-With ``--anchored`` the inductor and graphopt-O3 processes also time eager and the onnxruntime export,
-in turns with their own way (``report.time_in_turns``): neither adds a Dynamo cache entry, so they
-skew nothing, and the ratios to them come out of one process, where the machine's load cancels. The
+With ``--anchored`` the inductor, graphopt-O3 and graphopt-export processes also time eager and the
+onnxruntime export, in turns with their own way (``report.time_in_turns``): neither adds a Dynamo cache
+entry, so they skew nothing, and the ratios to them come out of one process, where the machine's load cancels. The
 "same-process ratios" table gives them, pooled over rounds by geometric mean; O3 ÷ inductor goes
-through eager (each process's O3 ÷ eager over inductor's ÷ eager). The file gets an ``_anchored`` suffix.
+through eager (each process's O3 ÷ eager over inductor's ÷ eager), and so does export ÷ inductor. The
+file gets an ``_anchored`` suffix.
 
     python benchmarks/lowering_compare.py [--models a,b] [--batches 1,8] [--repeats 10] [--rounds 3]
         [--cold] [--tuned-malloc] [--frozen-guards [modules|model]] [--anchored]
@@ -72,6 +77,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
+import graphopt
 from graphopt import frozen_model_guards, frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
@@ -83,9 +89,10 @@ THREADS = 2
 WARMUP = 3
 SAMPLE_MS = 20.0
 """The least time one sample spans (calls are repeated back to back until it does)."""
-WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "compile-floor")
+WAYS = ("eager", "inductor", "onnxruntime", "graphopt-O3", "graphopt-export", "compile-floor")
 ANCHORS = ("eager", "inductor", "onnxruntime")
-"""The ways graphopt-O3 is measured against ("best other")."""
+"""The ways graphopt's own are measured against ("best other")."""
+GRAPHOPT_WAYS = ("graphopt-O3", "graphopt-export")
 GUARD_FILTERS = {"modules": frozen_module_guards, "model": frozen_model_guards}
 """``--frozen-guards`` choices."""
 SAME_PROCESS = ("eager", "onnxruntime")
@@ -161,14 +168,27 @@ def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str
         return model
     if row.way == "onnxruntime":
         return onnxruntime_runner(model, inputs)
+    lowering = {"backends": backends, "source": row.model}
+    if row.way == "graphopt-export":
+        return exported_runner(model, inputs, lowering, report)
     torch.compiler.reset()
     if row.way == "inductor":
         return torch.compile(model, options=dict(guards))
     if row.way == "compile-floor":
         return torch.compile(model, backend=_floor_backend, options=dict(guards))
-    lowering = {"backends": backends, "source": row.model}
     return torch.compile(model, backend="graphopt", options={
         "level": "O3", "pass_options": {"lower_regions": lowering}, "fallback": False, "report": str(report), **guards})
+
+
+def exported_runner(model: torch.nn.Module, inputs: tuple, lowering: dict[str, Any], report: Path
+                    ) -> Callable[..., Any]:
+    """The model through graphopt's Python API at O3, as a ``GraphModule`` that takes the tensor inputs;
+    its lowering decisions are written to ``report`` as the torch.compile backend writes them."""
+    graph = graphopt.optimize(graphopt.capture(model, inputs), "O3", options={"lower_regions": lowering})
+    report.write_text(json.dumps({"graphs": [{"lowering": [{"chosen": d.chosen} for d in graph.meta["lowering"]]}]}))
+    module = graph.to_torch()
+    tensors = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    return module if len(tensors) == len(inputs) else lambda *args: module(*[args[i] for i in tensors])
 
 
 def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
@@ -199,7 +219,7 @@ def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, 
             chosen = Counter(d["chosen"] or "eager" for g in json.loads(report.read_text())["graphs"]
                              for d in g["lowering"])
             row.chosen = ", ".join(f"{b}×{k}" for b, k in chosen.most_common())
-        if not (anchored and way in ("inductor", "graphopt-O3")):  # the ways with a Dynamo cache entry
+        if not (anchored and way in ("inductor", *GRAPHOPT_WAYS)):
             row.samples_ms = time_alone(functools.partial(run, *inputs), repeats, WARMUP, SAMPLE_MS)
             return row
         anchors = {}
@@ -256,7 +276,7 @@ def summary_table(rows: list[Row], batches: list[int]) -> list[str]:
             for r in done:
                 others = [o.median_ms for o in rows if o.model == r.model and o.batch == batch
                           and o.way in ANCHORS and not o.error]
-                if way == "graphopt-O3" and others:
+                if way in GRAPHOPT_WAYS and others:
                     against_best.append(r.median_ms / min(others))
             lines.append(f"| {batch} | {way} | {len(done)} | {geomean([ratio(r, rows) for r in done]):.3f} | "
                          f"{geomean(against_best):.3f} | {sum(r.prepare_s for r in done):.1f} | "
@@ -278,29 +298,35 @@ def empty_caches() -> str:
 
 
 def same_process_table(rows: list[Row], batches: list[int]) -> list[str]:
-    """``--anchored`` ratios: O3 against onnxruntime and eager timed in its own processes, and against
-    inductor through eager; "O3 ÷ best other" is the largest of the three (O3 over the fastest way)."""
+    """``--anchored`` ratios: each graphopt way against onnxruntime and eager timed in its own processes,
+    and against inductor through eager; "÷ best other" is the largest of the three (over the fastest way)."""
     def pooled(model: str, batch: int, way: str, anchor: str) -> float:
         row = next((r for r in rows if (r.model, r.batch, r.way) == (model, batch, way)), None)
         return math.nan if row is None or row.error else geomean(row.same_process.get(anchor, []))
 
-    lines = ["| model | batch | O3 ÷ onnxruntime | O3 ÷ eager | inductor ÷ eager | O3 ÷ inductor "
-             "| O3 ÷ best other |", "|---|---|---|---|---|---|---|"]
-    best_by_batch: dict[int, list[float]] = {b: [] for b in batches}
+    def against(model: str, batch: int, way: str) -> tuple[float, float, float, float]:
+        """``way`` ÷ onnxruntime, ÷ eager, ÷ inductor, ÷ the best of them."""
+        vs_ort, vs_eager = pooled(model, batch, way, "onnxruntime"), pooled(model, batch, way, "eager")
+        vs_inductor = vs_eager / pooled(model, batch, "inductor", "eager")
+        known = [x for x in (vs_ort, vs_eager, vs_inductor) if not math.isnan(x)]
+        return vs_ort, vs_eager, vs_inductor, max(known) if known else math.nan
+
+    lines = ["| model | batch | O3 ÷ onnxruntime | O3 ÷ eager | inductor ÷ eager | O3 ÷ inductor | O3 ÷ best other "
+             "| export ÷ onnxruntime | export ÷ best other |", "|---|---|---|---|---|---|---|---|---|"]
+    best = {(way, b): [] for way in GRAPHOPT_WAYS for b in batches}
     for model in dict.fromkeys(r.model for r in rows):
         for batch in batches:
-            vs_ort = pooled(model, batch, "graphopt-O3", "onnxruntime")
-            vs_eager = pooled(model, batch, "graphopt-O3", "eager")
+            vs_ort, vs_eager, vs_inductor, o3_best = against(model, batch, "graphopt-O3")
+            export_ort, _, _, export_best = against(model, batch, "graphopt-export")
+            for way, ratio_ in (("graphopt-O3", o3_best), ("graphopt-export", export_best)):
+                if not math.isnan(ratio_):
+                    best[way, batch].append(ratio_)
             inductor = pooled(model, batch, "inductor", "eager")
-            vs_inductor = vs_eager / inductor
-            known = [x for x in (vs_ort, vs_eager, vs_inductor) if not math.isnan(x)]
-            best = max(known) if known else math.nan
-            if not math.isnan(best):
-                best_by_batch[batch].append(best)
             lines.append(f"| {model} | {batch} | {vs_ort:.3f} | {vs_eager:.3f} | {inductor:.3f} | {vs_inductor:.3f} "
-                         f"| {best:.3f} |")
+                         f"| {o3_best:.3f} | {export_ort:.3f} | {export_best:.3f} |")
     for batch in batches:
-        lines.append(f"| geomean | {batch} | | | | | {geomean(best_by_batch[batch]):.3f} |")
+        lines.append(f"| geomean | {batch} | | | | | {geomean(best['graphopt-O3', batch]):.3f} | "
+                     f"| {geomean(best['graphopt-export', batch]):.3f} |")
     return lines
 
 
@@ -355,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_ + 1}:", *detail_table(done)[2:], sep="\n", flush=True)
     rows = list(rows.values())
     guards = f"graphopt.{GUARD_FILTERS[args.frozen_guards].__name__}" if args.frozen_guards else "all (default)"
-    harness = ("each way in a process of its own (inductor and O3 timed in turns with eager and the onnxruntime "
-               "export)" if args.anchored else "each way alone in a process of its own")
+    harness = ("each way in a process of its own (inductor, O3 and export timed in turns with eager and the "
+               "onnxruntime export)" if args.anchored else "each way alone in a process of its own")
     header = ["# Lowering (O3) against eager, inductor and onnxruntime", "",
               f"{machine()}, {THREADS} threads, torch {torch.__version__}, onnxruntime {ort.__version__}; "
               f"graphopt candidates: {', '.join(backends)}; {harness}, {args.rounds} "
