@@ -319,6 +319,25 @@ _COMPOSERS: dict[str, Callable[[Node], Node | None]] = {"permute": _compose_perm
 """For each op, a function that makes a node read past its producer; it returns the bypassed producer."""
 
 
+def _drop_empty_mask(node: Node) -> bool:
+    """Drop an sdpa mask that keeps every score as it is: a constant of all ``True``, or zeros added to
+    the scores (HF ViT's exported attention carries an all-``True`` one). The kernel then reads no mask,
+    and onnxruntime's lowering needs no NaN guard for fully masked rows."""
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if mask is None or not mask.is_constant or is_trainable(mask):
+        return False
+    q, k = node.inputs[0].type.shape, node.inputs[1].type.shape
+    scores = (*q[:-1], k[-2])
+    shape = mask.type.shape
+    if len(shape) > len(scores) or any(m not in (1, s) for m, s in zip(shape[::-1], scores[::-1])):
+        return False  # broadcasting the mask would widen the scores: not a mask that changes nothing
+    data = mask.data
+    if not bool(data.all() if data.dtype == torch.bool else (data == 0).all()):
+        return False
+    node.set_inputs(node.inputs[:3])
+    return True
+
+
 @register_pass
 @dataclass
 class EliminateNoOps(Pass):
@@ -327,7 +346,8 @@ class EliminateNoOps(Pass):
     Peephole algebraic simplification (McKeeman 1965, "Peephole optimization";
     Aho et al., *Compilers*, §8.7): identity, inference dropout, casts to the
     same dtype, reshapes/expands/repeats to the same shape, identity permutes,
-    whole-dim slices, one-input concats, ``x+0``, ``x-0``, ``x*1``, ``x/1``.
+    whole-dim slices, one-input concats, ``x+0``, ``x-0``, ``x*1``, ``x/1``;
+    an attention mask that masks nothing is dropped from its sdpa.
     Consecutive permutes compose into one (cancelling transpose pairs vanish),
     a reshape reads past the reshape-like op before it, and a squeeze/unsqueeze
     pair that restores its input's shape is removed. Every rewrite requires
@@ -341,8 +361,10 @@ class EliminateNoOps(Pass):
     kind = PassKind.EXACT
 
     def call(self, graph: Graph) -> PassResult:
-        removed = composed = 0
+        removed = composed = masks = 0
         for node in graph.nodes:
+            if node.op == "sdpa":
+                masks += _drop_empty_mask(node)
             compose = _COMPOSERS.get(node.op)
             bypassed = compose(node) if compose else None
             if bypassed is not None:
@@ -355,7 +377,8 @@ class EliminateNoOps(Pass):
                 replace_value(node.output, src)
                 graph.remove_node(node)
                 removed += 1 + sum(_remove_if_dead(v.producer) for v in inputs if v is not None)
-        return PassResult(graph, bool(removed or composed), {"nodes_removed": removed, "pairs_composed": composed})
+        return PassResult(graph, bool(removed or composed or masks),
+                          {"nodes_removed": removed, "pairs_composed": composed, "masks_dropped": masks})
 
 
 def _remove_if_dead(node: Node | None) -> bool:

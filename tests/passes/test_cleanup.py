@@ -9,8 +9,9 @@ import torch
 from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.opaque import Arg
 from graphopt.passes.cleanup import EliminateCommonSubexpressions, EliminateDeadCode, EliminateNoOps, tensor_bytes
+from graphopt.testing import max_rel_error
 
-from ir_interpreter import run_exact, run_graph
+from ir_interpreter import random_inputs, run_exact, run_graph
 
 
 def f32(*shape):
@@ -235,7 +236,7 @@ def test_permutes_compose_into_one():
     g = _noop_case(lambda g, h: g.add_node("permute", [g.add_node("permute", [h], {"dims": [1, 0, 2]}).output],
                                            {"dims": [0, 2, 1]}).output)
     result = run_exact(EliminateNoOps(), g)
-    assert result.stats == {"nodes_removed": 1, "pairs_composed": 1}  # the inner permute
+    assert result.stats == {"nodes_removed": 1, "pairs_composed": 1, "masks_dropped": 0}  # the inner permute
     (permute,) = g.find("permute")
     assert permute.attrs["dims"] == [1, 2, 0] and permute.inputs[0].producer.op == "relu"
 
@@ -282,6 +283,75 @@ def test_removed_graph_output_keeps_its_name():
     g.outputs = [g.add_node("identity", [relu.output], name="logits").output]
     run_exact(EliminateNoOps(), g)
     assert g.outputs == [relu.output] and relu.output.name == "logits"
+
+
+def _attention(mask=None, parameter=False, batch=2):
+    """``sdpa(q, k, v, mask)`` over 2 heads of 5 tokens; ``mask`` becomes a constant (a parameter if asked)."""
+    g = Graph()
+    q, k, v = (g.add_input(n, f32(batch, 2, 5, 4)) for n in "qkv")
+    inputs = [q, k, v] if mask is None else [q, k, v, g.add_constant(mask, "mask", parameter=parameter)]
+    g.outputs = [g.add_node("sdpa", inputs).output]
+    return g
+
+
+EMPTY_MASKS = {
+    "all True": torch.ones(5, 5, dtype=torch.bool),
+    "all True, per head": torch.ones(1, 2, 5, 5, dtype=torch.bool),
+    "zeros added": torch.zeros(2, 1, 5, 5),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_MASKS)
+def test_mask_that_masks_nothing_is_dropped(case):
+    g = _attention(EMPTY_MASKS[case])
+    inputs = random_inputs(g)
+    expected = run_graph(g, *inputs)
+    result = EliminateNoOps().call(g)
+    assert result.modified and result.stats["masks_dropped"] == 1
+    (sdpa,) = g.find("sdpa")
+    assert len(sdpa.inputs) == 3
+    torch.testing.assert_close(run_graph(g, *inputs), expected)  # another SDPA kernel: equal up to rounding
+
+
+KEPT_MASKS = {
+    "one score masked": torch.ones(5, 5, dtype=torch.bool).index_put_((torch.tensor(0), torch.tensor(4)),
+                                                                      torch.tensor(False)),
+    "a bias that is not zero": torch.full((5, 5), 0.5),
+}
+
+
+@pytest.mark.parametrize("case", KEPT_MASKS)
+def test_mask_that_masks_something_is_kept(case):
+    g = _attention(KEPT_MASKS[case])
+    assert run_exact(EliminateNoOps(), g).modified is False
+    assert len(g.find("sdpa")[0].inputs) == 4
+
+
+def test_trainable_or_widening_masks_are_kept():
+    trainable = _attention(torch.zeros(5, 5), parameter=True)  # a learned bias that starts at zero
+    widening = _attention(torch.ones(3, 1, 5, 5, dtype=torch.bool), batch=1)  # would broadcast q's batch to 3
+    for g in (trainable, widening):
+        assert EliminateNoOps().call(g).modified is False
+        assert len(g.find("sdpa")[0].inputs) == 4
+
+
+def test_hf_vit_attention_runs_without_its_all_true_mask():
+    """transformers' ViT hands SDPA an all-True mask; O2 drops it, and the onnxruntime lowering then
+    has no NaN guard (IsNaN and two Where per layer) left to run."""
+    import graphopt
+    from graphopt.emitters.onnx import DEFAULT_OPSET
+    from graphopt.models import get_case
+
+    model, inputs = get_case("transformers.vit").build()
+    g = graphopt.capture(model, inputs)
+    assert all(len(n.inputs) == 4 for n in g.find("sdpa"))
+    g = graphopt.optimize(g, "O2")
+    sdpas = g.find("sdpa")
+    assert sdpas and all(len(n.inputs) == 3 for n in sdpas)
+    ops = [n.op_type for n in g.to_onnx(opset=DEFAULT_OPSET, target="onnxruntime-cpu").graph.node]
+    assert "IsNaN" not in ops and "Where" not in ops
+    with torch.no_grad():
+        assert max_rel_error(model(*inputs), g.to_torch()(*inputs)) <= 1e-5
 
 
 def test_noops_report_nothing_to_do():
