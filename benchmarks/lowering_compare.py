@@ -44,8 +44,8 @@ attributes, and the results file gets a ``_frozen_guards`` suffix; ``--frozen-gu
 
 With ``--anchored`` the inductor, graphopt-O3 and graphopt-export processes also time eager and the
 onnxruntime export, in turns with their own way (``report.time_in_turns``): neither adds a Dynamo cache
-entry, so they skew nothing, and the ratios to them come out of one process, where the machine's load cancels. The
-"same-process ratios" table gives them, pooled over rounds by geometric mean; O3 ÷ inductor goes
+entry, so they skew nothing, and the ratios to them come out of one process, where the machine's load
+cancels. The "same-process ratios" table gives them, pooled over rounds by geometric mean; O3 ÷ inductor goes
 through eager (each process's O3 ÷ eager over inductor's ÷ eager), and so does export ÷ inductor. The
 file gets an ``_anchored`` suffix.
 
@@ -182,13 +182,11 @@ def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str
 
 def exported_runner(model: torch.nn.Module, inputs: tuple, lowering: dict[str, Any], report: Path
                     ) -> Callable[..., Any]:
-    """The model through graphopt's Python API at O3, as a ``GraphModule`` that takes the tensor inputs;
-    its lowering decisions are written to ``report`` as the torch.compile backend writes them."""
+    """The model through graphopt's Python API at O3, as a ``GraphModule``; its lowering decisions are
+    written to ``report`` as the torch.compile backend writes them."""
     graph = graphopt.optimize(graphopt.capture(model, inputs), "O3", options={"lower_regions": lowering})
     report.write_text(json.dumps({"graphs": [{"lowering": [{"chosen": d.chosen} for d in graph.meta["lowering"]]}]}))
-    module = graph.to_torch()
-    tensors = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
-    return module if len(tensors) == len(inputs) else lambda *args: module(*[args[i] for i in tensors])
+    return graph.to_torch()
 
 
 def _floor_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
@@ -304,10 +302,10 @@ def same_process_table(rows: list[Row], batches: list[int]) -> list[str]:
         row = next((r for r in rows if (r.model, r.batch, r.way) == (model, batch, way)), None)
         return math.nan if row is None or row.error else geomean(row.same_process.get(anchor, []))
 
-    def against(model: str, batch: int, way: str) -> tuple[float, float, float, float]:
-        """``way`` ÷ onnxruntime, ÷ eager, ÷ inductor, ÷ the best of them."""
+    def against(model: str, batch: int, way: str, inductor: float) -> tuple[float, float, float, float]:
+        """``way`` ÷ onnxruntime, ÷ eager, ÷ inductor (``inductor``: its ÷ eager), ÷ the best of them."""
         vs_ort, vs_eager = pooled(model, batch, way, "onnxruntime"), pooled(model, batch, way, "eager")
-        vs_inductor = vs_eager / pooled(model, batch, "inductor", "eager")
+        vs_inductor = vs_eager / inductor
         known = [x for x in (vs_ort, vs_eager, vs_inductor) if not math.isnan(x)]
         return vs_ort, vs_eager, vs_inductor, max(known) if known else math.nan
 
@@ -316,12 +314,12 @@ def same_process_table(rows: list[Row], batches: list[int]) -> list[str]:
     best = {(way, b): [] for way in GRAPHOPT_WAYS for b in batches}
     for model in dict.fromkeys(r.model for r in rows):
         for batch in batches:
-            vs_ort, vs_eager, vs_inductor, o3_best = against(model, batch, "graphopt-O3")
-            export_ort, _, _, export_best = against(model, batch, "graphopt-export")
+            inductor = pooled(model, batch, "inductor", "eager")
+            vs_ort, vs_eager, vs_inductor, o3_best = against(model, batch, "graphopt-O3", inductor)
+            export_ort, _, _, export_best = against(model, batch, "graphopt-export", inductor)
             for way, ratio_ in (("graphopt-O3", o3_best), ("graphopt-export", export_best)):
                 if not math.isnan(ratio_):
                     best[way, batch].append(ratio_)
-            inductor = pooled(model, batch, "inductor", "eager")
             lines.append(f"| {model} | {batch} | {vs_ort:.3f} | {vs_eager:.3f} | {inductor:.3f} | {vs_inductor:.3f} "
                          f"| {o3_best:.3f} | {export_ort:.3f} | {export_best:.3f} |")
     for batch in batches:
