@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -134,22 +137,71 @@ def test_onnxruntime_thread_trial_keeps_the_faster_session_and_skips_long_region
         return lambda *inputs: time.sleep(seconds)
 
     slow, fast = sleeper(0.002), sleeper(0.0001)
+    monkeypatch.setattr(onnxruntime_backend, "MIN_CORE_SHARE", -1.0)  # a sleeper uses no core
     monkeypatch.setattr(onnxruntime_backend, "THREAD_TRIAL_SECONDS", 1.0)  # both tried, however slow the machine
-    assert onnxruntime_backend._faster(slow, lambda: fast, []) is fast
-    assert onnxruntime_backend._faster(fast, lambda: slow, []) is fast
+    assert onnxruntime_backend._faster(slow, 2, lambda: fast, []) is fast
+    assert onnxruntime_backend._faster(fast, 2, lambda: slow, []) is fast
 
     def never():
         raise AssertionError("a region slower than THREAD_TRIAL_SECONDS is not tried on one thread")
 
     monkeypatch.setattr(onnxruntime_backend, "THREAD_TRIAL_SECONDS", 0.001)
-    assert onnxruntime_backend._faster(slow, never, []) is slow
+    assert onnxruntime_backend._faster(slow, 2, never, []) is slow
+
+
+def trial_rounds(*rounds):
+    """Thread-trial rounds from ``(ms on all threads, cores it used, ms on one thread)``."""
+    sample = onnxruntime_backend.TrialSample
+    return [(sample(every / 1e3, cores), sample(one / 1e3, 1.0)) for every, cores, one in rounds]
+
+
+@pytest.mark.parametrize("rounds, threads, wins", [
+    (trial_rounds((0.16, 1.7, 0.15), (0.16, 1.7, 0.15), (0.17, 1.7, 0.15)), 2, True),
+    (trial_rounds((0.43, 1.9, 0.51), (0.42, 1.9, 0.51)), 2, False),
+    # a busy core: the all-threads session ran on one, twice as slow; those rounds are not counted
+    (trial_rounds((1.00, 1.0, 0.51), (1.10, 1.0, 0.51), (0.43, 1.9, 0.51)), 2, False),
+    (trial_rounds((1.00, 1.0, 0.51), (1.10, 1.2, 0.51)), 2, False),
+    (trial_rounds((1.00, 2.0, 0.51)), 4, False),  # 2 of 4 cores
+    (trial_rounds((1.00, 3.0, 0.51)), 4, True),
+    (trial_rounds((0.152, 1.7, 0.15)), 2, False),  # within the margin
+])
+def test_thread_trial_counts_only_rounds_that_had_the_cores(rounds, threads, wins):
+    assert onnxruntime_backend.one_thread_wins(rounds, threads) is wins
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and two CPUs")
+def test_onnxruntime_thread_trial_is_not_flipped_by_a_busy_core(monkeypatch):
+    """A busy loop shares one of the two cores of a two-thread session: timed as they are, one thread
+    wins by far, but the trial keeps the two-thread session."""
+    pair = set(sorted(os.sched_getaffinity(0))[:2])
+    graph = api.capture(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), (torch.randn(32, 64),))
+    region, = partition(graph, OnnxRuntimeBackend().supports)
+    kept = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, pair)  # onnxruntime's workers inherit the creating thread's CPUs
+    busy = None
+    try:
+        kernels = [OnnxRuntimeBackend(threads=n).compile(region, torch.device("cpu")) for n in (2, 1)]
+        busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{min(pair)}}})\n"
+                                 "while True: pass"])
+        time.sleep(0.3)
+        inputs = [torch.randn(32, 64)]
+        raw = [min(onnxruntime_backend._sample(k, inputs, 0.02).seconds for _ in range(3)) for k in kernels]
+        assert raw[1] < raw[0]  # what the trial would have picked without counting cores
+        monkeypatch.setattr(onnxruntime_backend, "THREAD_TRIAL_SECONDS", 1.0)
+        assert onnxruntime_backend._faster(kernels[0], 2, lambda: kernels[1], inputs) is kernels[0]
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+        os.sched_setaffinity(0, kept)
 
 
 @pytest.mark.parametrize("threads, torch_threads, trial", [(None, 2, True), (2, 2, False), (None, 1, False)])
 def test_onnxruntime_backend_tries_one_thread_unless_told_its_count(resnet, resnet_o2, monkeypatch, threads,
                                                                      torch_threads, trial):
     tried = []
-    monkeypatch.setattr(onnxruntime_backend, "_faster", lambda kernel, make_other, inputs: tried.append(
+    monkeypatch.setattr(onnxruntime_backend, "_faster", lambda kernel, threads, make_other, inputs: tried.append(
         make_other()) or tried[0])
     monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
     model, x = resnet
