@@ -43,8 +43,8 @@ MIN_CORE_SHARE = 0.5
 first (process CPU seconds per wall second, at least ``1 + share * (threads - 1)``). Another process
 running on the cores preempts onnxruntime's spinning workers, and every op waits for the one descheduled:
 with a busy loop on one of two cores, HF ViT at batch 8 took 1.0 ms on two threads against 0.51 on one,
-using 1.0 cores, where idle it took 0.43 on 1.9 cores. The compile's own background work (inductor's
-compile workers starting) once made the trial pick one thread so."""
+using 1.0 cores, where idle it took 0.43 on 1.9 cores. A benchmark compile once picked one thread for
+that region, most likely while inductor's compile workers (subprocesses) were starting."""
 
 
 @register_backend
