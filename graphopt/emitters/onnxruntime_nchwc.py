@@ -210,7 +210,10 @@ def _channel_scale(plan: NchwcPlan, node: Node) -> tuple[Value, Value] | None:
         batch, channels = x.type.shape[:2]
         if shape[1] != channels or list(shape[2:]) != [1, 1] or shape[0] not in (1, batch):
             continue
-        if plan.is_blocked(s) or (s.is_constant and s.data is not None and shape[0] == 1):
+        if s.is_constant:
+            if s.data is not None and shape[0] == 1:
+                return x, s
+        elif plan.is_blocked(s) or (_blockable(s) and channels % CHANNEL_ALIGNMENT == 0):  # by a ReorderInput
             return x, s
     return None
 
@@ -380,19 +383,32 @@ def _write(e: _Emitter, plan: NchwcPlan, node: Node, kind: str) -> None:
 
 
 def _write_channel_scale(e: _Emitter, plan: NchwcPlan, node: Node) -> None:
-    """The blocked ``x`` and per-channel ``s`` reshaped to ``[N, C/B, H, W, B]`` so that they broadcast."""
+    """The blocked ``x`` as rows ``[N, C/B, H, W·B]`` and the per-channel ``s`` tiled to one such row
+    ``[N, C/B, 1, W·B]``, so that they broadcast over whole rows.
+
+    As ``[N, C/B, H, W, B]`` against ``[N, C/B, 1, 1, B]`` onnxruntime broadcasts in spans of ``B``
+    elements: with its squeeze-excitation scales so, EfficientNet-B0 ran 8% slower than with onnxruntime's
+    own choice (reorder to NCHW, multiply, reorder back); as rows, 9% faster at batch 1 and 11% at batch 8
+    (2 threads).
+    """
     x, s = _channel_scale(plan, node)
-    channels = _pad_to(x.type.shape[1], plan.block)
-    split = e.ints([0, channels // plan.block, 0, 0, plan.block], "nchwc_split")
+    _, _, height, width = x.type.shape
+    block = plan.block
+    blocks = _pad_to(x.type.shape[1], block) // block
+    row = width * block
     if s.is_constant:
         data = s.data.float().reshape(-1)
-        padded = torch.cat([data, data.new_zeros(channels - data.numel())])
-        s5 = e.const(padded.reshape(1, channels // plan.block, 1, 1, plan.block), hint=f"{s.name}_nchwc")
+        padded = torch.cat([data, data.new_zeros(blocks * block - data.numel())])
+        s_row = e.const(padded.reshape(1, blocks, 1, 1, block).expand(1, blocks, 1, width, block)
+                        .reshape(1, blocks, 1, row), hint=f"{s.name}_nchwc_row")
     else:
-        s5 = e.add1("Reshape", [_blocked(e, plan, s), split])
-    x5 = e.add1("Reshape", [_blocked(e, plan, x), split])
-    y5 = e.add1({"mul": "Mul", "add": "Add"}[node.op], [x5, s5] if node.inputs[0] is x else [s5, x5])
-    e.add("Reshape", [y5, e.ints([0, channels, 0, 0], "nchwc_join")], [_blocked_output_name(e, plan, node.output)])
+        s5 = e.add1("Reshape", [_blocked(e, plan, s), e.ints([0, blocks, 1, 1, block], "nchwc_split")])
+        tiled = e.add1("Expand", [s5, e.ints([1, blocks, 1, width, block], "nchwc_tile")])
+        s_row = e.add1("Reshape", [tiled, e.ints([0, blocks, 1, row], "nchwc_row")])
+    x_rows = e.add1("Reshape", [_blocked(e, plan, x), e.ints([0, blocks, height, row], "nchwc_rows")])
+    y = e.add1({"mul": "Mul", "add": "Add"}[node.op], [x_rows, s_row] if node.inputs[0] is x else [s_row, x_rows])
+    e.add("Reshape", [y, e.ints([0, blocks * block, height, width], "nchwc_join")],
+          [_blocked_output_name(e, plan, node.output)])
     _reorder_back(e, plan, node.output)
 
 

@@ -135,3 +135,63 @@ def test_float16_and_the_portable_targets_stay_standard():
     for node in half.nodes:
         node.output.type = TensorType(torch.float16, node.output.type.shape)
     assert not any(n.domain == NCHWC for n in half.to_onnx(target=TARGET).graph.node)
+
+
+# ------------------------------------------------------------ channel scales
+def _scale_rows(model: onnx.ModelProto) -> list[list[int]]:
+    """The shapes the inputs of each Mul/Add are reshaped to, where a Reshape with a constant shape makes them."""
+    shapes = {i.name: list(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rows = []
+    for n in model.graph.node:
+        if n.op_type in ("Mul", "Add"):
+            made = [producers.get(i) for i in n.input]
+            rows += [shapes[p.input[1]] for p in made if p is not None and p.op_type == "Reshape"
+                     and p.input[1] in shapes]
+    return rows
+
+
+@needs_nchwc
+def test_squeeze_excitation_scales_broadcast_over_whole_rows():
+    """EfficientNet-B0's 16 squeeze-excitation scales run blocked, each as rows of ``W·B`` elements times one
+    tiled row of the scale, not as ``[N, C/B, H, W, B]`` (broadcast in spans of ``B``)."""
+    model, inputs = MODEL_CASES["torchvision.efficientnet_b0"].build()
+    with torch.no_grad():
+        reference = model(*inputs)
+    graph = capture_and_optimize(model, inputs)
+    written = graph.to_onnx(target=TARGET)
+    counts, block = op_counts(written), nchwc_block_size()
+    assert counts["Expand"] == 16 and counts["Mul"] == 16, counts
+    rows = _scale_rows(written)
+    assert len(rows) == 32 and all(len(r) == 4 and r[3] % block == 0 and r[3] > block for r in rows), rows
+    assert_close_outputs(reference, run_onnxruntime(graph, inputs, target=TARGET), what="efficientnet_b0")
+
+
+@needs_nchwc
+@pytest.mark.parametrize("op", ["mul", "add"])
+@pytest.mark.parametrize("scale", ["pooled", "constant", "unblocked"])
+def test_channel_scale_keeps_padding_and_batch(op, scale):
+    """20 channels (padded to a whole block), batch 2: a blocked activation times (or plus) a per-sample
+    scale from a pooled branch, a constant layer scale as in ConvNeXt, or a scale computed in NCHW; then a
+    conv that reads the padding."""
+    g = Graph()
+    x = g.add_input("x", TensorType(torch.float32, (2, 16, 6, 6)))
+
+    def conv(v, cin, cout, name):
+        w = g.add_constant(torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5, f"w{name}")
+        return g.add_node("conv", [v, w, g.add_constant(torch.randn(cout), f"b{name}")], {"padding": [1]}).output
+
+    y = g.add_node("relu", [conv(x, 16, 20, 0)]).output
+    if scale == "constant":
+        s = g.add_constant(torch.randn(1, 20, 1, 1), "layer_scale")
+    else:
+        s = g.add_node("adaptive_avg_pool", [y], {"output_size": [1, 1]}).output
+        s = g.add_node("sigmoid" if scale == "pooled" else "softmax", [s], {} if scale == "pooled" else {"dim": 1}).output
+    g.outputs = [conv(g.add_node(op, [y, s] if op == "mul" else [s, y]).output, 20, 20, 1)]
+    counts = _emit_and_check(g, (torch.randn(2, 16, 6, 6),))
+    assert counts["nchwc:Conv"] == 2 and counts["Conv"] == 0 and counts["Expand"] == (scale != "constant"), counts
+    block = nchwc_block_size()
+    blocks = -(-20 // block)
+    assert sorted(r[1:] for r in _scale_rows(g.to_onnx(target=TARGET))) == sorted(
+        [[blocks, 6, 6 * block]] + [[blocks, 1, 6 * block]] * (scale != "constant"))
+    assert counts["nchwc:ReorderInput"] == 1 + (scale == "unblocked"), counts  # x, and the softmax's scale
