@@ -119,6 +119,8 @@ def _faster(kernel: Kernel, threads: int, make_other: Callable[[], Kernel],
 
 @dataclass(frozen=True)
 class TrialSample:
+    """Back-to-back calls of one session in the thread trial."""
+
     seconds: float
     """Mean wall seconds of one call."""
     cores: float
