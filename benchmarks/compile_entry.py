@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,7 +41,7 @@ import graphopt
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
 from lowering_compare import MODELS, SAMPLE_MS, THREADS, WARMUP, batched, exported_runner, onnxruntime_runner
-from report import failure_cell, geomean, machine, restart_with_tuned_malloc, time_in_turns
+from report import failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_in_turns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_entry.md"
 WAYS = ("graphopt-O3", "dynamo-floor")
@@ -115,12 +114,8 @@ def _calling(module: Callable[..., Any], inputs: tuple) -> Callable[..., Callabl
 
 
 def measure_in_child(name: str, batch: int, way: str, repeats: int) -> Turns:
-    spec = json.dumps({"name": name, "batch": batch, "way": way, "repeats": repeats})
-    done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
-    if done.returncode == 0:
-        return Turns(**json.loads(done.stdout.splitlines()[-1]))
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return Turns(name, batch, way, error=f"process died: {last[:120]}".replace("|", "/"))
+    result = run_child(__file__, {"name": name, "batch": batch, "way": way, "repeats": repeats})
+    return Turns(**result) if isinstance(result, dict) else Turns(name, batch, way, error=result)
 
 
 @dataclass

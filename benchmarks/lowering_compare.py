@@ -63,7 +63,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +81,8 @@ from graphopt import frozen_model_guards, frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
-from report import Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, time_alone, time_in_turns
+from report import (Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_alone,
+                    time_in_turns)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
 THREADS = 2
@@ -237,13 +237,9 @@ def compare(name: str, batch: int, way: str, repeats: int, backends: tuple[str, 
 def compare_in_child(name: str, batch: int, way: str, repeats: int, backends: tuple[str, ...],
                      frozen_guards: str | None, anchored: bool) -> Row:
     """:func:`compare` in a fresh process (this script with ``--child``), waited for."""
-    spec = json.dumps({"name": name, "batch": batch, "way": way, "repeats": repeats, "backends": backends,
-                       "frozen_guards": frozen_guards, "anchored": anchored})
-    done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
-    if done.returncode == 0:
-        return Row(**json.loads(done.stdout.splitlines()[-1]))
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return Row(name, batch, way, error=f"process died: {last[:120]}".replace("|", "/"))
+    result = run_child(__file__, {"name": name, "batch": batch, "way": way, "repeats": repeats,
+                                  "backends": backends, "frozen_guards": frozen_guards, "anchored": anchored})
+    return Row(**result) if isinstance(result, dict) else Row(name, batch, way, error=result)
 
 
 def ratio(row: Row, rows: list[Row]) -> float | None:

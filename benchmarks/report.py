@@ -1,14 +1,18 @@
-"""What the benchmark scripts share: the machine line, round-robin timings, geometric means, failure reasons in table cells."""
+"""What the benchmark scripts share: the machine line, round-robin timings, geometric means, failure reasons in
+table cells, measurements in processes of their own."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from graphopt.cost_models.measured import SETTLE_SECONDS
 
@@ -86,6 +90,16 @@ def time_alone(run: Callable[[], object], repeats: int, warmup: int, sample_ms: 
     as many back-to-back calls as fill ``sample_ms`` (counted from the warm-up), so a sub-millisecond
     call is not measured against the clock's and the loop's own cost."""
     return time_in_turns([run], repeats, warmup, sample_ms, settle_ms=0.0)[0]
+
+
+def run_child(script: str, spec: dict[str, Any]) -> dict[str, Any] | str:
+    """``script --child SPEC`` in a fresh process, waited for: the JSON object its last line of output
+    holds, or, when it died, its last line of errors (a markdown-safe table cell)."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.splitlines()[-1])
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return f"process died: {last[:120]}".replace("|", "/")
 
 
 def time_in_turns(runs: Sequence[Callable[[], object]], repeats: int, warmup: int, sample_ms: float,
