@@ -41,7 +41,7 @@ import graphopt
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
 from lowering_compare import MODELS, SAMPLE_MS, THREADS, WARMUP, batched, exported_runner, onnxruntime_runner
-from report import failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_in_turns
+from report import batch_sizes, failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_in_turns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_entry.md"
 WAYS = ("graphopt-O3", "dynamo-floor")
@@ -99,11 +99,11 @@ def _calling(module: Callable[..., Any], inputs: tuple) -> Callable[..., Callabl
     """A ``torch.compile`` backend whose compiled function runs ``module(*inputs)`` whatever it is handed,
     returning its outputs flat, as the Dynamo graph returns them (checked on the first call)."""
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        out = module(*inputs)
         expected = [tuple(t.shape) for t in flatten_outputs(gm(*example_inputs))]
-        got = [tuple(t.shape) for t in flatten_outputs(module(*inputs))]
+        got = [tuple(t.shape) for t in flatten_outputs(out)]
         if got != expected:
             raise ValueError(f"the Dynamo graph returns {expected}, the export module {got}")
-        out = module(*inputs)
         if isinstance(out, torch.Tensor):
             return lambda *_: (module(*inputs),)
         if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
@@ -130,20 +130,17 @@ class Summary:
         values = [v for t in self.processes.get(way, []) if not t.error and (v := quantity(t)) is not None]
         return statistics.median(values) if values else None
 
-    def ratio(self, way: str, to: str) -> float | None:
-        """The way's median (or the export module's, ``way="export"``) over ``to``'s, in each process."""
-        def of(t: Turns, name: str) -> float | None:
-            return {"export": t.export_ms, "onnxruntime": t.onnxruntime_ms}.get(name, t.way_ms)
-
-        return self.over(way if way in WAYS else "graphopt-O3",
-                         lambda t: None if of(t, to) is None else of(t, way) / of(t, to))
-
     def extra_us(self, way: str) -> float | None:
         """The way's time beyond the export module's, in the same process (µs)."""
         return self.over(way, lambda t: (t.way_ms - t.export_ms) * 1e3)
 
     def errors(self) -> str:
         return "; ".join(sorted({f"{t.way}: {t.error}" for ts in self.processes.values() for t in ts if t.error}))
+
+
+def _per_onnxruntime(ms: Callable[[Turns], float]) -> Callable[[Turns], float | None]:
+    """A process's ``ms`` over its onnxruntime export's (None where the exporter failed)."""
+    return lambda t: None if t.onnxruntime_ms is None else ms(t) / t.onnxruntime_ms
 
 
 def table(summaries: list[Summary]) -> list[str]:
@@ -158,7 +155,9 @@ def table(summaries: list[Summary]) -> list[str]:
         o3, floor = s.extra_us("graphopt-O3"), s.extra_us("dynamo-floor")
         cells = [s.over("graphopt-O3", lambda t: t.export_ms), s.over("graphopt-O3", lambda t: t.way_ms),
                  s.over("dynamo-floor", lambda t: t.way_ms), o3, floor, o3 - floor]
-        against = {way: s.ratio(way, "onnxruntime") for way in ("export", "dynamo-floor", "graphopt-O3")}
+        against = {"export": s.over("graphopt-O3", _per_onnxruntime(lambda t: t.export_ms)),
+                   "dynamo-floor": s.over("dynamo-floor", _per_onnxruntime(lambda t: t.way_ms)),
+                   "graphopt-O3": s.over("graphopt-O3", _per_onnxruntime(lambda t: t.way_ms))}
         for way, r in against.items():
             if r is not None:
                 ratios.setdefault((s.batch, way), []).append(r)
@@ -175,7 +174,7 @@ def table(summaries: list[Summary]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches", type=batch_sizes, default=[1, 8], help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=10, help="samples per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per way, model and batch")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(dataclasses.asdict(measure(spec["name"], spec["batch"], spec["way"], spec["repeats"]))))
         return 0
     restart_with_tuned_malloc()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     summaries = [Summary(name, batch) for name in args.models.split(",") for batch in batches]
     for round_ in range(args.rounds):
         for s in summaries:

@@ -81,7 +81,7 @@ from graphopt import frozen_model_guards, frozen_module_guards
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
-from report import (Timing, failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_alone,
+from report import (Timing, batch_sizes, failure_cell, geomean, machine, restart_with_tuned_malloc, run_child, time_alone,
                     time_in_turns)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowering_compare.md"
@@ -327,7 +327,7 @@ def same_process_table(rows: list[Row], batches: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches", type=batch_sizes, default=[1, 8], help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=10, help="samples per process")
     parser.add_argument("--rounds", type=int, default=3,
                         help="processes per way, model and batch, in rounds over all of them (default 3)")
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tuned_malloc:
         restart_with_tuned_malloc()
     caches = empty_caches() if args.cold else "as found (inductor's and graphopt's caches may hold earlier compiles)"
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     backends = tuple(args.backends.split(","))
     names = args.models.split(",")
     rows = {(name, batch, way): Row(name, batch, way) for name in names for batch in batches for way in WAYS}

@@ -1,7 +1,8 @@
 """What the benchmark scripts share: the machine line, round-robin timings, geometric means, failure reasons in
-table cells, measurements in processes of their own."""
+table cells, measurements in processes of their own, shared options."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -90,6 +91,17 @@ def time_alone(run: Callable[[], object], repeats: int, warmup: int, sample_ms: 
     as many back-to-back calls as fill ``sample_ms`` (counted from the warm-up), so a sub-millisecond
     call is not measured against the clock's and the loop's own cost."""
     return time_in_turns([run], repeats, warmup, sample_ms, settle_ms=0.0)[0]
+
+
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: ``"1,8"`` → ``[1, 8]``; anything else is a one-line usage error."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive batch sizes like 1,8, got {text!r}")
+    return sizes
 
 
 def run_child(script: str, spec: dict[str, Any]) -> dict[str, Any] | str:
