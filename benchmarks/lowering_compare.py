@@ -4,8 +4,9 @@ For each model and batch size, the ways to run it:
 
 - ``eager``: the model as written;
 - ``inductor``: ``torch.compile(model)``, the default backend;
-- ``onnxruntime``: ``torch.onnx.export`` (legacy exporter), ``ORT_ENABLE_ALL``, the session options
-  of graphopt's onnxruntime regions;
+- ``onnxruntime``: ``torch.onnx.export`` (legacy exporter), ``ORT_ENABLE_ALL``, the session and run
+  options of graphopt's onnxruntime regions, called through ``InferenceSession.run`` on numpy views
+  of the torch inputs, its outputs wrapped as torch tensors;
 - ``graphopt-O3``: ``torch.compile(model, backend="graphopt", options={"level": "O3"})``: O2, then
   each region lowered to the backend the measured cost model picks (``--backends``);
 - ``graphopt-export``: graphopt's Python API, ``graphopt.optimize(graphopt.capture(model, inputs), "O3")``
@@ -157,9 +158,18 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., A
     # held the cores long after it and slowed whichever way ran next by up to 2x.
     options.add_session_config_entry("session.force_spinning_stop", "1")
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)}
-    return lambda *_: [torch.from_numpy(o) for o in session.run(None, feeds)]
+    positions = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    feeds = [(i.name, k) for i, k in zip(session.get_inputs(), positions)]
+    # Run options made once, as graphopt's regions make them: a run passed none builds defaults (about
+    # 6 µs on HF BERT-tiny at batch 1, its caches cold from the run before).
+    run_options = ort.RunOptions()
+
+    def run(*args: Any) -> list[torch.Tensor]:
+        # Torch tensors in and out, as every way is called: numpy views of the inputs made per call.
+        arrays = {name: args[k].numpy() for name, k in feeds}
+        return [torch.from_numpy(o) for o in session.run(None, arrays, run_options)]
+
+    return run
 
 
 def prepare(row: Row, model: torch.nn.Module, inputs: tuple, backends: tuple[str, ...],

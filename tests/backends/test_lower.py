@@ -132,6 +132,35 @@ def test_onnxruntime_backend_reads_strided_inputs_and_returns_tensors_of_their_o
     assert all(torch.equal(t, k) for t, k in zip(first, kept))  # the second call wrote elsewhere
 
 
+def test_private_session_run_computes_what_run_does_and_still_rejects_bad_feeds():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from graphopt.backends._onnxruntime import session_run
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    run = session_run(session)
+    assert run != session.run  # the binding was found: the test below checks the C++ side's own check
+    np.testing.assert_array_equal(run(["y"], {"x": x}, ort.RunOptions())[0], np.maximum(x, 0))
+    with pytest.raises(Exception, match="Invalid input name: z"):
+        run(["y"], {"z": x}, ort.RunOptions())
+    with pytest.raises(Exception, match="Missing Input: x"):
+        run(["y"], {}, ort.RunOptions())
+
+    class PublicOnly:  # a release without the private binding
+        def run(self, names, feeds, options=None):
+            return session.run(names, feeds, options)
+
+    public = PublicOnly()
+    assert session_run(public) == public.run
+
+
 def test_onnxruntime_thread_trial_keeps_the_faster_session_and_skips_long_regions(monkeypatch):
     def sleeper(seconds):
         return lambda *inputs: time.sleep(seconds)
