@@ -158,16 +158,16 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., A
     # held the cores long after it and slowed whichever way ran next by up to 2x.
     options.add_session_config_entry("session.force_spinning_stop", "1")
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    positions = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
-    feeds = [(i.name, k) for i, k in zip(session.get_inputs(), positions)]
+    tensor_positions = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    input_positions = [(i.name, k) for i, k in zip(session.get_inputs(), tensor_positions)]
     # Run options made once, as graphopt's regions make them: a run passed none builds defaults (about
     # 6 µs on HF BERT-tiny at batch 1, its caches cold from the run before).
     run_options = ort.RunOptions()
 
     def run(*args: Any) -> list[torch.Tensor]:
         # Torch tensors in and out, as every way is called: numpy views of the inputs made per call.
-        arrays = {name: args[k].numpy() for name, k in feeds}
-        return [torch.from_numpy(o) for o in session.run(None, arrays, run_options)]
+        feeds = {name: args[k].numpy() for name, k in input_positions}
+        return [torch.from_numpy(o) for o in session.run(None, feeds, run_options)]
 
     return run
 
