@@ -20,12 +20,18 @@ from graphopt.ir import Node, ScalarType, TensorType
 from .region import Region
 
 Kernel = Callable[..., tuple[torch.Tensor, ...]]
+QUICK_COMPILE_SECONDS = 1.0
+"""Backends whose ``compile_seconds`` is at most this still take regions once a compile budget is spent."""
 
 
 class Backend:
     """Base class of the lowering targets; subclasses set ``name`` and implement the three methods."""
 
     name: ClassVar[str] = ""
+    compile_seconds: ClassVar[float] = 1.0
+    """About how long compiling a region takes on a CPU, before this machine has timed any: what
+    ``lower_regions`` expects when deciding whether a compile fits in its budget. At most
+    ``QUICK_COMPILE_SECONDS``: the backend builds no code and tunes nothing."""
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` here (a missing library, no driver), or None."""

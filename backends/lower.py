@@ -23,13 +23,15 @@ from graphopt.ir import Graph, TensorType
 from graphopt.testing import max_rel_error
 from graphopt.pass_manager import PIPELINES, Pass, PassKind, PassResult, register_pass, register_pipeline
 
-from .base import BACKENDS, Backend, CompiledRegion, Kernel, random_inputs
+from .base import BACKENDS, QUICK_COMPILE_SECONDS, Backend, CompiledRegion, Kernel, random_inputs
 from .region import Region, partition
 
 logger = logging.getLogger(__name__)
 
 COST_MODELS = ("measured", "analytical", "learned")
-DEFAULT_BACKENDS = ("onnxruntime", "inductor", "tvm", "triton", "torch")
+DEFAULT_BACKENDS = ("onnxruntime", "inductor", "triton", "torch")
+"""TVM is a candidate only when named: untuned (its default) it lost every region it was timed on here, 20-45x
+slower than onnxruntime on the convnets' regions, after 4-6 s of compiling each; tuned it takes minutes."""
 SHAPE_ONLY = frozenset({"shape", "data"})
 """Op categories that compute nothing (views, reshapes, constants): a region of only these is not worth a call."""
 
@@ -41,7 +43,8 @@ class Candidate:
     backend: str
     status: str = "ok"
     """``ok``; or why it was not in the running: ``unavailable``, ``unsupported``, ``forbidden``, ``pruned``
-    (never compiled: the learned model predicts it far slower than another), ``failed``."""
+    (never compiled: the learned model predicts it far slower than another), ``over_budget`` (never
+    compiled: its compile would not fit in what is left of ``compile_budget_s``), ``failed``."""
     reason: str = ""
     predicted: dict[str, float] = field(default_factory=dict)
     """Seconds per call, by cost model name."""
@@ -64,6 +67,8 @@ class Decision:
     chosen: str | None
     cost_model: str
     note: str = ""
+    seconds: float = 0.0
+    """Wall time spent deciding (predicting, compiling, timing, checking the winner)."""
 
 
 @register_pass
@@ -82,7 +87,13 @@ class LowerRegions(Pass):
     (trained on the timing database). Measuring, candidates the learned model
     (when one is trained) predicts ``prune_factor`` times slower than the
     fastest are neither compiled nor timed; the others are compiled first,
-    then timed in turns. ``force`` picks one backend wherever it supports a
+    then timed in turns, the quickest to compile first. ``compile_budget_s`` bounds
+    the wall time one run spends on this: a candidate whose expected compile time
+    (its earlier compiles here, else its backend's ``compile_seconds``) does not fit
+    in what is left is not compiled, and once the budget is spent the remaining
+    regions are not measured: each goes to the backend the learned model (else the
+    analytical one) predicts fastest among those that compile in about a second
+    (onnxruntime, torch). ``force`` picks one backend wherever it supports a
     region; ``forbid`` removes backends. A chosen kernel is checked against
     eager on random inputs (``check``) and dropped if it differs.
     """
@@ -108,6 +119,12 @@ class LowerRegions(Pass):
     on the run; None measures every candidate."""
     source: str = ""
     """A label stored with the timings (the model's name), so a learned model can hold out whole models."""
+    compile_budget_s: float | None = 20.0
+    """Seconds one run may spend compiling and timing candidates (None: no limit). On this 2-core CPU
+    inductor took 5-35 s per region (up to minutes with other jobs running), so by default it is not
+    compiled and regions go to onnxruntime or torch: measured with inductor too, every region of the
+    CPU zoo went to onnxruntime anyway (``benchmarks/results/lowering_compare*.md``); with every
+    candidate (TVM too), ResNet-18's one region took 72 s to decide."""
 
     def __post_init__(self) -> None:
         """Bad options fail when the pass is made (a torch.compile option, an explain flag), naming the first."""
@@ -122,11 +139,15 @@ class LowerRegions(Pass):
             raise ValueError(f"expected_calls must be at least 1, got {self.expected_calls}")
         if self.prune_factor is not None and not self.prune_factor >= 1:
             raise ValueError(f"prune_factor must be at least 1 (or None), got {self.prune_factor}")
+        if self.compile_budget_s is not None and not self.compile_budget_s > 0:
+            raise ValueError(f"compile_budget_s must be positive seconds (or None for no limit), "
+                             f"got {self.compile_budget_s}")
 
     def call(self, graph: Graph) -> PassResult:
         from . import load_builtin_backends
 
         load_builtin_backends()
+        deadline = None if self.compile_budget_s is None else time.perf_counter() + self.compile_budget_s
         device = torch.device(self.device) if self.device else _device_of(graph)
         backends = {name: BACKENDS[name](**self.backend_options.get(name, {})) for name in self.backends}
         compilers = [b for name, b in backends.items() if name != "torch"]
@@ -138,8 +159,10 @@ class LowerRegions(Pass):
         for region in regions:
             if not worth_lowering(region) or region.hash in seen:  # decided on an earlier run: left to eager
                 continue
-            estimator = estimator or _Estimator(self, device)
+            estimator = estimator or _Estimator(self, device, deadline)
+            start = time.perf_counter()
             decision, kernel = self._decide(region, backends, device, estimator)
+            decision.seconds = time.perf_counter() - start
             decisions.append(decision)
             if kernel is not None and decision.chosen != "torch":
                 _replace(graph, region, kernel, decision.chosen)
@@ -151,18 +174,31 @@ class LowerRegions(Pass):
     def _decide(self, region: Region, backends: dict[str, Backend], device: torch.device,
                 estimator: _Estimator) -> tuple[Decision, Kernel | None]:
         candidates = [self._candidate(region, name, backend, device, estimator) for name, backend in backends.items()]
-        if self.cost_model == "measured":
+        cost_model, note = self.cost_model, ""
+        if cost_model == "measured" and estimator.seconds_left() <= 0:
+            cost_model = "learned" if estimator.learned is not None else "analytical"
+            note = (f"compile budget of {self.compile_budget_s:g} s spent: chosen by the {cost_model} model "
+                    f"among quick-to-compile backends, not measured")
+            for c in candidates:
+                slow = backends[c.backend].compile_seconds > QUICK_COMPILE_SECONDS
+                if c.status == "ok" and c.backend != self.force and slow:
+                    c.status, c.reason = "over_budget", note.split(":")[0]
+        elif cost_model == "measured":
             self._prune(candidates)
             estimator.measure(region, [c for c in candidates if c.status == "ok" and c.measured is None], backends)
         decision = Decision(region.index, region.hash, len(region.nodes), region.graph.op_counts(), region.flops,
-                            candidates, None, self.cost_model)
+                            candidates, None, cost_model, note)
+
+        def cost(c: Candidate) -> float | None:
+            seconds = c.measured if cost_model == "measured" else c.predicted.get(cost_model)
+            return None if seconds is None else seconds + (c.compile_seconds or 0.0) / self.expected_calls
+
         for _ in candidates:  # the best candidate whose kernel fails is marked failed; rank the rest again
-            ranked = sorted((c for c in candidates if c.status == "ok" and self._cost(c) is not None),
-                            key=self._cost)
+            ranked = sorted((c for c in candidates if c.status == "ok" and cost(c) is not None), key=cost)
             forced = [c for c in candidates if c.backend == self.force and c.status == "ok"]
             ranked = forced + [c for c in ranked if c not in forced]
             if not ranked:
-                decision.note = "no candidate has an estimate; the region stays eager"
+                decision.note = "; ".join(filter(None, [note, "no candidate has an estimate; the region stays eager"]))
                 return decision, None
             best = ranked[0]
             kernel = estimator.kernel(region, best, backends[best.backend])
@@ -198,23 +234,20 @@ class LowerRegions(Pass):
                 c.status = "pruned"
                 c.reason = f"learned model predicts {predicted[c.backend] / fastest:.1f}x the fastest candidate's time"
 
-    def _cost(self, c: Candidate) -> float | None:
-        seconds = c.measured if self.cost_model == "measured" else c.predicted.get(self.cost_model)
-        if seconds is None:
-            return None
-        return seconds + (c.compile_seconds or 0.0) / self.expected_calls
-
 
 class _Estimator:
     """Predictions and measurements for one lowering run; compiled kernels are kept for the winner."""
 
-    def __init__(self, options: LowerRegions, device: torch.device):
+    def __init__(self, options: LowerRegions, device: torch.device, deadline: float | None = None):
         from graphopt.cost_models.analytical import AnalyticalCostModel
         from graphopt.cost_models.database import TimingDatabase
         from graphopt.cost_models.learned import LearnedCostModel
 
         self.options = options
         self.device = device
+        self.deadline = deadline
+        self.compiled_seconds: dict[str, float] = {}
+        """The longest compile of each backend in this run."""
         self.database = TimingDatabase()
         self.analytical = AnalyticalCostModel()
         try:
@@ -242,12 +275,29 @@ class _Estimator:
         options = self.options.backend_options.get(backend)
         return backend if not options else f"{backend}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
 
+    def seconds_left(self) -> float:
+        """What is left of the compile budget (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
+    def expected_compile_seconds(self, c: Candidate, backend: Backend) -> float:
+        """This run's longest compile of the backend, else the one recorded for the region (or the backend's
+        median) here, else the backend's own guess."""
+        return self.compiled_seconds.get(c.backend) or c.compile_seconds or backend.compile_seconds
+
     def measure(self, region: Region, candidates: list[Candidate], backends: dict[str, Backend]) -> None:
-        """Compile the candidates, then time them in turns (the records go to the database)."""
+        """Compile the candidates, the quickest first, as long as each fits in the budget (the forced one
+        always), then time them in turns (the records go to the database)."""
         from graphopt.cost_models.measured import measure_in_turns
 
-        compiled = {self.record_name(c.backend): (c, kernel) for c in candidates
-                    if (kernel := self._compile(region, c, backends[c.backend])) is not None}
+        compiled = {}
+        for c in sorted(candidates, key=lambda c: self.expected_compile_seconds(c, backends[c.backend])):
+            expected = self.expected_compile_seconds(c, backends[c.backend])
+            if c.backend != self.options.force and expected > self.seconds_left():
+                c.status = "over_budget"
+                c.reason = (f"an expected {expected:.1f} s compile does not fit in what is left of the "
+                            f"{self.options.compile_budget_s:g} s compile budget")
+            elif (kernel := self._compile(region, c, backends[c.backend])) is not None:
+                compiled[self.record_name(c.backend)] = c, kernel
         if not compiled:
             return
         kernels = {name: (kernel, c.compile_seconds or 0.0) for name, (c, kernel) in compiled.items()}
@@ -284,6 +334,7 @@ class _Estimator:
             logger.info("%s could not compile region %d: %s", c.backend, region.index, c.reason)
             return None
         c.compile_seconds = time.perf_counter() - start
+        self.compiled_seconds[c.backend] = max(c.compile_seconds, self.compiled_seconds.get(c.backend, 0.0))
         self.kernels[(region.hash, c.backend)] = kernel
         return kernel
 

@@ -54,6 +54,7 @@ class OnnxRuntimeBackend(Backend):
     """Regions of ops with an ONNX lowering and static shapes, run by onnxruntime (CPU or CUDA provider)."""
 
     name = "onnxruntime"
+    compile_seconds = 0.5  # an ONNX export and a session: no code generated
 
     threads: int | None = None
     """Intra-op threads. Default: torch's thread count (both runtimes share the cores), or one thread

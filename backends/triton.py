@@ -51,6 +51,7 @@ class TritonBackend(Backend):
     """Generated Triton kernels for fusion groups: elementwise chains, row reductions, matmul epilogues."""
 
     name = "triton"
+    compile_seconds = 5.0  # a JIT compile per fusion group
 
     def unavailable(self, device: torch.device) -> str | None:
         return _triton.unavailable(device)

@@ -37,6 +37,7 @@ class TVMBackend(Backend):
     """Regions of static-shape ops compiled by TVM (LLVM on CPU, CUDA on GPU) and run by the Relax VM."""
 
     name = "tvm"
+    compile_seconds = 5.0  # an LLVM build per region, untuned (tuning takes its trials on top)
 
     tune_trials: int = 0
     """MetaSchedule's budget of measured candidates per region; 0 compiles untuned."""

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models.split(",") if args.models else [n for n, c in MODEL_CASES.items() if not c.slow]
     exporters = args.exporters.split(",")
     header = (f"onnxruntime {ort.__version__}, {machine()}, {THREADS} threads, {args.repeats} runs; "
-              f"graphopt level {level}; onnxslim {_version('onnxslim')}; onnxsim {_version('onnxsim')}; "
+              f"graphopt level {level}; onnxslim {package_version('onnxslim')}; onnxsim {package_version('onnxsim')}; "
               f"torch {torch.__version__}")
     rows: list[Row] = []
     reports: list = []
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

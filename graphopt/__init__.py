@@ -1,5 +1,5 @@
 """graphopt: graph-optimization passes for deep-learning models on one IR for torch.fx and ONNX."""
-from .api import capture, explain, load_onnx, optimize, prune
+from .api import capture, check_options, explain, load_onnx, optimize, prune
 from .guards import frozen_model_guards, frozen_module_guards
 from .ir import Graph, Node, TensorType, Value
 from .pass_manager import Pass, PassKind, PassManager, PassResult, register_pass, register_pipeline
@@ -7,6 +7,6 @@ from .pass_manager import Pass, PassKind, PassManager, PassResult, register_pass
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph", "Node", "Pass", "PassKind", "PassManager", "PassResult", "TensorType", "Value", "capture", "explain",
+    "Graph", "Node", "Pass", "PassKind", "PassManager", "PassResult", "TensorType", "Value", "capture", "check_options", "explain",
     "frozen_model_guards", "frozen_module_guards", "load_onnx", "optimize", "prune", "register_pass", "register_pipeline",
 ]

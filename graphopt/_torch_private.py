@@ -66,6 +66,24 @@ def frozen_input_indices() -> list[int]:
             if i not in aliased and not (meta.input_info[i].mutates_data or meta.input_info[i].mutates_metadata)]
 
 
+def reruns_alike(gm: torch.fx.GraphModule) -> bool:
+    """Whether running ``gm`` twice on the same inputs computes the same and changes nothing: no op in it
+    mutates an argument or draws random numbers (so a second run may check the first). Attention ops are
+    tagged random for their dropout; with ``dropout_p`` 0 they are not."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target._schema.is_mutable:
+            return False
+        if torch.Tag.nondeterministic_seeded in target.tags:
+            arguments = {a.name: a.default_value if a.has_default_value() else None for a in target._schema.arguments}
+            arguments.update(zip(arguments, node.args), **node.kwargs)
+            if arguments.get("dropout_p", 1) != 0:
+                return False
+    return True
+
+
 def guards_module_attribute(entry: Any) -> bool:
     """Whether a Dynamo guard (a ``guard_filter_fn`` entry) checks something reached through an
     ``nn.Module``'s attributes: a submodule, its flags, hooks or parameters."""
@@ -158,3 +176,41 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
 
     with tracing(None):
         return compile_fx(gm, list(example_inputs))
+
+
+def compile_option_error(error: Exception) -> Exception:
+    """``error`` (an ``InvalidOptionError``) as an exception torch.compile raises to the user as it is.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed`` except ``ShortenTraceback``
+    (torch/_dynamo/output_graph.py, ``_call_user_compiler``), so the error also derives from it.
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    from .errors import InvalidOptionError
+
+    class CompileOptionError(ShortenTraceback, InvalidOptionError):
+        def __init__(self, message: str):
+            super().__init__(message, first_useful_frame=None)
+
+    CompileOptionError.__name__ = CompileOptionError.__qualname__ = "InvalidOptionError"
+    CompileOptionError.__module__ = "graphopt.errors"
+    return CompileOptionError(str(error))
+
+
+def export_failure_kind(error: BaseException) -> str | None:
+    """What kind of user problem made ``torch.export`` fail, if any: ``"data-dependent"`` (control flow or
+    shapes that depend on tensor values), ``"export"`` (torch.export's ``UserError``: e.g. a dynamic-shape
+    spec the model contradicts), else ``None``. Follows the chain of causes."""
+    from torch._dynamo.exc import UserError
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)):
+            return "data-dependent"
+        if isinstance(error, UserError):
+            return "export"
+        error = error.__cause__ or error.__context__
+    return None

@@ -8,7 +8,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .ir import Graph
-from .pass_manager import Pass, PassManager
+from .pass_manager import Pass, PassManager, pipeline
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict | None = None) -> Graph:
@@ -18,11 +18,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict
     """
     from .frontends.torch import capture as _capture
 
-    return _capture(model, tuple(example_inputs), dynamic=dynamic)
+    return _capture(model, example_inputs, dynamic=dynamic)
 
 
 def load_onnx(model: Any) -> Graph:
-    """Load an ONNX model (a path, bytes or a ``ModelProto``; opset 13 and up) into the IR."""
+    """Load an ONNX model (a path, bytes or a ``ModelProto``) into the IR; opsets before 13 are converted to 13
+    with onnx's version converter, and an invalid model raises UnsupportedModelError naming the defect."""
     from .frontends.onnx import load_onnx as _load
 
     return _load(model)
@@ -35,10 +36,38 @@ def optimize(graph: Graph, level: str = "O1", passes: Sequence[str | Pass] | Non
     ``options`` maps pass names to option values. The run's report is left in
     ``graph.meta["report"]``.
     """
+    _expect_graph(graph, "optimize")
+    pipeline(level)  # an unknown level is named as one, not as an unknown pass
+    if isinstance(passes, str) or not isinstance(passes, (Sequence, type(None))):
+        raise InvalidOptionError(f"passes must be a list of pass names or Pass instances, got {passes!r}")
     manager = PassManager([level, *(passes or [])], options=options, verify=verify)
     result = manager.run(graph)
     result.graph.meta["report"] = manager.report
     return result.graph
+
+
+def _expect_graph(graph: Any, function: str) -> None:
+    """Name the step that turns what the user passed into a graph."""
+    if isinstance(graph, Graph):
+        return
+    if isinstance(graph, torch.nn.Module):
+        how = ("capture it first, graphopt.capture(model, example_inputs), or compile it with "
+               "torch.compile(model, backend=\"graphopt\")")
+    else:
+        how = ("capture a module with graphopt.capture(model, example_inputs) "
+               "or load an ONNX model with graphopt.load_onnx(path)")
+    raise InvalidOptionError(f"{function} takes a graphopt Graph, got {type(graph).__name__}; {how}")
+
+
+def check_options(options: Mapping[str, Any] | None) -> None:
+    """Check ``torch.compile(model, backend="graphopt", options=...)`` options now.
+
+    torch.compile hands options to the backend only at the compiled model's first call, so a
+    mistake surfaces there; this raises the same ``InvalidOptionError`` (a ``ValueError``) at once.
+    """
+    from .compile_backend import BackendOptions
+
+    BackendOptions.parse(options)
 
 
 def prune(model_or_graph: torch.nn.Module | Graph, example_inputs: Sequence[Any] | None = None,

@@ -216,6 +216,63 @@ def build_llama() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return _finish(model, _token_ids())
 
 
+_GQA_DECODERS = {  # family: (config class, model class, extra config)
+    "mistral": ("MistralConfig", "MistralModel", {}),
+    "qwen2": ("Qwen2Config", "Qwen2Model", {}),
+    "phi3": ("Phi3Config", "Phi3Model", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma": ("GemmaConfig", "GemmaModel", {"head_dim": 16}),
+}
+
+
+def gqa_decoder_builder(family: str, attention: str = _ATTN, kv_cache: bool = False) -> Builder:
+    """A decoder with grouped-query attention: 4 query heads share 2 key/value heads.
+
+    ``attention``: ``"sdpa"`` (transformers repeats the key/value heads, ``repeat_kv``, where a mask is
+    given, as on CPU), ``"grouped_sdpa"`` (passes them unrepeated to
+    ``scaled_dot_product_attention(enable_gqa=True)``, as transformers does on CUDA without a mask) or
+    ``"eager"`` (``repeat_kv``, then matmul and softmax). ``kv_cache`` returns the language-model logits with
+    the cache on: the empty cache is a 1-D empty tensor that ``torch.cat`` skips.
+    """
+
+    def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        import transformers
+
+        config_cls, model_cls, extra = _GQA_DECODERS[family]
+        grouped_sdpa = attention == "grouped_sdpa"
+        if grouped_sdpa:
+            transformers.AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa_attention)
+            transformers.masking_utils.AttentionMaskInterface.register(
+                _GROUPED_SDPA, transformers.masking_utils.sdpa_mask)
+        torch.manual_seed(SEED)
+        config = getattr(transformers, config_cls)(
+            vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, use_cache=kv_cache,
+            attn_implementation=_GROUPED_SDPA if grouped_sdpa else attention, **extra,
+        )
+        if kv_cache:
+            lm = getattr(transformers, model_cls.replace("Model", "ForCausalLM"))(config)
+            return _finish(KwargsWrapper(lm, ("input_ids",), output_attr="logits"), _token_ids())
+        model = KwargsWrapper(getattr(transformers, model_cls)(config), ("input_ids",), {"use_cache": False},
+                              output_attr="last_hidden_state")
+        return _finish(model, _token_ids())
+
+    return build
+
+
+_GROUPED_SDPA = "graphopt_grouped_sdpa"
+
+
+def _grouped_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention with the key/value heads always unrepeated (``enable_gqa``)."""
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def build_t5_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     from transformers import T5Config, T5EncoderModel
 
@@ -348,6 +405,54 @@ def build_cogvideox() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     )
 
 
+def _text_mask(tokens: int = 8, padding: int = 2) -> torch.Tensor:
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    mask[0, -padding:] = 0
+    return mask
+
+
+def build_hunyuan_video() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(SEED)
+    hunyuan = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
+        rope_axes_dim=(4, 6, 6),
+    )
+    model = KwargsWrapper(hunyuan, ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                                    "pooled_projections", "guidance"), {"return_dict": False})
+    # (batch, channels, frames, height, width); the text mask pads 2 of 8 tokens (a boolean attention mask).
+    return _finish(model, torch.randn(1, 4, 2, 8, 8), torch.tensor([10]), torch.randn(1, 8, 32), _text_mask(),
+                   torch.randn(1, 32), torch.tensor([3000.0]))
+
+
+def build_wan() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(SEED)
+    wan = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )
+    model = KwargsWrapper(wan, ("hidden_states", "timestep", "encoder_hidden_states"), {"return_dict": False})
+    return _finish(model, torch.randn(1, 4, 2, 8, 8), torch.tensor([10]), torch.randn(1, 8, 32))
+
+
+def build_ltx_video() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(SEED)
+    ltx = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+        num_layers=2, caption_channels=32,
+    )
+    model = KwargsWrapper(ltx, ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask"),
+                          {"num_frames": 2, "height": 4, "width": 4, "return_dict": False})
+    # Packed latents: (batch, frames * height * width, channels).
+    return _finish(model, torch.randn(1, 2 * 4 * 4, 8), torch.randn(1, 8, 32), torch.tensor([10]), _text_mask())
+
+
 def build_flux() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     from diffusers import FluxTransformer2DModel
 
@@ -397,6 +502,8 @@ def _make_registry() -> dict[str, ModelCase]:
         ("whisper_encoder", build_whisper_encoder),
     ]:
         cases.append(ModelCase(f"transformers.{short}", "transformers", fn))
+    for family in _GQA_DECODERS:
+        cases.append(ModelCase(f"transformers.{family}", "transformers", gqa_decoder_builder(family), slow=True))
     for short, fn in [
         ("unet2d_condition", build_unet2d_condition),
         ("dit", build_dit),
@@ -405,6 +512,8 @@ def _make_registry() -> dict[str, ModelCase]:
         ("flux", build_flux),
     ]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn))
+    for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video)]:
+        cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn, slow=True))
     return {c.name: c for c in cases}
 
 

@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .errors import InvalidOptionError
 from .ir import Graph
 
 logger = logging.getLogger(__name__)
@@ -93,18 +94,16 @@ def register_pipeline(level: str, pass_names: Sequence[str]) -> None:
 
 def get_pass(name: str) -> type[Pass]:
     _load_builtin_passes()
-    try:
-        return PASSES[name]
-    except KeyError:
-        raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}") from None
+    if not isinstance(name, str) or name not in PASSES:
+        raise InvalidOptionError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+    return PASSES[name]
 
 
 def pipeline(level: str) -> list[str]:
     _load_builtin_passes()
-    try:
-        return list(PIPELINES[level])
-    except KeyError:
-        raise KeyError(f"unknown level {level!r}; known levels: {', '.join(PIPELINES)}") from None
+    if not isinstance(level, str) or level not in PIPELINES:
+        raise InvalidOptionError(f"unknown level {level!r}; known levels: {', '.join(PIPELINES)}")
+    return list(PIPELINES[level])
 
 
 def _load_builtin_passes() -> None:
@@ -158,18 +157,22 @@ class PassManager:
     def __init__(self, steps: Iterable[Pass | str], options: dict[str, dict[str, Any]] | None = None,
                  fixed_point: bool = True, max_iterations: int = 4, verify: bool | None = None):
         _load_builtin_passes()  # so that the built-in pipeline levels are known below
-        options = dict(options or {})
+        options = _check_options(options)
         self.passes: list[Pass] = []
         for step in steps:
             if isinstance(step, Pass):
                 self.passes.append(step)
                 continue
+            if not isinstance(step, str):
+                raise InvalidOptionError(f"a pipeline step is a level, a pass name or a Pass instance, "
+                                         f"got {type(step).__name__}")
             names = pipeline(step) if step in PIPELINES else [step]
             for name in names:
                 cls = get_pass(name)
                 self.passes.append(_instantiate(cls, options.pop(name, {})))
         if options:
-            raise KeyError(f"options given for passes not in the pipeline: {', '.join(sorted(options))}")
+            raise InvalidOptionError(f"options given for passes not in the pipeline: {', '.join(sorted(options))}; "
+                                     f"add them with passes=[...] or drop their options")
         self.fixed_point = fixed_point
         self.max_iterations = max_iterations
         self.verify = debug_enabled() if verify is None else verify
@@ -207,9 +210,20 @@ class PassManager:
         return result.graph, result.modified
 
 
+def _check_options(options: Any) -> dict[str, dict[str, Any]]:
+    """``options`` must map pass names to ``{option: value}`` dicts."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
+        raise InvalidOptionError(f"options must map pass names to {{option: value}} dicts, e.g. "
+                                 f"{{'fold_constants': {{'max_output_bytes': 1024}}}}; got {options!r:.100}")
+    return {name: dict(values) for name, values in options.items()}
+
+
 def _instantiate(cls: type[Pass], values: dict[str, Any]) -> Pass:
     valid = cls.option_names()
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(set(values) - set(valid), key=str)
     if unknown:
-        raise KeyError(f"pass {cls.name} has no option {', '.join(unknown)}; its options: {', '.join(valid) or 'none'}")
+        raise InvalidOptionError(f"pass {cls.name} has no option {', '.join(map(str, unknown))}; "
+                                 f"its options: {', '.join(valid) or 'none'}")
     return cls(**values)

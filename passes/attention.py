@@ -55,10 +55,13 @@ class FuseAttention(Pass):
       fills give the same probabilities); one mask at most;
     * ``softmax`` over the last dim, ``q``, ``k``, ``v`` of one dtype and
       rank, equal batch dims; in torch graphs ``k``/``v`` with one head
-      broadcast over ``q``'s heads become ``enable_gqa`` (the ONNX emitter has
-      no grouped-query lowering, so ONNX graphs keep those unfused), and so do
+      broadcast over ``q``'s heads become ``enable_gqa`` (ONNX graphs keep those
+      unfused: below opset 23 the emitter would repeat the heads again), and so do
       ``k``/``v`` whose heads ``repeat_kv`` copied (``unsqueeze→expand→reshape``):
       sdpa then reads the un-repeated heads.
+
+    ATen's batched matmuls (what torch.compile hands over: ``reshape(bmm(reshape(q),
+    reshape(kᵀ)))``) on either side of a softmax are first unflattened into rank-4 matmuls.
 
     A chain fuses only when the scores, scaled scores, masked scores and
     probabilities are read by nothing else (attention weights returned as an
@@ -80,6 +83,7 @@ class FuseAttention(Pass):
     kind = PassKind.EXACT
 
     def call(self, graph: Graph) -> PassResult:
+        unflattened = sum(_unflatten_matmuls_around(graph, node) for node in graph.find("softmax"))
         chains = [c for node in graph.nodes if node.op == "softmax" for c in [_match(node)] if c is not None]
         chains = _self_contained(chains)
         fused_scores = {id(c.scores) for c in chains}
@@ -90,8 +94,60 @@ class FuseAttention(Pass):
             if current is not None:
                 _rewrite(graph, current, fused_scores)
                 fused.append(current)
-        return PassResult(graph, bool(fused), {"attention_fused": len(fused),
-                                              "causal": sum(c.is_causal for c in fused)})
+        stats = {"attention_fused": len(fused), "causal": sum(c.is_causal for c in fused)}
+        if unflattened:
+            stats["batched_matmuls_unflattened"] = unflattened
+        return PassResult(graph, bool(fused or unflattened), stats)
+
+
+# ------------------------------------------------- ATen's batched matmuls
+_CHAIN_OPS = frozenset({"add", "mul", "div", "where"})
+
+
+def _unflatten_matmuls_around(graph: Graph, softmax: Node) -> int:
+    """Unflatten the matmuls on either side of ``softmax`` (see :func:`_unflatten_matmul`); how many.
+
+    ATen's matmul decomposition, what torch.compile hands over, multiplies rank-4 attention as
+    ``reshape(bmm(reshape(q), reshape(kᵀ)))``; the chain matches on rank-4 matmuls.
+    """
+    count, frontier = 0, [softmax.inputs[0]]
+    for _ in range(4):  # back through the mask and the scale
+        nodes = [v.producer for v in frontier if v is not None and v.producer is not None]
+        count += sum(_unflatten_matmul(graph, n.inputs[0].producer) for n in nodes
+                     if n.op == "reshape" and n.inputs[0].producer is not None)
+        frontier = [i for n in nodes if n.op in _CHAIN_OPS for i in n.inputs]
+    guard = _nan_guard(softmax.output)
+    for reader in (guard[0].output if guard else softmax.output).users():
+        readers = reader.output.users() if reader.op == "reshape" else []
+        count += sum(_unflatten_matmul(graph, r) for r in readers if r.inputs[0] is reader.output)
+    return count
+
+
+def _unflatten_matmul(graph: Graph, matmul: Node) -> bool:
+    """``reshape(matmul(reshape(a), reshape(b)))`` with the batch dims of ``a`` and ``b`` flattened into one
+    and split back after becomes ``matmul(a, b)``: the same products, batch for batch."""
+    if matmul is None or matmul.op != "matmul" or len(matmul.output.users()) != 1:
+        return False
+    flat_a, flat_b, unflat = matmul.inputs[0].producer, matmul.inputs[1].producer, matmul.output.users()[0]
+    if not all(n is not None and n.op == "reshape" for n in (flat_a, flat_b, unflat)):
+        return False
+    a, b = flat_a.inputs[0], flat_b.inputs[0]
+    if not all(isinstance(v.type, TensorType) and v.type.is_static for v in (a, b, matmul.output, unflat.output)):
+        return False
+    (*batch, m, k), (*batch_b, k_b, n) = a.type.shape, b.type.shape
+    if len(batch) < 2 or batch != batch_b or k != k_b or a.type.dtype != b.type.dtype:
+        return False
+    flat = math.prod(batch)
+    if (matmul.inputs[0].type.shape != (flat, m, k) or matmul.inputs[1].type.shape != (flat, k, n)
+            or unflat.output.type.shape != (*batch, m, n)):
+        return False
+    node = graph.add_node("matmul", [a, b], before=unflat, output_types=[unflat.output.type],
+                          meta={"created_by": FuseAttention.name, "source": matmul.meta.get("source")})
+    replace_value(unflat.output, node.output)
+    for dead in (unflat, matmul, flat_a, flat_b):
+        if not dead.output.uses() and not is_graph_output(dead.output):
+            graph.remove_node(dead)
+    return True
 
 
 # ----------------------------------------------------------------- matching

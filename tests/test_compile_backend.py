@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphopt.backends.lower import LowerRegions
 from graphopt.compile_backend import graphopt_backend
 
 VALID_OPTIONS = "level, passes, pass_options, verify, fallback, report"
@@ -72,8 +75,19 @@ def fresh_compile_caches():
 
 
 def compile_graphopt(model: nn.Module, **options) -> nn.Module:
-    """Compile with graphopt; a graph graphopt fails on raises (``fallback=False``) unless asked otherwise."""
-    return torch.compile(model, backend="graphopt", options={"fallback": False, **options})
+    """Compile with graphopt at O2 (the rewrites; the default O3 lowers on top and has tests of its own below);
+    a graph graphopt fails on raises (``fallback=False``) unless asked otherwise."""
+    return torch.compile(model, backend="graphopt", options={"fallback": False, "level": "O2", **options})
+
+
+QUICK_LOWERING = {"lower_regions": {"backends": ["onnxruntime", "torch"], "repeats": 2}}
+"""The default level with only the candidates that compile in about a second, to keep these tests fast."""
+
+
+def compile_default(model: nn.Module, **options) -> nn.Module:
+    """Compile with graphopt's default level (O3), lowering to onnxruntime or torch."""
+    return torch.compile(model, backend="graphopt", options={"fallback": False, "pass_options": QUICK_LOWERING,
+                                                             **options})
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -138,7 +152,7 @@ def test_passes_rewrite_the_graph(tmp_path):
 
     report = tmp_path / "report.json"
     x = torch.randn(3, 4)
-    got = torch.compile(fn, backend="graphopt", options={"report": str(report), "fallback": False})(x)
+    got = compile_graphopt(fn, report=str(report))(x)
     torch.testing.assert_close(got, fn(x))
     (entry,) = json.loads(report.read_text())["graphs"]
     assert {"fold_constants", "cse"} <= set(entry["passes_fired"])
@@ -213,7 +227,7 @@ def test_failure_raises_when_fallback_is_off(monkeypatch):
 
 def test_backend_name_resolves_through_the_entry_point_in_a_fresh_interpreter():
     code = ("import torch; m=torch.nn.Linear(4,4); "
-            "print(torch.compile(m, backend='graphopt')(torch.randn(2,4)).shape)")
+            "print(torch.compile(m, backend='graphopt', options={'level': 'O2'})(torch.randn(2,4)).shape)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch.Size([2, 4])"
@@ -279,3 +293,72 @@ def test_training_graphs_keep_parameters_as_inputs(tmp_path):
     entries = json.loads(report.read_text())["graphs"]
     assert {e["graph"].rsplit(".", 1)[1] for e in entries} == {"forward", "backward"}
     assert all(e["frozen_inputs"] == 0 for e in entries)
+
+
+# ------------------------------------------------------------------ the default level: O3
+@pytest.mark.parametrize("case", CASES)
+def test_default_level_lowers_regions_and_reports_its_compile_time(case, tmp_path, caplog):
+    model, x = CASES[case]()
+    model.eval()
+    report = tmp_path / "report.json"
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="graphopt.compile_backend"):
+        expected = model(x)
+        got = compile_default(model, report=str(report))(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    entry, = json.loads(report.read_text())["graphs"]
+    assert "lower_regions" in {r["name"] for r in entry["passes"]}
+    assert entry["lowering"] and {d["chosen"] for d in entry["lowering"]} <= {"onnxruntime", "torch", None}
+    assert all(d["cost_model"] == "measured" and d["seconds"] > 0 for d in entry["lowering"])
+    assert 0 < sum(d["seconds"] for d in entry["lowering"]) <= entry["compile_seconds"]
+    lines = [r.getMessage() for r in caplog.records if "graphopt: compiled" in r.getMessage()]
+    assert lines == [f"graphopt: compiled {entry['graph']} in {entry['compile_seconds']:.1f} s: "
+                     + lines[0].split(" s: ", 1)[1]]
+    assert re.search(r"\d+ regions? -> (onnxruntime|torch|eager) x\d", lines[0])
+
+
+def test_o2_is_one_option_away_and_lowers_nothing(tmp_path):
+    model, x = conv_case()
+    model.eval()
+    report = tmp_path / "report.json"
+    with torch.no_grad():
+        got = torch.compile(model, backend="graphopt", options={"level": "O2", "report": str(report)})(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    entry, = json.loads(report.read_text())["graphs"]
+    assert "lower_regions" not in {r["name"] for r in entry["passes"]} and entry["lowering"] == []
+    assert "fold_batch_norm" in entry["passes_fired"]
+
+
+def test_default_level_trains_with_lowered_forward_and_backward_graphs(tmp_path):
+    model, x = conv_case()
+    model.train()
+    reference = copy.deepcopy(model)
+    expected = reference(x).square().mean()
+    expected.backward()
+    report = tmp_path / "report.json"
+    loss = compile_default(model, report=str(report))(x).square().mean()
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    for p, p_ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
+    entries = json.loads(report.read_text())["graphs"]
+    assert {e["graph"].rsplit(".", 1)[1] for e in entries} == {"forward", "backward"}
+    assert all("lower_regions" in {r["name"] for r in e["passes"]} for e in entries)
+
+
+@pytest.mark.slow
+def test_default_options_on_a_real_model_stay_within_the_compile_budget_in_a_fresh_interpreter(tmp_path):
+    """Every default candidate (inductor and TVM too), cold caches: the budget, not the backends, bounds
+    the compile."""
+    code = ("import json, sys, torch; from graphopt.models import get_case\n"
+            "model, inputs = get_case('torchvision.resnet18').build()\n"
+            "with torch.no_grad():\n"
+            "    torch.compile(model, backend='graphopt', options={'report': sys.argv[1]})(*inputs)\n")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "GRAPHOPT_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    entry, = json.loads(report.read_text())["graphs"]
+    assert [d["chosen"] for d in entry["lowering"]] and all(d["chosen"] for d in entry["lowering"])
+    budget = LowerRegions.compile_budget_s
+    assert entry["compile_seconds"] < budget + 60  # loosely: one compile may start just before the budget ends

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.errors import InvalidOptionError
 from graphopt.ir import Graph, TensorType
 from graphopt.pass_manager import (PASSES, PIPELINES, Pass, PassKind, PassManager, PassResult, pipeline,
                                    register_pass, register_pipeline)
@@ -69,14 +70,14 @@ def test_report_is_json_with_timing_and_node_counts():
 
 
 def test_unknown_pass_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match=r"unknown pass 'no_such_pass'; known passes: .*cse, dce"):
+    with pytest.raises(InvalidOptionError, match=r"unknown pass 'no_such_pass'; known passes: .*cse, dce"):
         PassManager(["no_such_pass"])
 
 
 def test_option_errors_name_the_pass_and_its_options():
-    with pytest.raises(KeyError, match="pass cse has no option max_size; its options: max_bytes"):
+    with pytest.raises(InvalidOptionError, match="pass cse has no option max_size; its options: max_bytes"):
         PassManager(["O1"], options={"cse": {"max_size": 1}})
-    with pytest.raises(KeyError, match="options given for passes not in the pipeline: fold_constants"):
+    with pytest.raises(InvalidOptionError, match="options given for passes not in the pipeline: fold_constants"):
         PassManager(["dce"], options={"fold_constants": {"fold_parameters": True}})
 
 

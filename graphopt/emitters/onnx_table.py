@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 
 from graphopt.frontends.onnx import TORCH_TO_ONNX
-from graphopt.ir import Node, TensorType
+from graphopt.ir import Node, TensorType, Value
+from graphopt.ir.ops.shape import skipped_by_concat
 
 from .onnx import EmitError, _Emitter
 
@@ -180,12 +181,22 @@ def _atan2(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     e.add("Where", [e.add1("Equal", [x, zero]), half, left], outs)
 
 
+_WHERE_AS = {torch.bool: torch.uint8, torch.int16: torch.int32, torch.uint16: torch.int32,
+             torch.uint64: torch.int64, torch.bfloat16: torch.float32}
+"""Types ONNX's Where takes but onnxruntime has no Where kernel for (its CPU provider, 1.32), each
+with the type it selects in instead: every value converts there and back unchanged."""
+
+
 @_register("where")
 def _where(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
+    kernel = _WHERE_AS.get(dtype, dtype)
     cond = e.cast(ins[0], _dtype(n.inputs[0]), torch.bool)
-    e.add("Where", [cond, e.cast(ins[1], _dtype(n.inputs[1]), dtype), e.cast(ins[2], _dtype(n.inputs[2]), dtype)],
-          outs)
+    branches = [e.cast(ins[i], _dtype(n.inputs[i]), kernel) for i in (1, 2)]
+    if kernel == dtype:
+        e.add("Where", [cond, *branches], outs)
+    else:
+        e.add("Cast", [e.add1("Where", [cond, *branches])], outs, to=TORCH_TO_ONNX[dtype])
 
 
 @_register("isinf")
@@ -326,7 +337,7 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
     Attention reads rank-3 inputs as packed heads, unlike torch, and onnxruntime refuses a mask
     that broadcasts over its last two dims; those cases keep the decomposition, where causal and
-    boolean masks become additive.
+    boolean masks become additive and grouped-query key/value heads are repeated to the query's.
     """
     q, k, v = ins[:3]
     mask = ins[3] if len(ins) > 3 else ""
@@ -342,8 +353,7 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
               scale=None if scale is None else float(scale))  # absent: 1/sqrt(head size), as torch
         return
     if n.attrs.get("enable_gqa"):
-        raise EmitError(f"node {n.name}: sdpa with grouped-query heads lowers only to Attention (opset 23, rank 4, "
-                        "a mask over the last two dims in full)")
+        k, v = (_repeat_heads(e, n, x, value, qshape[-3]) for x, value in ((k, n.inputs[1]), (v, n.inputs[2])))
     if scale is None:
         if not isinstance(qshape[-1], int):
             raise EmitError(f"node {n.name}: sdpa default scale needs a static head size")
@@ -363,6 +373,23 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     elif mask:
         scores = e.add1("Add", [scores, mask])
     e.add("MatMul", [attention_probabilities(e, scores, bool(mask), dtype), v], outs)
+
+
+def _repeat_heads(e: _Emitter, n: Node, x: str, value: Value, heads) -> str:
+    """``x`` ([B, h, S, D]) with each head repeated ``heads / h`` times in a row, as sdpa's ``enable_gqa`` reads it
+    (head ``j`` from head ``j // (heads / h)``): Unsqueeze, Expand over the new axis, Reshape back to rank 4."""
+    shape = _shape(value)
+    if len(shape) != 4 or not isinstance(heads, int) or not isinstance(shape[1], int) or heads % shape[1]:
+        raise EmitError(f"node {n.name}: sdpa with grouped-query heads needs rank-4 inputs and static head counts, "
+                        f"the query's a multiple of the key's and value's")
+    if heads == shape[1]:
+        return x
+    seq, dim = shape[2:]
+    if not (isinstance(seq, int) or isinstance(dim, int)):
+        raise EmitError(f"node {n.name}: sdpa with grouped-query heads needs a static sequence length or head size")
+    expanded = e.add1("Expand", [e.add1("Unsqueeze", [x, _axes_input(e, [2])]),
+                                 e.ints([1, 1, heads // shape[1], 1, 1])])
+    return e.add1("Reshape", [expanded, e.ints([0, heads, -1, dim] if isinstance(dim, int) else [0, heads, seq, -1])])
 
 
 def attention_probabilities(e: _Emitter, scores: str, masked: bool, dtype: torch.dtype) -> str:
@@ -510,7 +537,21 @@ def _reduce(e: _Emitter, op_type: str, x: str, dims, keepdim: bool, outs: list |
 @_register(*_REDUCE)
 def _reduction(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     x = e.cast(ins[0], _dtype(n.inputs[0]), _dtype(n.output))  # torch sums bool/int into int64
+    if n.op == "mean" and _is_global_pool(n):  # onnxruntime's pooling kernel: the source model's rounding, faster
+        e.add("GlobalAveragePool", [x], outs)
+        return
     _reduce(e, _REDUCE[n.op], x, n.attrs.get("dims"), n.attrs.get("keepdim", False), outs)
+
+
+def _is_global_pool(n: Node) -> bool:
+    """A keepdim mean over every spatial dim (all after N and C) of a float tensor: GlobalAveragePool."""
+    t = n.inputs[0].type
+    if not isinstance(t, TensorType) or t.shape is None or not n.attrs.get("keepdim"):
+        return False
+    shape = t.shape
+    if len(shape) < 3 or not _dtype(n.output).is_floating_point:
+        return False
+    return sorted(d % len(shape) for d in n.attrs.get("dims") or ()) == list(range(2, len(shape)))
 
 
 @_register("any", "all")
@@ -704,8 +745,12 @@ def _embedding(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 @_register("concat")
 def _concat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
-    e.add("Concat", [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)], outs,
-          axis=int(n.attrs.get("dim", 0)))
+    parts = [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)
+             if not skipped_by_concat(getattr(v.type, "shape", None), getattr(n.output.type, "rank", None))]
+    if len(parts) == 1:
+        e.add("Identity", parts, outs)
+    else:
+        e.add("Concat", parts, outs, axis=int(n.attrs.get("dim", 0)))
 
 
 @_register("stack")

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from graphopt.ir.ops.linalg import grouped_heads
+
 aten = torch.ops.aten
 
 Handler = Callable[[Any, dict[str, Any]], Any]
@@ -280,9 +282,10 @@ def _sdpa(cx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=False):
     _expect(dropout_p == 0)
     cx.only_first_output()
     attrs = {"is_causal": bool(is_causal), "scale": None if scale is None else cx.number(scale)}
-    if enable_gqa:
+    q, k, v = cx.tensor(q), cx.tensor(k), cx.tensor(v)
+    if enable_gqa or grouped_heads(q.type.shape, k.type.shape):
         attrs["enable_gqa"] = True
-    return cx.emit("sdpa", [cx.tensor(q), cx.tensor(k), cx.tensor(v), cx.optional(mask)], **attrs)
+    return cx.emit("sdpa", [q, k, v, cx.optional(mask)], **attrs)
 
 
 @converts("scaled_dot_product_attention.default")
@@ -391,7 +394,12 @@ def _with_dtype(cx, a):
 
 def _reduction(op: str) -> Handler:
     def convert(cx, a):
-        return cx.emit(op, [_with_dtype(cx, a)], dims=_dims(a.get("dim")), keepdim=bool(a.get("keepdim", False)))
+        attrs = {"dims": _dims(a.get("dim")), "keepdim": bool(a.get("keepdim", False))}
+        dtype = a.get("dtype")
+        if op in ("sum", "prod") and dtype is not None and not dtype.is_floating_point and dtype != torch.int64:
+            # the IR's sum/prod accumulate integers in int64, as torch's do unless told a dtype
+            return cx.emit("cast", [cx.inner(op, [_with_dtype(cx, a)], **attrs)], dtype=dtype)
+        return cx.emit(op, [_with_dtype(cx, a)], **attrs)
 
     return convert
 

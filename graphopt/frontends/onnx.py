@@ -1,4 +1,4 @@
-"""ONNX front end: an ONNX ``ModelProto`` (opset 13 and up) into the IR.
+"""ONNX front end: an ONNX ``ModelProto`` into the IR (older opsets converted to 13 first).
 
 Each ONNX node becomes canonical IR ops when its attributes and inputs fit a
 canonical op exactly (the table in ``onnx_table``); anything else becomes an
@@ -26,8 +26,10 @@ from graphopt.errors import UnsupportedModelError
 from graphopt.ir import Graph, Node, OpaqueType, OpDef, TensorType, Type, Value, get_op, register_op
 from graphopt.ir.registry import OPS
 
+from . import onnx_checks as checks
+from .onnx_checks import DEFAULT_DOMAINS, outer_names
+
 MIN_OPSET = 13
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # ------------------------------------------------------------------ dtypes
 _P = onnx.TensorProto
@@ -247,20 +249,37 @@ if "onnx.opaque" not in OPS:
 
 # ----------------------------------------------------------------- loading
 def load_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> Graph:
-    """Load an ONNX model (opset 13 and up in the default domain) into the IR."""
+    """Load an ONNX model into the IR, checking it first and converting opsets before 13 to 13.
+
+    An invalid model raises UnsupportedModelError naming the defect and where it is.
+    """
     proto, base_dir = _read_model(model)
+    checks.check_dims(proto.graph)
+    order = checks.sorted_nodes(proto.graph)
+    if order is not None:  # onnxruntime sorts an unsorted graph too; the importer needs the order
+        proto = _copy(proto)
+        del proto.graph.node[:]
+        proto.graph.node.extend(order)
+    from_file = base_dir is not None and order is None  # the file is what the checker should read
+    checks.run_checker(proto, os.fspath(model) if from_file else None)
+    proto, converted_from = checks.converted(proto, MIN_OPSET)
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
-    version = opsets.get("", 0)
-    if version < MIN_OPSET:
-        raise UnsupportedModelError(f"ONNX opset {version} is older than {MIN_OPSET}, which graphopt needs; convert the model "
-                         f"first with onnx.version_converter.convert_version(model, {MIN_OPSET})")
     if base_dir is not None:
         onnx.external_data_helper.load_external_data_for_model(proto, base_dir)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # inference is advisory: a model it rejects still loads, with fewer known types
         inferred = proto
-    return _Importer(proto, inferred, opsets).run()
+    graph = _Importer(proto, inferred, opsets).run()
+    if converted_from is not None:
+        graph.meta["onnx"]["converted_from_opset"] = converted_from
+    return graph
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
 
 
 def _read_model(model: Any) -> tuple[onnx.ModelProto, str | None]:
@@ -288,7 +307,7 @@ class _Importer:
 
     def __init__(self, proto: onnx.ModelProto, inferred: onnx.ModelProto, opsets: dict[str, int]):
         self.proto = proto
-        self.opset = opsets[""]
+        self.opset = opsets.get("", MIN_OPSET)  # a model of custom-domain ops only has no default opset
         self.opsets = tuple(sorted(opsets.items()))
         self.graph = Graph(proto.graph.name or "main")
         self.env: dict[str, Value] = {}
@@ -307,7 +326,12 @@ class _Importer:
     def run(self) -> Graph:
         g, gp = self.graph, self.proto.graph
         initializers = {t.name: t for t in gp.initializer}
+        # before IR version 4 every initializer had to be listed as an input too, and stayed a constant
+        # (onnxruntime does not let feeds override it either)
+        overridable = self.proto.ir_version >= 4
         for vi in gp.input:
+            if vi.name in initializers and not overridable:
+                continue
             v = g.add_input(vi.name, onnx_type_to_ir(vi.type, self.fresh_dim) or OpaqueType("onnx:unknown"))
             self._keep_onnx_type(v, vi.type)
             if vi.name in initializers:  # an overridable input: ONNX feeds win over the default
@@ -369,7 +393,7 @@ class _Importer:
         self.env[name] = v
 
     def _import_opaque(self, n: onnx.NodeProto) -> None:
-        implicit = _outer_names(n)
+        implicit = outer_names(n)
         implicit = [name for name in implicit if name in self.env]
         inputs = [self.env[name] if name else None for name in n.input] + [self.env[name] for name in implicit]
         functions = self.functions if (n.domain, n.op_type) in self.function_names else ()
@@ -579,30 +603,3 @@ class _NodeContext:
             node = self.scope.add_node(op, inputs, attrs, output_types=types, name=self.node.name or None,
                                        meta=meta)
         return list(node.outputs)
-
-
-def _outer_names(n: onnx.NodeProto) -> list[str]:
-    """Names a node's subgraphs read from enclosing scopes, in first-use order."""
-    found: dict[str, None] = {}
-    for a in n.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sub in graphs:
-            for name in _free_names(sub):
-                found.setdefault(name)
-    return list(found)
-
-
-def _free_names(g: onnx.GraphProto) -> list[str]:
-    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer}
-    defined |= {t.values.name for t in g.sparse_initializer}
-    free: dict[str, None] = {}
-    for n in g.node:
-        uses = [name for name in n.input if name] + _outer_names(n)
-        for name in uses:
-            if name not in defined:
-                free.setdefault(name)
-        defined.update(o for o in n.output if o)
-    for o in g.output:
-        if o.name not in defined:
-            free.setdefault(o.name)
-    return list(free)

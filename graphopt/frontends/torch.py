@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .. import _torch_private
+from ..errors import GraphoptError, InvalidOptionError, UnsupportedModelError
 from ..ir import Graph, OpaqueType, ScalarType, TensorType, Type, Value, get_op
 from ..ir.ops.opaque import Arg
 from .aten_table import TABLE, NotCanonical
@@ -63,7 +64,7 @@ def decomposition_table() -> Any:
 
 
 # ------------------------------------------------------------------ capture
-def capture(model: torch.nn.Module, example_inputs: tuple, dynamic: dict | None = None) -> Graph:
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict | None = None) -> Graph:
     """Export ``model`` on ``example_inputs`` and import the core-ATen program.
 
     ``dynamic`` maps an input (its position, or its ``forward`` parameter name) to
@@ -73,13 +74,63 @@ def capture(model: torch.nn.Module, example_inputs: tuple, dynamic: dict | None 
     model's tensors. Buffer and input mutations are not part of the graph: capture
     is for inference.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"capture takes an nn.Module, got {type(model).__name__}; "
+                                 f"wrap a function in an nn.Module whose forward calls it")
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, Sequence):
+        raise InvalidOptionError(f"example_inputs is a sequence of the forward's arguments, got "
+                                 f"{type(example_inputs).__name__}; pass (x,) for one tensor")
     args = tuple(example_inputs)
     dynamic_shapes, names = _dynamic_shapes(model, args, dynamic or {})
-    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    try:
+        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        user_error = _capture_error(model, args, e)
+        if user_error is None:
+            raise
+        raise user_error from e
     program = program.run_decompositions(decomposition_table())
     graph = _ExportImporter(program, names, type(model).__name__).run()
     _note_device(graph, args)
     return graph
+
+
+def _capture_error(model: torch.nn.Module, args: tuple, error: Exception) -> GraphoptError | None:
+    """The user error behind a failed ``torch.export``, or None where it is not one of those (a bug to show).
+
+    Known user problems: control flow or shapes that depend on tensor values, a dynamic-shape
+    spec the model contradicts, and example inputs the model itself fails on (checked by
+    running it eagerly, its buffers restored after).
+    """
+    name = type(model).__name__
+    kind = _torch_private.export_failure_kind(error)
+    reason = _first_line(error)
+    if kind == "data-dependent":
+        return UnsupportedModelError(
+            f"torch.export cannot capture data-dependent control flow or shapes in {name} ({reason}); "
+            f"compile it with torch.compile(model, backend=\"graphopt\"), which splits the graph there, "
+            f"or rewrite the branch with torch.cond")
+    if kind == "export":
+        return UnsupportedModelError(f"torch.export cannot capture {name}: {reason}")
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as eager:
+        return InvalidOptionError(f"{name} fails on the example inputs ({type(eager).__name__}: "
+                                  f"{_first_line(eager)}); pass example_inputs its forward accepts, "
+                                  f"in the order of its parameters")
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _note_device(graph: Graph, example_inputs: Sequence[Any]) -> None:
@@ -96,8 +147,19 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, dynamic: dict) -> tuple
     params = list(inspect.signature(model.forward).parameters)
     by_position: dict[int, dict[int, str]] = {}
     for key, dims in dynamic.items():
-        position = params.index(key) if isinstance(key, str) else int(key)
-        by_position[position] = {int(d): name for d, name in dims.items()}
+        if isinstance(key, str) and key not in params:
+            raise InvalidOptionError(f"dynamic names {key!r}, which is not a parameter of "
+                                     f"{type(model).__name__}.forward ({', '.join(params)})")
+        position = params.index(key) if isinstance(key, str) else key
+        if not isinstance(position, int) or not 0 <= position < len(args):
+            raise InvalidOptionError(f"dynamic key {key!r} is not an input: use a position below {len(args)} "
+                                     f"or a parameter name of forward")
+        if not isinstance(dims, dict) or not all(isinstance(d, int) and isinstance(n, str) for d, n in dims.items()):
+            raise InvalidOptionError(f"dynamic[{key!r}] maps dims to symbol names, e.g. {{0: 'batch'}}; got {dims!r}")
+        rank = args[position].dim() if isinstance(args[position], torch.Tensor) else 0
+        if not all(0 <= d < rank for d in dims):
+            raise InvalidOptionError(f"dynamic[{key!r}] names dims {sorted(dims)}, but that input has rank {rank}")
+        by_position[position] = dict(dims)
     symbols = {name: torch.export.Dim(name) for dims in by_position.values() for name in dims.values()}
     shapes = tuple({d: symbols[name] for d, name in by_position[k].items()} if k in by_position else None
                    for k in range(len(args)))

@@ -357,6 +357,59 @@ def test_candidates_the_learned_model_predicts_far_slower_are_never_compiled(res
         assert ("pruned: learned model predicts" in explain_table(graph.meta["lowering"])) == (compiles == 0)
 
 
+@register_backend
+@dataclass
+class _SlowCompilingBackend(_AnyNodeBackend):
+    """Eager kernels said to take an hour to compile; counts how often it was asked to."""
+
+    name = "test_slow_compiling"
+    compile_seconds = 3600.0
+    compiled = 0
+
+    def compile(self, region, device):
+        type(self).compiled += 1
+        return region.graph.to_torch()
+
+
+def test_a_candidate_whose_compile_cannot_fit_in_the_budget_is_never_compiled(resnet_o2):
+    for budget, compiles in ((20.0, 0), (None, 1)):  # without a budget it is compiled, timed and recorded
+        _SlowCompilingBackend.compiled = 0
+        graph = resnet_o2.clone()
+        lower(graph, backends=("test_slow_compiling", "torch"), compile_budget_s=budget)
+        decision, = graph.meta["lowering"]
+        slow = next(c for c in decision.candidates if c.backend == "test_slow_compiling")
+        assert _SlowCompilingBackend.compiled == compiles
+        assert (slow.status == "over_budget") == (compiles == 0)
+        assert decision.cost_model == "measured" and decision.chosen == "torch" if compiles == 0 else True
+        assert ("over_budget: an expected 3600.0 s compile does not fit" in explain_table([decision])) == (
+            compiles == 0)
+
+
+def test_once_the_budget_is_spent_regions_go_unmeasured_to_a_quick_backend(monkeypatch):
+    """A real transformer and a budget spent before its first region: nothing is timed, the slow compiler
+    is never asked, and each region goes to onnxruntime or torch by prediction."""
+    import graphopt.cost_models.measured
+    from graphopt.models import get_case
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed a candidate after the compile budget was spent")
+
+    monkeypatch.setattr(graphopt.cost_models.measured, "measure_in_turns", no_timing)
+    model, (ids,) = get_case("transformers.gpt2").build()
+    graph = api.optimize(api.capture(model, (ids,)), "O2")
+    _SlowCompilingBackend.compiled = 0
+    lower(graph, backends=("onnxruntime", "test_slow_compiling", "torch"), compile_budget_s=1e-9)
+    decisions = graph.meta["lowering"]
+    assert decisions and _SlowCompilingBackend.compiled == 0
+    for d in decisions:
+        assert d.cost_model in ("learned", "analytical") and d.note.startswith("compile budget of 1e-09 s spent")
+        assert d.chosen in ("onnxruntime", "torch")
+        statuses = {c.backend: c.status for c in d.candidates}
+        assert statuses["test_slow_compiling"] == "over_budget"
+    with torch.no_grad():
+        assert_close_outputs(model(ids), graph.to_torch()(ids), rtol=1e-4)
+
+
 class _Burst:
     """Machine load that triples every kernel's time for the first 60 ms after the first call."""
 
@@ -418,6 +471,8 @@ def test_bad_lowering_options_name_the_problem():
         lower(graph, expected_calls=0)
     with pytest.raises(ValueError, match="prune_factor must be at least 1"):
         lower(graph, prune_factor=0.5)
+    with pytest.raises(ValueError, match="compile_budget_s must be positive seconds"):
+        lower(graph, compile_budget_s=0)
 
 
 def test_builtin_backends_are_registered():

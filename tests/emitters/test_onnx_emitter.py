@@ -149,12 +149,62 @@ _BOOL_MASK[..., 0] = True  # no row masked in full
 @pytest.mark.parametrize("opset", [18, 23])
 def test_sdpa_is_one_attention_node_from_opset_23(q, kv, attrs, mask, mask_input, opset) -> None:
     g = _sdpa_graph(q, kv, attrs, mask, mask_input)
-    if opset < 23 and attrs.get("enable_gqa"):
-        with pytest.raises(EmitError, match="grouped-query"):
-            emit_onnx(g, opset=opset)
-        return
     ops = _op_types(_check(g, opset, rtol=1e-5, atol=1e-6))
     assert ("Attention" in ops, "Softmax" in ops) == ((True, False) if opset >= 23 else (False, True))
+    assert ("Expand" in ops) == (opset < 23 and bool(attrs.get("enable_gqa")))  # grouped heads repeated
+
+
+def test_sdpa_decomposition_repeats_each_grouped_head_for_its_queries() -> None:
+    """Query head j reads key/value head j // 3 (sdpa's enable_gqa), not j % 2; symbolic batch and sequence."""
+    g = Graph("gqa")
+    q = g.add_input("q", TensorType(torch.float32, ("b", 6, "s", 8)))
+    k, v = (g.add_input(name, TensorType(torch.float32, ("b", 2, "s", 8))) for name in "kv")
+    g.outputs = [g.add_node("sdpa", [q, k, v, None], {"enable_gqa": True},
+                            output_types=[TensorType(torch.float32, ("b", 6, "s", 8))]).output]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=gen) for shape in ((2, 6, 5, 8), (2, 2, 5, 8), (2, 2, 5, 8))]
+    (got,) = _ort(emit_onnx(g, opset=18), inputs)
+    want = torch.nn.functional.scaled_dot_product_attention(*inputs, enable_gqa=True)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int16, torch.bfloat16, torch.float32])
+def test_where_runs_in_onnxruntime_for_types_its_where_kernel_lacks(dtype) -> None:
+    g = Graph("where")
+    cond = g.add_input("cond", TensorType(torch.bool, (3, 4)))
+    a, b = (g.add_input(name, TensorType(dtype, (3, 4))) for name in "ab")
+    g.outputs = [g.add_node("where", [cond, a, b]).output]
+    inputs = [torch.rand(3, 4) > 0.5, torch.rand(3, 4) > 0.3, torch.rand(3, 4) > 0.6]
+    inputs[1:] = [x if dtype == torch.bool else (x * 7).to(dtype) for x in inputs[1:]]
+    model = emit_onnx(g, opset=18)
+    if dtype == torch.bfloat16:
+        inputs = inputs[:1] + [x.float() for x in inputs[1:]]  # numpy has no bfloat16: fed through a Cast
+        model = emit_onnx(_bfloat16_behind_casts(g), opset=18)
+    (got,) = _ort(model, inputs)
+    want = torch.where(*inputs)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert sum(n.op_type == "Where" for n in model.graph.node) == 1
+
+
+def _bfloat16_behind_casts(g: Graph) -> Graph:
+    """``g`` with float32 inputs cast to bfloat16 and its output cast back."""
+    outer = Graph("where_bf16")
+    cond = outer.add_input("cond", TensorType(torch.bool, (3, 4)))
+    a, b = (outer.add_node("cast", [outer.add_input(n, TensorType(torch.float32, (3, 4)))], {"dtype": torch.bfloat16}
+                           ).output for n in "ab")
+    where = outer.add_node("where", [cond, a, b]).output
+    outer.outputs = [outer.add_node("cast", [where], {"dtype": torch.float32}).output]
+    return outer
+
+
+def test_concat_skips_a_one_dimensional_empty_input_as_torch_cat_does() -> None:
+    """An empty KV cache is a 1-D empty tensor concatenated with 4-D keys."""
+    g = Graph("cache")
+    empty = g.add_constant(torch.empty(0), "cache")
+    keys = g.add_input("keys", TensorType(torch.float32, (1, 2, 5, 8)))
+    g.outputs = [g.add_node("concat", [empty, keys], {"dim": -2}).output]
+    model = _check(g, 18)
+    assert "Concat" not in _op_types(model)
 
 
 @pytest.mark.parametrize("q,kv,mask_input", [

@@ -11,6 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import graphopt
+from graphopt.errors import UnsupportedModelError
 from graphopt.ir import TensorType, get_op
 
 
@@ -194,13 +195,194 @@ def test_random_ops_are_kept_and_impure() -> None:
     assert _ort(graph.to_onnx(), {})[0].shape == (2, 3)
 
 
-def test_old_opset_is_refused_with_advice() -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
-                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
-                              opset_imports=[helper.make_opsetid("", 11)])
-    with pytest.raises(ValueError, match="version_converter"):
-        graphopt.load_onnx(model)
+def _relu_model(opset: int, extra_nodes: tuple = (), extra_opsets: tuple = ()) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Softmax", ["x"], ["s"]), *extra_nodes, helper.make_node("Relu", ["s"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+
+
+def test_old_opset_is_converted_to_13_and_the_conversion_is_recorded_and_logged(caplog) -> None:
+    """Softmax changed meaning at 13 (axis 1 coerced to 2-D before, last axis after): the converter keeps it right."""
+    model = _relu_model(11)
+    with caplog.at_level("INFO", logger="graphopt.frontends.onnx_checks"):
+        graph = graphopt.load_onnx(model)
+    assert graph.meta["onnx"]["converted_from_opset"] == 11
+    assert graph.meta["onnx"]["opset_imports"][""] == 13
+    assert any("from ONNX opset 11 to 13" in r.getMessage() for r in caplog.records)
+    emitted = graphopt.optimize(graph, "O2").to_onnx()
+    assert {o.domain: o.version for o in emitted.opset_import}[""] == 13
+    data = np.random.rand(2, 3).astype(np.float32)
+    np.testing.assert_allclose(_ort(emitted, {"x": data})[0], _ort(model, {"x": data})[0], rtol=1e-6)
+
+
+def test_models_at_13_and_up_are_not_converted() -> None:
+    graph = graphopt.load_onnx(_relu_model(17))
+    assert "converted_from_opset" not in graph.meta["onnx"] and graph.meta["onnx"]["opset_imports"][""] == 17
+
+
+def test_custom_domain_ops_keep_their_domain_through_conversion() -> None:
+    custom = helper.make_node("Frobnicate", ["s"], ["f"], domain="com.example")
+    model = _relu_model(9, (custom,), (helper.make_opsetid("com.example", 2),))
+    model.graph.node[-1].input[0] = "f"
+    graph = graphopt.load_onnx(model)
+    frob, = [n for n in graph.nodes if n.op == "onnx.opaque" and n.attrs["op_type"] == "Frobnicate"]
+    assert frob.attrs["domain"] == "com.example" and graph.meta["onnx"]["converted_from_opset"] == 9
+    imports = {o.domain: o.version for o in graph.to_onnx().opset_import}
+    assert imports == {"": 13, "com.example": 2}
+
+
+def test_a_conversion_the_converter_gets_wrong_is_refused_naming_the_op() -> None:
+    """Scan-8 has a batch axis Scan-9 lacks; onnx's converter drops it from the declared inputs."""
+    from graphopt.onnx_conformance import collect_cases
+
+    case = next(c for c in collect_cases() if c.name == "test_scan_sum")
+    assert case.model.opset_import[0].version == 8
+    with pytest.raises(UnsupportedModelError, match=r"opset 8 to 13.*Scan") as info:
+        graphopt.load_onnx(case.model)
+    assert "\n" not in str(info.value)
+
+
+def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _invalid_model(defect: str) -> onnx.ModelProto:
+    """A small model with one defect, as a broken exporter or a hand edit leaves it."""
+    x, y, inits = _vi("x", [2, 3]), _vi("y", [2, 3]), []
+    outputs = [y]
+    if defect == "cycle":
+        nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second"),
+                 helper.make_node("Neg", ["b"], ["y"], name="last")]
+    elif defect == "undefined input":
+        nodes = [helper.make_node("Add", ["x", "ghost"], ["y"], name="add")]
+    elif defect == "output nobody produces":
+        nodes, outputs = [helper.make_node("Relu", ["x"], ["y"], name="relu")], [y, _vi("z", [2, 3])]
+    elif defect == "initializer byte count":
+        inits = [TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], raw_data=b"\0" * 20)]
+        nodes = [helper.make_node("Add", ["x", "w"], ["y"], name="add")]
+    elif defect == "two writers":
+        nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Neg", ["x"], ["y"], name="neg")]
+    elif defect == "attribute type":
+        nodes = [helper.make_node("Softmax", ["x"], ["y"], name="softmax", axis="last")]
+    elif defect == "negative dim":
+        x = _vi("x", [-2, 3])
+        nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    elif defect == "unknown op":
+        nodes = [helper.make_node("Frobnicate", ["x"], ["y"], name="frob")]
+    elif defect == "input of the wrong type":
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, [2, 3])
+        nodes = [helper.make_node("Add", ["x", "w"], ["y"], name="add")]
+        inits = [onnx.numpy_helper.from_array(np.ones((2, 3), np.float32), "w")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+# each defect, and what the one-line message must name: the defect and where it is
+_DEFECTS = {
+    "cycle": r"cycle: node 'first' \(Add\) -> node 'second' \(Relu\) -> node 'first'",
+    "undefined input": r"node 'add' \(Add\) reads 'ghost', which no node, graph input or initializer produces",
+    "output nobody produces": r"graph output 'z' is produced by no node",
+    "initializer byte count": r"tensor name: w\) raw_data size \(20 bytes\) is too small .*24 bytes",
+    "two writers": r"value 'y' is written by two nodes, node 'relu' \(Relu\) and node 'neg' \(Neg\)",
+    "attribute type": r"attribute type in 'softmax : axis'.*Expected: 'INT', actual: 'STRING'",
+    "negative dim": r"graph input 'x' has dim -2 at axis 0",
+    "unknown op": r"No Op registered for Frobnicate .*\(node 'frob', Frobnicate\)",
+    "input of the wrong type": r"shape inference fails: \(op_type:Add, node name: add\): .*INT64 vs FLOAT",
+}
+
+
+@pytest.mark.parametrize("defect", list(_DEFECTS))
+def test_an_invalid_model_is_refused_with_one_line_naming_the_defect(defect: str, tmp_path) -> None:
+    model = _invalid_model(defect)
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    for given in (model, path):  # in memory and from a file, where onnx's checker reads the file
+        with pytest.raises(UnsupportedModelError, match=_DEFECTS[defect]) as info:
+            graphopt.load_onnx(given)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["optimize", "inspect"])
+def test_the_cli_reports_an_invalid_model_as_one_error_line_and_writes_nothing(command: str, tmp_path, capsys) -> None:
+    from graphopt.cli import main
+
+    src, out = tmp_path / "bad.onnx", tmp_path / "out.onnx"
+    src.write_bytes(_invalid_model("two writers").SerializeToString())
+    argv = [command, str(src)] + (["-o", str(out)] if command == "optimize" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [line for line in lines if line.startswith("graphopt: error:")] and len(lines) == 1, err
+    assert "'y' is written by two nodes" in lines[0] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_outputs_without_a_shape_load_and_their_nodes_are_still_checked() -> None:
+    """onnx's checker wants a shape on every graph output, onnxruntime does not: the nodes are checked alone."""
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    for node, problem in ((helper.make_node("Relu", ["x"], ["y"], name="relu"), None),
+                          (helper.make_node("Softmax", ["x"], ["y"], name="sm", axis="last"), "attribute type")):
+        model = helper.make_model(helper.make_graph([node], "g", [_vi("x", [2, 3])], [y]),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        with pytest.raises(onnx.checker.ValidationError, match="'shape' of 'type' is required"):
+            onnx.checker.check_model(model)
+        if problem is None:
+            assert [n.op for n in graphopt.load_onnx(model).nodes] == ["relu"]
+        else:
+            with pytest.raises(UnsupportedModelError, match=f"{problem}.*node 'sm' \\(Softmax\\)"):
+                graphopt.load_onnx(model)
+
+
+def test_a_graph_in_the_wrong_order_is_sorted_not_refused() -> None:
+    """onnxruntime sorts an unsorted acyclic graph itself; so does graphopt, without touching the caller's model."""
+    nodes = [helper.make_node("Neg", ["a"], ["y"], name="late"), helper.make_node("Relu", ["x"], ["a"], name="early")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [_vi("x", [2, 3])], [_vi("y", [2, 3])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    graph = graphopt.load_onnx(model)
+    assert [n.op for n in graph.nodes] == ["relu", "neg"]
+    assert [n.name for n in model.graph.node] == ["late", "early"]
+    data = np.random.rand(2, 3).astype(np.float32)
+    np.testing.assert_allclose(_ort(graph.to_onnx(), {"x": data})[0], -np.maximum(data, 0))
+
+
+def test_initializers_listed_as_inputs_before_ir_version_4_stay_constants() -> None:
+    """IR version 3 required every initializer among the inputs; onnxruntime does not let feeds override them."""
+    x, y = _vi("x", [2]), _vi("y", [2])
+    bias = onnx.numpy_helper.from_array(np.array([1.0, 2.0], dtype=np.float32), "bias")
+    model = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "bias"], ["y"])], "g",
+                                                [x, _vi("bias", [2])], [y], [bias]),
+                              opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    graph = graphopt.load_onnx(model)
+    assert [v.name for v in graph.inputs] == ["x"] and "bias" in graph.constants
+    emitted = graph.to_onnx()
+    assert [i.name for i in emitted.graph.input] == ["x"]
+    ones = np.ones(2, dtype=np.float32)
+    np.testing.assert_allclose(_ort(emitted, {"x": ones})[0], _ort(model, {"x": ones})[0])
+
+
+def test_a_model_past_protobufs_limit_skips_onnxs_checker_but_not_graphopts(monkeypatch) -> None:
+    """onnx's checker cannot take an in-memory model over 2 GB; graphopt's own structural checks still run."""
+    from graphopt.frontends import onnx_checks
+
+    monkeypatch.setattr(onnx_checks, "_PROTO_LIMIT", 64)
+    wrong_attribute = _invalid_model("attribute type")
+    assert wrong_attribute.ByteSize() > 64
+    graph = graphopt.load_onnx(wrong_attribute)  # only onnx's checker would have caught this one
+    assert [n.attrs["op_type"] for n in graph.nodes] == ["Softmax"]
+    with pytest.raises(UnsupportedModelError, match="written by two nodes"):
+        graphopt.load_onnx(_invalid_model("two writers"))
+
+
+def test_a_function_op_onnx_cannot_infer_still_loads() -> None:
+    """onnx's shape inference fails inside MeanVarianceNormalization's function body; the model is valid."""
+    from graphopt.onnx_conformance import collect_cases, graphopt_failure
+
+    case = next(c for c in collect_cases() if c.name == "test_mvn")
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.shape_inference.infer_shapes(case.model, strict_mode=True)
+    assert graphopt_failure(case) is None
 
 
 def test_bad_file_gives_a_one_line_error(tmp_path) -> None:

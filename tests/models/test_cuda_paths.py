@@ -15,7 +15,8 @@ from graphopt.testing import flatten_outputs, max_rel_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-MODELS = ("torchvision.resnet18", "timm.vit_tiny_patch16_224", "transformers.bert", "transformers.llama")
+MODELS = ("torchvision.resnet18", "timm.vit_tiny_patch16_224", "transformers.bert", "transformers.llama",
+          "transformers.mistral", "transformers.qwen2")  # grouped-query heads: on CUDA transformers calls sdpa with enable_gqa
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}  # TF32 convs/matmuls on fp32
 
 

@@ -17,7 +17,10 @@ import torch
 from graphopt.models import MODEL_CASES
 from graphopt.testing import PATHS, SUITE_RTOL, capture_and_optimize, run_path
 
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("diffusers.wan", "ir"): "aten.empty_permuted (the rotary embedding's output buffer) has no canonical op: "
+                             "it stays torch.opaque (every path still matches eager)",
+}
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v`` (torch's SDPA)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=enable_gqa)
+
+
+def grouped_heads(q_shape: Sequence, k_shape: Sequence) -> bool:
+    """Whether ``k`` holds fewer heads (dim -3) than ``q``: grouped-query attention, which the ``sdpa`` op
+    computes only under ``enable_gqa`` (torch's fused kernels, e.g. ATen's CPU flash attention, take
+    such inputs without the flag)."""
+    heads_q, heads_k = (s[-3] if len(s) >= 3 else None for s in (q_shape, k_shape))
+    return isinstance(heads_q, int) and isinstance(heads_k, int) and heads_k < heads_q
 
 
 def _matmul_flops(node) -> int:

@@ -88,7 +88,14 @@ def embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def concat(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Join along ``dim``; as in ``torch.cat``, inputs :func:`skipped_by_concat` are left out."""
     return torch.cat(xs, dim)
+
+
+def skipped_by_concat(shape, out_rank: int | None) -> bool:
+    """torch.cat's legacy rule: a 1-D empty input (an empty KV cache's placeholder) joins tensors of any rank
+    by being skipped; ONNX's Concat wants every input of the output's rank."""
+    return shape is not None and tuple(shape) == (0,) and out_rank != 1
 
 
 def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
