@@ -172,7 +172,7 @@ def format_rows(rows: Sequence[DemoRow]) -> str:
 
     header = ("model", "nodes", "passes fired", "regions (default)", "diff O2", "diff default")
     cells = [(r.model, f"{r.nodes_before}->{r.nodes_after}", ",".join(r.passes_fired) or "-",
-              ",".join(f"{b}x{n}" for b, n in r.regions.items()) or "-", f"{r.diff_graphopt:.1e}",
+              ",".join(f"{b}:{n}" for b, n in r.regions.items()) or "-", f"{r.diff_graphopt:.1e}",
               f"{r.diff_compile:.1e}") for r in rows]
     timing_header = ("model", "eager ms", "graphopt O2 ms", "graphopt default ms", "inductor ms", "onnxruntime ms",
                      "graphopt compile s", "inductor compile s")

@@ -45,7 +45,7 @@ def test_tables_have_one_line_per_model_and_dashes_for_ways_not_run():
     ir, timings, note = format_rows(rows).split("\n\n")
     lines = ir.splitlines()
     assert len(lines) == 4
-    assert lines[2].split()[:4] == ["a", "10->8", "dce", "onnxruntimex2"]
+    assert lines[2].split()[:4] == ["a", "10->8", "dce", "onnxruntime:2"]
     assert lines[3].split()[:4] == ["b", "5->5", "-", "-"]
     a, b = (line.split() for line in timings.splitlines()[2:])
     assert a[1:] == ["1.00", "0.90", "0.80", "0.70", "0.50", "3.5", "20.0"]
