@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+    from .ir import Graph
+
 EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 3
 
@@ -389,7 +391,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
-def note_conversion(graph, src: Path):
+def note_conversion(graph: Graph, src: Path) -> Graph:
     """Say on stderr when load_onnx converted an old opset, and pass the graph on."""
     opset = graph.meta.get("onnx", {}).get("converted_from_opset")
     if opset is not None:
