@@ -100,6 +100,7 @@ class LowerRegions(Pass):
 
     name = "lower_regions"
     kind = PassKind.EXACT
+    requires = ("fusion_groups",)  # regions keep fusion groups whole
 
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     cost_model: str = "measured"

@@ -22,6 +22,7 @@ from graphopt.emitters.onnx import DEFAULT_OPSET
 from graphopt.emitters.onnx_table import EMITTERS
 from graphopt.frontends.onnx import numpy_to_torch, torch_to_numpy
 from graphopt.ir import Node, TensorType
+from graphopt.passes.targets import optimize_for_target
 
 from . import _onnxruntime
 from .base import Backend, Kernel, random_inputs, register_backend, static_tensors_only
@@ -79,7 +80,8 @@ class OnnxRuntimeBackend(Backend):
 
     def compile(self, region: Region, device: torch.device) -> Kernel:
         target = "onnxruntime-cpu" if device.type == "cpu" else "onnxruntime"
-        model = region.graph.to_onnx(opset=DEFAULT_OPSET, target=target).SerializeToString()
+        model = optimize_for_target(region.graph, target, DEFAULT_OPSET).to_onnx(opset=DEFAULT_OPSET, target=target)
+        model = model.SerializeToString()
         threads = self.threads or torch.get_num_threads()
         if device.type == "cuda":
             return _BoundSession(_session(model, device, threads), region, device)
@@ -91,17 +93,11 @@ class OnnxRuntimeBackend(Backend):
 
 
 def _session(model: bytes, device: torch.device, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
     # Workers spin inside a run (parking them between its many small ops costs up to a third of the
     # latency) but stop as soon as it returns, leaving the cores to torch's threads between region calls.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    spin = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
     providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(model, options, providers=providers)
+    return _onnxruntime.inference_session(model, "all", threads, providers, config=spin)
 
 
 def _faster(kernel: Kernel, threads: int, make_other: Callable[[], Kernel],

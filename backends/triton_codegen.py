@@ -69,6 +69,7 @@ MAX_ROW = 16384
 
 ANCHORS = frozenset({"matmul", "linear", "gemm"})
 ROW_OPS = frozenset({"softmax", "log_softmax", "layer_norm", "rms_norm", "sum", "mean", "amax", "amin", "var"})
+"""The row ops (``OpDef.row_op``) the row kernel has code for."""
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1"}
 _ROUNDED = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
@@ -86,15 +87,38 @@ def generate(graph: Graph, matmul_tiles: Sequence[Mapping[str, int]]) -> KernelS
         if not (v.is_constant and v.data.numel() == 1):  # type: ignore[union-attr]  (those become literals)
             _check_tensor(v)
     ops = {n.op for n in graph.nodes}
-    if unknown := ops - POINTWISE.keys() - ROW_OPS - ANCHORS - {"batch_norm"}:
+    if unknown := ops - lowered_ops():
         raise Unsupported(f"no Triton lowering for {', '.join(sorted(unknown))}")
     if ops & ANCHORS:
         writer: _Writer = _EpilogueWriter(graph, matmul_tiles)
-    elif ops & ROW_OPS:
+    elif any(n.opdef.row_op for n in graph.nodes):
         writer = _RowWriter(graph)
     else:
         writer = _ElementwiseWriter(graph)
     return writer.write()
+
+
+def lowered_ops() -> frozenset[str]:
+    """The ops a kernel can hold: pointwise ones, row reductions and norms, matmul anchors, inference batch norm."""
+    return frozenset(POINTWISE) | ROW_OPS | ANCHORS | {"batch_norm"}
+
+
+NOT_LOWERED: dict[str, str] = {
+    **dict.fromkeys(["conv", "avg_pool", "max_pool", "adaptive_avg_pool", "interpolate", "sdpa", "einsum",
+                     "group_norm"], "left to torch's own kernel (cuDNN, flash attention)"),
+    **dict.fromkeys(["reshape", "permute", "expand", "broadcast_to", "flatten", "squeeze", "unsqueeze", "slice",
+                     "select", "split", "concat", "stack", "pad", "repeat", "flip", "roll", "contiguous", "tril",
+                     "triu", "gather", "index", "index_select", "take", "embedding"],
+                    "moves entries: no indexing lowering, so torch runs it between kernels"),
+    **dict.fromkeys(["arange", "full", "full_like", "shape"], "makes a tensor from sizes: nothing to fuse"),
+    **dict.fromkeys(["all", "any", "argmax", "argmin", "cumsum", "prod", "topk"],
+                    "a reduction or scan the row kernel does not write"),
+    **dict.fromkeys(["acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cosh", "sinh", "tan", "celu",
+                     "mish", "selu", "sign", "round", "fmod", "remainder", "isinf", "logical_xor", "bitwise_and",
+                     "bitwise_or", "bitwise_xor", "bitwise_not"],
+                    "pointwise, but no Triton expression written for it yet: its group runs in torch"),
+}
+"""Canonical ops no kernel holds, and why (the registry coverage test reads this)."""
 
 
 def _check_tensor(v: Value) -> None:
@@ -428,7 +452,7 @@ class _Writer:
             raise Unsupported("batch norm whose channel axis does not run along the domain")
         channel = (xa[1],)
         me, ve = self.operand(mean, channel)[0], self.operand(var, channel)[0]
-        expr = f"({xe} - {me}) * tl.rsqrt({ve} + {float(node.attrs.get('eps', 1e-5))!r})"
+        expr = f"({xe} - {me}) * tl.rsqrt({ve} + {float(node.attrs['eps'])!r})"
         if weight is not None:
             expr = f"{expr} * {self.operand(weight, channel)[0]}"
         if bias is not None:
@@ -501,7 +525,7 @@ class _RowWriter(_RowsByColumns):
     row_index, column_index = "row", "cols"
 
     def __init__(self, graph: Graph):
-        first = next(n for n in graph.nodes if n.op in ROW_OPS)
+        first = next(n for n in graph.nodes if n.opdef.row_op)
         domain = _shape(first.inputs[0])
         if not domain or domain[-1] > MAX_ROW:
             raise Unsupported(f"rows of shape {list(domain)}: the kernel holds 1 to {MAX_ROW} columns")
@@ -522,7 +546,7 @@ class _RowWriter(_RowsByColumns):
                                            {"num_warps": max(1, min(16, block // 256))}),)
 
     def lower(self, node: Node) -> None:
-        if node.op not in ROW_OPS:
+        if not node.opdef.row_op:
             return super().lower(node)
         x, axes = self.operand(node.inputs[0])
         if axes[-1:] != (len(self.domain) - 1,):
@@ -535,23 +559,23 @@ class _RowWriter(_RowsByColumns):
         if node.op == "var":
             mean = self.let(f"{self.total(x)} / {d!r}")
             centred = self.let(f"tl.where(cmask, {x} - {mean}, 0.0)")
-            expr = f"tl.sum({centred} * {centred}, axis=0) / {d - node.attrs.get('correction', 1.0)!r}"
+            expr = f"tl.sum({centred} * {centred}, axis=0) / {d - node.attrs['correction']!r}"
         elif node.op in ("amax", "amin"):
             fill, fn = ('-float("inf")', "tl.max") if node.op == "amax" else ('float("inf")', "tl.min")
             expr = f"{fn}(tl.where(cmask, {x}, {fill}), axis=0)"
         else:
             expr = self.total(x) + (f" / {d!r}" if node.op == "mean" else "")
-        self.define(node.output, expr, axes[:-1] + ((None,) if node.attrs.get("keepdim", False) else ()))
+        self.define(node.output, expr, axes[:-1] + ((None,) if node.attrs["keepdim"] else ()))
 
     @staticmethod
     def check_last_axis(node: Node) -> None:
         last = len(_shape(node.inputs[0])) - 1
         if node.op in ("softmax", "log_softmax"):
-            ok = node.attrs.get("dim", -1) % (last + 1) == last
+            ok = node.attrs["dim"] % (last + 1) == last
         elif node.op in ("layer_norm", "rms_norm"):
-            ok = len(node.attrs.get("normalized_shape", ())) == 1
+            ok = len(node.attrs["normalized_shape"]) == 1
         else:
-            dims = node.attrs.get("dims")
+            dims = node.attrs["dims"]
             ok = sorted(d % (last + 1) for d in (range(last + 1) if dims is None else dims)) == [last]
         if not ok:
             raise Unsupported(f"{node.op} over other axes than the last ({node.attrs})")
@@ -571,12 +595,12 @@ class _RowWriter(_RowsByColumns):
     def layer_norm(self, node: Node, x: str, d: float) -> str:
         mean = self.let(f"{self.total(x)} / {d!r}")
         centred = self.let(f"tl.where(cmask, {x} - {mean}, 0.0)")
-        eps = float(node.attrs.get("eps", 1e-5))
+        eps = float(node.attrs["eps"])
         expr = f"{centred} * tl.rsqrt(tl.sum({centred} * {centred}, axis=0) / {d!r} + {eps!r})"
         return self.affine(node, expr, node.inputs[1:3])
 
     def rms_norm(self, node: Node, x: str, d: float) -> str:
-        eps = node.attrs.get("eps")
+        eps = node.attrs["eps"]
         eps = float(torch.finfo(node.inputs[0].type.dtype).eps if eps is None else eps)  # type: ignore[union-attr]
         expr = f"{x} * tl.rsqrt(tl.sum(tl.where(cmask, {x} * {x}, 0.0), axis=0) / {d!r} + {eps!r})"
         return self.affine(node, expr, node.inputs[1:2])
@@ -624,7 +648,7 @@ class _EpilogueWriter(_RowsByColumns):
             if len(sb) != 2:
                 raise Unsupported("linear with a weight that is not 2-D")
             return a, b, sa[-1], (sa[-1], 1), (1, sb[1])
-        trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs.get("trans_b", False)
+        trans_a, trans_b = node.attrs["trans_a"], node.attrs["trans_b"]
         k = sa[0] if trans_a else sa[1]
         return a, b, k, (1, sa[1]) if trans_a else (sa[1], 1), (1, sb[1]) if trans_b else (sb[1], 1)
 
@@ -657,7 +681,7 @@ class _EpilogueWriter(_RowsByColumns):
         expr = "acc"
         full = tuple(range(len(self.domain)))
         if node.op == "gemm":
-            alpha, beta, c = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0), node.inputs[2:3]
+            alpha, beta, c = node.attrs["alpha"], node.attrs["beta"], node.inputs[2:3]
             expr = expr if alpha == 1.0 else f"{expr} * {float(alpha)!r}"
             if c and c[0] is not None:
                 ce = self.operand(c[0])[0]

@@ -25,10 +25,11 @@ from . import _tvm
 from .base import Backend, Kernel, cache_dir, random_inputs, register_backend, static_tensors_only
 from .region import Region
 
-_UNSUPPORTED = frozenset({
-    "amax", "amin", "prod",  # TVM 0.27's torch importer has no converter for these ATen ops
-    "selu",  # imported wrongly: results 5e-2 off
-})
+UNSUPPORTED: dict[str, str] = {
+    **dict.fromkeys(["amax", "amin", "prod"], "TVM 0.27's torch importer has no converter for these ATen ops"),
+    "selu": "TVM's torch importer imports it wrongly: results 5e-2 off",
+}
+"""Canonical ops TVM does not compile, and why; it compiles every other op but opaque ones."""
 
 
 @register_backend
@@ -63,10 +64,10 @@ class TVMBackend(Backend):
     def supports(self, node: Node) -> bool:
         """Static shapes and an op TVM's torch importer handles correctly; opaque calls (arbitrary
         torch, ONNX or compiled code) never. Found by compiling about 120 single-op cases and seven models."""
-        if node.opdef.category == "opaque" or node.op in _UNSUPPORTED or not static_tensors_only(node):
+        if node.opdef.category == "opaque" or node.op in UNSUPPORTED or not static_tensors_only(node):
             return False
         # TVM imports select as take, which reads a negative index out of bounds instead of wrapping
-        return not (node.op == "select" and node.attrs.get("index", 0) < 0)
+        return not (node.op == "select" and node.attrs["index"] < 0)
 
     def compile(self, region: Region, device: torch.device) -> Kernel:
         if reason := self.unavailable(device):

@@ -40,6 +40,7 @@ import onnx
 import onnxruntime as ort
 
 import graphopt
+from graphopt.passes.targets import optimize_for_target
 from onnx_compare import (THREADS, WARMUP, copy_model, max_abs_diff, package_version, run_onnxslim, run_ort_offline,
                           session_options)
 from report import failure_cell, geomean, machine, round_robin
@@ -72,7 +73,8 @@ def graphopt_variants(model: onnx.ModelProto) -> tuple[dict[str, onnx.ModelProto
     standard = graph.to_onnx()
     seconds = time.perf_counter() - start
     fold_all = graphopt.optimize(graphopt.load_onnx(model), "O2", options=UNLIMITED).to_onnx()
-    return ({"graphopt": standard, "graphopt-ort-cpu": graph.to_onnx(target="onnxruntime-cpu"),
+    cpu_graph = optimize_for_target(graph, "onnxruntime-cpu")
+    return ({"graphopt": standard, "graphopt-ort-cpu": cpu_graph.to_onnx(target="onnxruntime-cpu"),
              "graphopt-fold-all": fold_all}, seconds, graph.meta["onnx"].get("converted_from_opset"))
 
 

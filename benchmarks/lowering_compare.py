@@ -79,6 +79,7 @@ import torch
 
 import graphopt
 from graphopt import frozen_model_guards, frozen_module_guards
+from graphopt.backends._onnxruntime import inference_session
 from graphopt.backends.base import cache_dir
 from graphopt.models import MODEL_CASES
 from graphopt.testing import flatten_outputs, max_rel_error
@@ -151,13 +152,9 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[..., A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, buffer, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # As graphopt's onnxruntime regions: workers stop spinning when a run returns. Spinning on, they
     # held the cores long after it and slowed whichever way ran next by up to 2x.
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(buffer.getvalue(), "all", THREADS, config={"session.force_spinning_stop": "1"})
     tensor_positions = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
     input_positions = [(i.name, k) for i, k in zip(session.get_inputs(), tensor_positions)]
     # Run options made once, as graphopt's regions make them: a run passed none builds defaults (about

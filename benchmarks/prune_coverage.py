@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.backends._onnxruntime import inference_session
 from graphopt.emitters.onnx import save_onnx
 from graphopt.models import get_case
 from report import failure_cell, machine
@@ -274,9 +275,7 @@ def export_onnx(model: nn.Module, inputs: tuple, to: Path | io.BytesIO) -> None:
 
 
 def run_onnx(path: Path, inputs: tuple) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = inference_session(path, threads=THREADS)
     names = [i.name for i in session.get_inputs()]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     return session.run(None, feeds)[0]

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.backends._onnxruntime import inference_session
 from graphopt.ir.registry import node_flops
 from graphopt.models import KwargsWrapper
 from prune_coverage import count_params, onnx_bytes, torch_pruning_prune
@@ -87,12 +88,8 @@ def eager_runner(model: nn.Module, inputs: tuple) -> Run:
 
 
 def ort_runner(model: nn.Module, inputs: tuple) -> Run:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(onnx_bytes(model, inputs), options, providers=["CPUExecutionProvider"])
+    session = inference_session(onnx_bytes(model, inputs), "all", THREADS, inter_op_threads=1,
+                                config={"session.intra_op.allow_spinning": "0"})
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     return lambda: session.run(None, feeds)
 

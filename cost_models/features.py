@@ -15,10 +15,6 @@ from graphopt.backends.region import Region
 from graphopt.ir import Graph, Node, TensorType, Value
 from graphopt.ir.registry import node_flops
 
-VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "expand", "broadcast_to", "permute",
-                      "slice", "select", "split", "shape", "identity"})
-"""Ops that change only how memory is indexed: torch returns a view, code generators fold them into indexing."""
-
 LIBRARY_CATEGORIES = frozenset({"matmul", "conv", "attention"})
 """Ops a backend hands to a tuned library (BLAS, oneDNN, cuDNN, flash attention): compute-bound at good sizes."""
 
@@ -44,7 +40,7 @@ def launches(graph: Graph, fused: bool) -> list[Launch]:
     """The kernels ``graph`` runs as: one per compute node, or (``fused``) one per fusion group and ungrouped node."""
     units: dict[object, list[Node]] = {}
     for n in graph.nodes:
-        if n.op in VIEW_OPS:
+        if n.opdef.view:
             continue
         group = n.meta.get("fusion_group") if fused else None
         units.setdefault(("node", id(n)) if group is None else ("group", group), []).append(n)
@@ -82,7 +78,7 @@ def region_features(region: Region) -> dict[str, float]:
     activations = [*graph.inputs, *(v for n in nodes for v in n.outputs)]
     return {
         "nodes": len(nodes),
-        "view_nodes": sum(n.op in VIEW_OPS for n in nodes),
+        "view_nodes": sum(n.opdef.view for n in nodes),
         "eager_kernels": len(eager),
         "fused_kernels": len(fused),
         "fusion_groups": len({n.meta["fusion_group"] for n in nodes if "fusion_group" in n.meta}),
@@ -114,9 +110,9 @@ def _contraction_shapes(nodes: list[Node]) -> dict[str, float]:
     rows = [math.prod(out[:-1]) for n in nodes
             if n.op in ("linear", "matmul", "gemm") and (out := _static_shape(n.output)) is not None]
     return {
-        "conv_depthwise": sum(w[1] == 1 and n.attrs.get("groups", 1) > 1 for n, w in convs),
+        "conv_depthwise": sum(w[1] == 1 and n.attrs["groups"] > 1 for n, w in convs),
         "conv_pointwise": sum(math.prod(w[2:]) == 1 for _, w in convs),
-        "conv_strided": sum(any(s > 1 for s in n.attrs.get("stride", (1,))) for n, _ in convs),
+        "conv_strided": sum(any(s > 1 for s in n.attrs["stride"]) for n, _ in convs),
         "log_conv_kernel_area": math.log1p(max((math.prod(w[2:]) for _, w in convs), default=0)),
         "log_matmul_rows": math.log1p(min(rows, default=0)),
     }

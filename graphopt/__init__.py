@@ -1,4 +1,5 @@
 """graphopt: graph-optimization passes for deep-learning models on one IR for torch.fx and ONNX."""
+from . import emitters  # noqa: F401  (registers Graph.to_torch and Graph.to_onnx)
 from .api import capture, check_options, explain, load_onnx, optimize, prune
 from .guards import frozen_model_guards, frozen_module_guards
 from .ir import Graph, Node, TensorType, Value

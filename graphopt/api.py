@@ -1,6 +1,7 @@
 """The Python API: capture a model, load an ONNX file, optimize or prune a graph."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -8,7 +9,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .ir import Graph
-from .pass_manager import Pass, PassManager, pipeline
+from .pass_manager import Instrument, Pass, PassManager, pipeline
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict | None = None) -> Graph:
@@ -30,17 +31,21 @@ def load_onnx(model: Any) -> Graph:
 
 
 def optimize(graph: Graph, level: str = "O1", passes: Sequence[str | Pass] | None = None,
-             options: dict[str, dict[str, Any]] | None = None, verify: bool | None = None) -> Graph:
+             options: dict[str, dict[str, Any]] | None = None, verify: bool | None = None,
+             instruments: Sequence[Instrument] = (), dump_dir: str | os.PathLike | None = None) -> Graph:
     """Run the pipeline ``level`` followed by ``passes`` (names or instances) on ``graph`` in place.
 
-    ``options`` maps pass names to option values. The run's report is left in
+    ``options`` maps pass names to option values. ``instruments`` watch every pass
+    (``graphopt.pass_manager.DumpAfter(["fuse_linear"])``, ``TimePasses()``); ``dump_dir`` receives
+    the graph before and after a pass that fails verification. The run's report is left in
     ``graph.meta["report"]``.
     """
     _expect_graph(graph, "optimize")
     pipeline(level)  # an unknown level is named as one, not as an unknown pass
     if isinstance(passes, str) or not isinstance(passes, (Sequence, type(None))):
         raise InvalidOptionError(f"passes must be a list of pass names or Pass instances, got {passes!r}")
-    manager = PassManager([level, *(passes or [])], options=options, verify=verify)
+    manager = PassManager([level, *(passes or [])], options=options, verify=verify, instruments=instruments,
+                          dump_dir=dump_dir)
     result = manager.run(graph)
     result.graph.meta["report"] = manager.report
     return result.graph

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench", action="store_true", help="time both models with onnxruntime")
     opt.add_argument("--repeat", type=integer(1), default=20, help="timed runs per model for --bench (default: 20)")
     opt.add_argument("--report", metavar="R.json", help="write the pass report (JSON) here")
+    opt.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                     help="print the graph to stderr after each run of PASS (repeatable)")
+    opt.add_argument("--dump-dir", metavar="DIR",
+                     help="write --dump-after graphs here instead, one file per run, and under GRAPHOPT_DEBUG=1 "
+                          "the graph before and after a pass that breaks it")
+    opt.add_argument("--time-passes", action="store_true", help="print the time spent in each pass to stderr")
     opt.set_defaults(command=cmd_optimize)
 
     prune = add_command("prune", help="remove channels (structured pruning) and print the savings")
@@ -309,6 +315,7 @@ def blocked(signals: Sequence[int]) -> Iterator[None]:
 # -------------------------------------------------------------------- optimize
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .api import load_onnx, optimize
+    from .passes.targets import optimize_for_target
 
     src = existing_file(args.input)
     passes = split_names(args.passes)
@@ -317,8 +324,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         dst = outputs.path(args.output, "-o")
         report_path = outputs.path(args.report, "--report")
         original = read_onnx(src)
-        graph = optimize(note_conversion(load_onnx(original), src), level=args.level, passes=passes)
-        optimized = graph.to_onnx(opset=emit_opset(graph, args.opset), target=args.target)
+        graph = optimize(note_conversion(load_onnx(original), src), level=args.level, passes=passes,
+                         instruments=pass_instruments(args), dump_dir=args.dump_dir)
+        opset = emit_opset(graph, args.opset)
+        graph = optimize_for_target(graph, args.target, opset)
+        optimized = graph.to_onnx(opset=opset, target=args.target)
         print(op_table(original, optimized))
         if args.check:
             print_or_skip("--check", lambda: check_outputs(original, optimized, args.check, args.tol))
@@ -330,6 +340,22 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         for path in outputs.commit():
             print(f"wrote {path}")
     return 0
+
+
+def pass_instruments(args: argparse.Namespace) -> list[Any]:
+    """What ``--dump-after`` and ``--time-passes`` ask to see of the pass run."""
+    from .pass_manager import DumpAfter, TimePasses
+
+    if args.dump_dir is not None:
+        try:
+            Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GraphoptError(f"--dump-dir: cannot create directory {args.dump_dir} ({e.strerror or e}); "
+                                f"choose a writable location") from None
+    chosen: list[Any] = [DumpAfter(args.dump_after, args.dump_dir)] if args.dump_after else []
+    if args.time_passes:
+        chosen.append(TimePasses())
+    return chosen
 
 
 def print_or_skip(flag: str, run: Callable[[], str]) -> None:
@@ -497,6 +523,8 @@ def check_shapes(before: onnx.ModelProto, after: onnx.ModelProto, runs: int) -> 
     """Pruning changes the outputs, not their shapes: run both models and compare shapes and finiteness."""
     import numpy as np
 
+    from .testing import output_difference
+
     inputs, expected_runs = reference_outputs(before, runs)
     candidate = ort_session(after, "the pruned model", CheckFailed)
     worst_rel = 0.0
@@ -522,10 +550,10 @@ def first_line(exc: BaseException) -> str:
 
 def ort_session(model: onnx.ModelProto, what: str = "the model", failure: type[Exception] = CheckFailed) -> Any:
     """A CPU session for ``model``; a model onnxruntime cannot load raises ``failure`` naming ``what``."""
-    import onnxruntime
+    from .backends._onnxruntime import inference_session
 
     try:
-        return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return inference_session(model)
     except Exception as e:  # onnxruntime's error classes share no base below Exception
         raise failure(f"onnxruntime cannot load {what} ({first_line(e)})") from None
 
@@ -609,28 +637,13 @@ def reference_outputs(model: onnx.ModelProto, runs: int) -> tuple[list[list[Any]
     return inputs, [run_session(session, arrays, "the original model", CheckSkipped, model) for arrays in inputs]
 
 
-def output_difference(expected: Any, actual: Any) -> tuple[float, float]:
-    """Largest absolute difference, and that relative to the largest expected magnitude."""
-    import numpy as np
-
-    expected, actual = np.asarray(expected), np.asarray(actual)
-    if expected.shape != actual.shape:
-        return float("inf"), float("inf")
-    if expected.dtype.kind in "OUS" or actual.dtype.kind in "OUS":  # strings: equal or not
-        return (0.0, 0.0) if (expected == actual).all() else (float("inf"), float("inf"))
-    expected, actual = expected.astype(np.float64), actual.astype(np.float64)
-    both_nan = np.isnan(expected) & np.isnan(actual)
-    diff = np.where(both_nan, 0.0, np.abs(expected - actual))
-    abs_err = float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
-    scale = float(np.nan_to_num(np.abs(expected), nan=0.0).max(initial=0.0))
-    return abs_err, abs_err / max(scale, 1e-12) if abs_err else 0.0
-
-
 def check_outputs(before: onnx.ModelProto, after: onnx.ModelProto, runs: int, tol: float) -> str:
     """Compare both models on ``runs`` random inputs; raise ``CheckFailed`` beyond ``tol``.
 
     ``CheckSkipped`` where the original cannot run: there is nothing to compare with.
     """
+    from .testing import output_difference
+
     inputs, expected_runs = reference_outputs(before, runs)
     candidate = ort_session(after, "the optimized model", CheckFailed)
     if len(after.graph.output) != len(before.graph.output):

@@ -31,7 +31,7 @@ import torch
 
 from . import _torch_private
 from .errors import InvalidOptionError
-from .pass_manager import PassManager, pipeline
+from .pass_manager import DumpAfter, Instrument, PassManager, TimePasses, pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class BackendOptions:
     after every pass (default: on under ``GRAPHOPT_DEBUG=1``). ``fallback``: run a
     graph unoptimized when graphopt fails on it, instead of raising. ``report``:
     a path where a JSON report of every compiled graph is written.
+    ``dump_after``: pass names after which each graph is printed to stderr, or written
+    under ``dump_dir``/<graph label>/, which also receives the graph before and after a
+    pass that fails verification. ``time_passes``: print each graph's pass times.
     """
 
     level: str = DEFAULT_LEVEL
@@ -67,6 +70,9 @@ class BackendOptions:
     fallback: bool = True
     report: Path | None = None
     freeze: bool = True
+    dump_after: tuple[str, ...] = ()
+    time_passes: bool = False
+    dump_dir: Path | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -82,21 +88,31 @@ class BackendOptions:
                                      f"valid options: {', '.join(valid)}")
         parsed = cls(
             level=_expect(options, "level", str, DEFAULT_LEVEL),
-            passes=tuple(_expect_names(options.get("passes", ()))),
+            passes=tuple(_expect_names(options, "passes")),
             pass_options=_expect_pass_options(options.get("pass_options", {})),
             verify=_expect(options, "verify", bool, None),
             fallback=_expect(options, "fallback", bool, True),
             report=_report_path(options.get("report")),
             freeze=_expect(options, "freeze", bool, True),
+            dump_after=tuple(_expect_names(options, "dump_after")),
+            time_passes=_expect(options, "time_passes", bool, False),
+            dump_dir=_dump_dir(options.get("dump_dir")),
         )
         parsed.pass_manager()  # resolves level, pass and option names
         return parsed
 
-    def pass_manager(self) -> PassManager:
+    def pass_manager(self, label: str = "graph") -> PassManager:
+        """The manager for the graph ``label`` (its dumps go to a folder of that name)."""
+        folder = None if self.dump_dir is None else self.dump_dir / label
+        watching: list[Instrument] = []
+        if self.dump_after:
+            watching.append(DumpAfter(self.dump_after, folder, label=label))
+        if self.time_passes:
+            watching.append(TimePasses(label=label))
         try:
             pipeline(self.level)  # PassManager would take an unknown level for a pass name
             return PassManager([self.level, *self.passes], options=dict(self.pass_options),
-                               verify=self.verify)
+                               verify=self.verify, instruments=watching, dump_dir=folder)
         except (KeyError, ValueError) as e:  # unknown names; option values a pass rejects
             raise InvalidOptionError(e.args[0]) from None
 
@@ -108,9 +124,10 @@ def _expect(options: Mapping[str, Any], name: str, kind: type, default: Any) -> 
     return value
 
 
-def _expect_names(passes: Any) -> list[str]:
+def _expect_names(options: Mapping[str, Any], name: str) -> list[str]:
+    passes = options.get(name, ())
     if isinstance(passes, str) or not isinstance(passes, Sequence) or not all(isinstance(p, str) for p in passes):
-        raise InvalidOptionError(f"graphopt option 'passes' must be a list of pass names, got {passes!r}")
+        raise InvalidOptionError(f"graphopt option {name!r} must be a list of pass names, got {passes!r}")
     return list(passes)
 
 
@@ -129,6 +146,17 @@ def _report_path(report: Any) -> Path | None:
     path = Path(report).resolve()
     if not path.parent.is_dir():
         raise InvalidOptionError(f"graphopt option 'report': directory {path.parent} does not exist")
+    return path
+
+
+def _dump_dir(folder: Any) -> Path | None:
+    if folder is None:
+        return None
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InvalidOptionError(f"graphopt option 'dump_dir' must be a path, got {type(folder).__name__}")
+    path = Path(folder).resolve()
+    if path.exists() and not path.is_dir():
+        raise InvalidOptionError(f"graphopt option 'dump_dir': {path} exists and is not a directory")
     return path
 
 
@@ -177,7 +205,7 @@ class GraphCompiler:
         takes all of ``gm``'s inputs; those in ``constants`` (by position) are compiled in and ignored."""
         label = f"graph{self.id}.{kind}"
         try:
-            module, entry = self._optimize(gm, example_inputs, constants or {})
+            module, entry = self._optimize(gm, example_inputs, constants or {}, label)
         except Exception as exc:
             if not self.options.fallback:
                 raise
@@ -196,13 +224,13 @@ class GraphCompiler:
                                    compare=kind == "inference" and _torch_private.reruns_alike(gm))
 
     def _optimize(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                  constants: dict[int, torch.Tensor]) -> tuple[Callable[..., Any], dict]:
+                  constants: dict[int, torch.Tensor], label: str) -> tuple[Callable[..., Any], dict]:
         from .frontends.torch import from_fx
 
         start = time.perf_counter()
         graph = from_fx(gm, example_inputs, constants)
         nodes_before = len(graph)
-        manager = self.options.pass_manager()
+        manager = self.options.pass_manager(label)
         graph = manager.run(graph).graph
         module = graph.to_torch().forward  # the bound method: no nn.Module call dispatch per run
         if constants:

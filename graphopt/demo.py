@@ -128,7 +128,7 @@ def _compile_default(model: torch.nn.Module, inputs: Sequence[torch.Tensor], pas
 def onnxruntime_runner(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[..., Any] | None:
     """The model exported by ``torch.onnx.export`` in an onnxruntime session at ``ORT_ENABLE_ALL`` on
     torch's thread count, called on numpy views of torch tensors; None when the export fails."""
-    import onnxruntime as ort
+    from .backends._onnxruntime import inference_session
 
     buffer = io.BytesIO()
     try:
@@ -138,11 +138,7 @@ def onnxruntime_runner(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -
     except Exception as exc:  # an exporter limit: the demo row shows no onnxruntime time
         logging.getLogger(__name__).info("torch.onnx.export failed on the model: %s", exc)
         return None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(buffer.getvalue(), "all", torch.get_num_threads(), log_severity=3)
     names = [i.name for i in session.get_inputs()]
 
     def run(*args: torch.Tensor) -> list[torch.Tensor]:

@@ -88,13 +88,9 @@ def _as_array(x: Any) -> Any:
 
 
 def run_ort(model: onnx.ModelProto, inputs: list[Any]) -> list[Any]:
-    import onnxruntime as ort
+    from graphopt.backends._onnxruntime import inference_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = inference_session(model, threads=1, inter_op_threads=1, log_severity=4)
     names = [vi.name for vi in _feed_inputs(model)]
     return session.run(None, {n: _as_array(x) for n, x in zip(names, inputs)})
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
+from graphopt.ir.pattern import Const, Var, match, op
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
-
-from .cleanup import is_graph_output, replace_value, same_type
 
 
 @dataclass
@@ -81,6 +80,8 @@ class FuseAttention(Pass):
 
     name = "fuse_attention"
     kind = PassKind.EXACT
+    requires = ("patterns_recognized",)  # the fusions read canonical ops
+    ensures = ("attention_fused",)
 
     def call(self, graph: Graph) -> PassResult:
         unflattened = sum(_unflatten_matmuls_around(graph, node) for node in graph.find("softmax"))
@@ -143,9 +144,9 @@ def _unflatten_matmul(graph: Graph, matmul: Node) -> bool:
         return False
     node = graph.add_node("matmul", [a, b], before=unflat, output_types=[unflat.output.type],
                           meta={"created_by": FuseAttention.name, "source": matmul.meta.get("source")})
-    replace_value(unflat.output, node.output)
+    unflat.output.replace_by(node.output)
     for dead in (unflat, matmul, flat_a, flat_b):
-        if not dead.output.uses() and not is_graph_output(dead.output):
+        if not dead.output.uses() and not dead.output.is_graph_output:
             graph.remove_node(dead)
     return True
 
@@ -154,7 +155,7 @@ def _unflatten_matmul(graph: Graph, matmul: Node) -> bool:
 def _match(softmax: Node) -> _Chain | None:
     probs = softmax.output
     rank = _rank(probs)
-    if rank is None or rank < 2 or softmax.attrs.get("dim", -1) % rank != rank - 1:
+    if rank is None or rank < 2 or softmax.attrs["dim"] % rank != rank - 1:
         return None
     guard = _nan_guard(probs)
     read = guard[0].output if guard else probs
@@ -178,16 +179,17 @@ def _match(softmax: Node) -> _Chain | None:
     return None
 
 
+_NAN_GUARD = op("where", op("isnan", Var("probs"), bind="isnan"), Const(0.0), Var("probs"))
+
+
 def _nan_guard(probs: Value) -> list[Node]:
     """``[where, isnan]`` of a ``where(isnan(probs), 0, probs)`` that alone reads ``probs``, else ``[]``."""
-    readers = {u.op: u for u in probs.users()}
-    where, isnan = readers.get("where"), readers.get("isnan")
-    if len(readers) != 2 or where is None or isnan is None or is_graph_output(isnan.output):
+    where = next((u for u in probs.users() if u.op == "where"), None)
+    m = None if where is None else match(_NAN_GUARD, where)
+    if m is None or m["probs"] is not probs:
         return []
-    cond, zero, kept = where.inputs
-    if cond is not isnan.output or kept is not probs or isnan.output.users() != [where]:
-        return []
-    if not zero.is_constant or zero.data.numel() != 1 or bool(zero.data.ne(0).any()):
+    isnan = m["isnan"]
+    if set(probs.users()) != {where, isnan} or isnan.output.is_graph_output or isnan.output.users() != [where]:
         return []
     return [where, isnan]
 
@@ -210,13 +212,13 @@ def _is_additive_mask(add: Node, mask: Value) -> bool:
     t = mask.type
     return (isinstance(t, TensorType) and isinstance(add.output.type, TensorType) and t.rank is not None
             and t.dtype == add.output.type.dtype and t.rank <= add.output.type.rank
-            and all(same_type(add.output, v) for v in add.inputs if v is not mask))
+            and all(add.output.same_type_as(v) for v in add.inputs if v is not mask))
 
 
 def _causal_where(where: Node) -> Value | None:
     """The scores of ``where(tril, scores, fill)``: a constant lower-triangular keep-mask, a -inf-like fill."""
     cond, scores, fill = where.inputs
-    if not (cond.is_constant and fill.is_constant and same_type(where.output, scores)):
+    if not (cond.is_constant and fill.is_constant and where.output.same_type_as(scores)):
         return None
     if cond.data.dtype != torch.bool or fill.data.numel() != 1 or not _is_masked_out(fill.data, scores.type.dtype):
         return None
@@ -274,7 +276,7 @@ def _scale_factor(node: Node) -> tuple[float, Value] | None:
     a, b = node.inputs
     pairs = [(a, b), (b, a)] if node.op == "mul" else [(a, b)]
     for x, c in pairs:
-        if c.is_constant and c.data.is_floating_point() and c.data.numel() >= 1 and same_type(node.output, x):
+        if c.is_constant and c.data.is_floating_point() and c.data.numel() >= 1 and node.output.same_type_as(x):
             value = c.data.reshape(-1)[0]
             if bool((c.data == value).all()) and math.isfinite(float(value)) and float(value) != 0:
                 return (float(value) if node.op == "mul" else 1 / float(value)), x
@@ -325,7 +327,7 @@ def _self_contained(chains: list[_Chain]) -> list[_Chain]:
 
 
 def _read_only_by(node: Node, readers: set[int]) -> bool:
-    return not is_graph_output(node.output) and all(id(u) in readers for u in node.output.users())
+    return not node.output.is_graph_output and all(id(u) in readers for u in node.output.users())
 
 
 # ------------------------------------------------------------------ rewrite
@@ -344,11 +346,11 @@ def _rewrite(graph: Graph, chain: _Chain, fused_scores: set[int]) -> None:
     sdpa = graph.add_node("sdpa", [q, k, v, chain.mask], attrs, before=chain.out,
                           output_types=[chain.out.output.type],
                           meta={"created_by": FuseAttention.name, "source": chain.out.meta.get("source")})
-    replace_value(chain.out.output, sdpa.output)
+    chain.out.output.replace_by(sdpa.output)
     graph.remove_node(chain.out)
     transpose = [kt.producer] if kt.producer is not None and kt.producer.op == "permute" else []
     for node in chain.guard + chain.inner + chain.prescales + transpose:
-        if node.graph is not None and not node.output.uses() and not is_graph_output(node.output):
+        if node.graph is not None and not node.output.uses() and not node.output.is_graph_output:
             graph.remove_node(node)
 
 
@@ -378,18 +380,15 @@ def _grouped_heads(k: Value, v: Value) -> tuple[Value, Value] | None:
     return k_source[0], v_source[0]
 
 
+_REPEAT_KV = op("reshape", op("expand", op("unsqueeze", Var("source"), dims=[2]), bind="expand"))
+
+
 def _repeated_heads(x: Value) -> tuple[Value, int] | None:
     """(source, repeats) when ``x`` is a ``repeat_kv`` of a rank-4 source, else None."""
-    reshape = x.producer
-    if reshape is None or reshape.op != "reshape":
+    m = match(_REPEAT_KV, x)
+    if m is None:
         return None
-    expand = reshape.inputs[0].producer
-    if expand is None or expand.op != "expand":
-        return None
-    unsqueeze = expand.inputs[0].producer
-    if unsqueeze is None or unsqueeze.op != "unsqueeze" or list(unsqueeze.attrs["dims"]) != [2]:
-        return None
-    source = unsqueeze.inputs[0]
+    source, expand = m["source"], m["expand"]
     if _rank(source) != 4 or _rank(expand.output) != 5 or _rank(x) != 4:
         return None
     batch, heads, seq, dim = source.type.shape

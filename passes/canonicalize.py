@@ -8,7 +8,6 @@ from graphopt.ir import Graph, Node, TensorType, Type, Value
 from graphopt.ir.registry import infer_types
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .cleanup import is_graph_output, replace_value
 from .constant_folding import FoldConstants
 
 
@@ -86,8 +85,8 @@ def _swap_in(node: Node, outputs: list[Value | None]) -> list[Value]:
         new.type = _merged_type(new.type, old.type)
         if new.type != old.type:
             sharper.append(new)
-        renamed = is_graph_output(old)
-        replace_value(old, new)
+        renamed = old.is_graph_output
+        old.replace_by(new)
         if not renamed:
             old.name, new.name = new.name, old.name
     node.graph.remove_node(node)

@@ -13,89 +13,14 @@ from typing import Any
 
 import torch
 
-from graphopt.ir import Graph, Node, TensorType, Value
+from graphopt.ir import Graph, Node, Value
+from graphopt.ir.analysis import attr_key, tensor_bytes
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
 CLEANUP_PIPELINE = ["fold_constants", "refine_onnx_opaque", "eliminate_noops", "cse", "dce"]
 """Folding first (it turns shape computations into constants, which makes
 reshapes static and no-ops visible), then re-importing the ONNX nodes that
 folding made canonical, then no-ops, then merging and sweeping."""
-
-
-# ------------------------------------------------------------------ helpers
-_IMPURE_ONNX_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                              "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan"})
-"""Standard ONNX ops that draw random numbers or run subgraphs; every other one is a function of its inputs."""
-
-
-def is_pure(node: Node) -> bool:
-    """Whether a node may be removed, merged or evaluated ahead of time.
-
-    Dropout is registered impure because training-mode dropout draws random
-    numbers; in inference mode, or with ``p=0``, it is deterministic. An
-    ``onnx.opaque`` node is pure when it is a standard ONNX op that neither
-    draws random numbers nor runs a subgraph; custom domains are not trusted.
-    """
-    if node.op == "dropout":
-        return not node.attrs.get("training", False) or node.attrs.get("p", 0.5) == 0
-    if node.op == "onnx.opaque":
-        return node.attrs.get("domain", "") in ("", "ai.onnx") and node.attrs.get("op_type") not in _IMPURE_ONNX_OPS
-    return node.opdef.pure
-
-
-def is_trainable(v: Value) -> bool:
-    """A parameter fine-tuning could change, which passes must keep a value of its own.
-
-    Only floating-point tensors have gradients, so integer parameters (shape and
-    index tensors) are as fixed as any constant; and an ONNX model is an
-    inference artifact whose initializers are all constants.
-    """
-    if not v.is_parameter or v.data is None or not (v.data.is_floating_point() or v.data.is_complex()):
-        return False
-    return v.graph is None or v.graph.meta.get("source") != "onnx"
-
-
-def is_graph_output(v: Value) -> bool:
-    return v.graph is not None and any(out is v for out in v.graph.outputs)
-
-
-def is_unused(node: Node) -> bool:
-    return not any(out.uses() or is_graph_output(out) for out in node.outputs)
-
-
-def can_replace(old: Value, new: Value) -> bool:
-    """Whether every use of ``old`` may read ``new`` instead.
-
-    A graph output may only move to a value that a node produces and no other
-    output holds: an emitted ONNX model names each output once, never after an
-    input or an initializer.
-    """
-    return not is_graph_output(old) or (new.producer is not None and not is_graph_output(new))
-
-
-def replace_value(old: Value, new: Value) -> None:
-    """Replace ``old`` by ``new`` everywhere; a graph output keeps its name, so the model's interface is unchanged."""
-    was_output = is_graph_output(old)
-    old.replace_all_uses_with(new)
-    if was_output:
-        old.name, new.name = new.name, old.name
-
-
-def same_type(a: Value, b: Value) -> bool:
-    """Equal dtype and equal, known shape: then ``b`` can stand for ``a``."""
-    return isinstance(a.type, TensorType) and a.type.shape is not None and a.type == b.type
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The elements' bytes in row-major order: equal for tensors of equal dtype, shape and contents.
-
-    Whatever the strides (zero for an expanded tensor, anything for an empty
-    one) and lazy conjugate or negative bits, only the values count.
-    """
-    if t.numel() == 0:
-        return b""
-    flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
 
 
 # ---------------------------------------------------------------------- DCE
@@ -118,7 +43,7 @@ class EliminateDeadCode(Pass):
     def call(self, graph: Graph) -> PassResult:
         removed = 0
         for node in reversed(graph.nodes):
-            if is_pure(node) and is_unused(node):
+            if node.is_pure and node.is_unused:
                 graph.remove_node(node)
                 removed += 1
         constants = graph.remove_unused_constants()
@@ -126,10 +51,6 @@ class EliminateDeadCode(Pass):
 
 
 # ---------------------------------------------------------------------- CSE
-_COMMUTATIVE = frozenset({"add", "mul", "eq", "ne", "logical_and", "logical_or", "logical_xor",
-                          "bitwise_and", "bitwise_or", "bitwise_xor"})
-
-
 @register_pass
 @dataclass
 class EliminateCommonSubexpressions(Pass):
@@ -163,12 +84,12 @@ class EliminateCommonSubexpressions(Pass):
         merged = 0
         for v in list(graph.constants.values()):
             data = v.data
-            if is_trainable(v) or data.layout != torch.strided or data.numel() * data.element_size() > self.max_bytes:
+            if v.is_trainable or data.layout != torch.strided or data.numel() * data.element_size() > self.max_bytes:
                 continue
             first = first_of.setdefault((data.dtype, tuple(data.shape), tensor_bytes(data)), v)
-            if first is not v and can_replace(v, first):
-                replace_value(v, first)
-                del graph.constants[v.name]
+            if first is not v and v.can_be_replaced_by(first):
+                v.replace_by(first)
+                graph.remove_constant(v)
                 merged += 1
         return merged
 
@@ -176,13 +97,13 @@ class EliminateCommonSubexpressions(Pass):
         first_of: dict[tuple[Any, ...], Node] = {}
         merged = 0
         for node in graph.nodes:
-            if not node.outputs or not is_pure(node):
+            if not node.outputs or not node.is_pure:
                 continue
             first = first_of.setdefault(_value_number_key(node), node)
             pairs = list(zip(node.outputs, first.outputs))
-            if first is not node and all(can_replace(old, new) for old, new in pairs):
+            if first is not node and all(old.can_be_replaced_by(new) for old, new in pairs):
                 for old, new in pairs:
-                    replace_value(old, new)
+                    old.replace_by(new)
                 graph.remove_node(node)
                 merged += 1
         return merged
@@ -190,29 +111,12 @@ class EliminateCommonSubexpressions(Pass):
 
 def _value_number_key(node: Node) -> tuple[Any, ...]:
     inputs = [None if v is None else id(v) for v in node.inputs]
-    if node.op in _COMMUTATIVE and None not in inputs:
+    if node.opdef.commutative and None not in inputs:
         inputs.sort()
-    return node.op, tuple(inputs), _attr_key(node.attrs), tuple(out.type for out in node.outputs)
-
-
-def _attr_key(a: Any) -> Any:
-    """A hashable key equal for equal attributes; unknown objects compare by identity."""
-    if isinstance(a, torch.Tensor):
-        return "tensor", a.dtype, tuple(a.shape), tensor_bytes(a)
-    if isinstance(a, float):
-        return "float", a.hex()  # tells 0.0 from -0.0, and keeps NaN equal to itself
-    if isinstance(a, (list, tuple)):
-        return "sequence", tuple(_attr_key(x) for x in a)
-    if isinstance(a, dict):
-        return "dict", tuple(sorted((k, _attr_key(x)) for k, x in a.items()))
-    if a is None or isinstance(a, (bool, int, str, torch.dtype)):
-        return type(a).__name__, a
-    return "object", id(a)
+    return node.op, tuple(inputs), attr_key(node.attrs), tuple(out.type for out in node.outputs)
 
 
 # ------------------------------------------------------------------ no-ops
-_RESHAPES = frozenset({"reshape", "flatten", "squeeze", "unsqueeze"})
-_NEUTRAL = {"add": (0, True), "sub": (0, False), "mul": (1, True), "div": (1, False)}  # element, commutative
 _WHOLE_DIM_END = 2**31 - 1  # exporters write INT32_MAX or INT64_MAX for "to the end"
 
 
@@ -221,16 +125,16 @@ def _first_input(node: Node) -> Value | None:
 
 
 def _input_if_same_type(node: Node) -> Value | None:
-    return node.inputs[0] if same_type(node.output, node.inputs[0]) else None
+    return node.inputs[0] if node.output.same_type_as(node.inputs[0]) else None
 
 
 def _undo_reshape(node: Node) -> Value | None:
     """A reshape (or squeeze, unsqueeze, flatten) back to the shape of its input, or of the reshape before it."""
     src = node.inputs[0]
-    if same_type(node.output, src):
+    if node.output.same_type_as(src):
         return src
     inner = src.producer
-    if inner is not None and inner.op in _RESHAPES and same_type(node.output, inner.inputs[0]):
+    if inner is not None and inner.opdef.reshapes and node.output.same_type_as(inner.inputs[0]):
         return inner.inputs[0]
     return None
 
@@ -241,23 +145,23 @@ def _identity_permute(node: Node) -> Value | None:
 
 
 def _inference_dropout(node: Node) -> Value | None:
-    return node.inputs[0] if is_pure(node) else None
+    return node.inputs[0] if node.is_pure else None
 
 
 def _whole_slice(node: Node) -> Value | None:
     """A slice that keeps every element: same type over a static dim, or ``0:end:1`` over any dim."""
     x = node.inputs[0]
-    if not same_type(node.output, x):
+    if not node.output.same_type_as(x):
         return None
-    size = x.type.shape[node.attrs.get("dim", 0) % len(x.type.shape)]
+    size = x.type.shape[node.attrs["dim"] % len(x.type.shape)]
     a = node.attrs
-    to_end = a.get("start", 0) == 0 and a.get("step", 1) == 1 and a.get("end", 2**63 - 1) >= _WHOLE_DIM_END
+    to_end = a["start"] == 0 and a["step"] == 1 and a["end"] >= _WHOLE_DIM_END
     return x if isinstance(size, int) or to_end else None
 
 
 def _zero_pad(node: Node) -> Value | None:
     """A pad by nothing on every side (a window size that already divides, say)."""
-    return node.inputs[0] if not any(node.attrs["pads"]) and same_type(node.output, node.inputs[0]) else None
+    return node.inputs[0] if not any(node.attrs["pads"]) and node.output.same_type_as(node.inputs[0]) else None
 
 
 def _single_concat(node: Node) -> Value | None:
@@ -265,33 +169,41 @@ def _single_concat(node: Node) -> Value | None:
 
 
 def _neutral_operand(node: Node) -> Value | None:
-    """``x+0``, ``0+x``, ``x-0``, ``x*1``, ``1*x``, ``x/1`` where the constant changes neither shape nor dtype.
+    """``x op e`` for the op's identity element ``e`` (``x+0``, ``x-0``, ``x*1``, ``x/1``), and ``e op x`` when the op
+    is commutative, where the constant changes neither shape nor dtype.
 
     A trainable parameter is not a constant here: a norm weight that starts at ones
     must survive so the model can still be fine-tuned.
     """
-    element, commutative = _NEUTRAL[node.op]
-    if node.attrs.get("rounding_mode") is not None:
+    element = node.opdef.identity_element
+    if node.attrs.get("rounding_mode") is not None:  # div's alone: x // 1 rounds x
         return None
     a, b = node.inputs
-    for x, c in [(a, b), (b, a)] if commutative else [(a, b)]:
-        if c.is_constant and not is_trainable(c) and bool((c.data == element).all()) and same_type(node.output, x):
+    for x, c in [(a, b), (b, a)] if node.opdef.commutative else [(a, b)]:
+        if c.is_constant and not c.is_trainable and bool((c.data == element).all()) and node.output.same_type_as(x):
             return x
     return None
 
 
 _FORWARDERS: dict[str, Callable[[Node], Value | None]] = {
     "identity": _first_input,
-    **dict.fromkeys(_RESHAPES, _undo_reshape),
     **dict.fromkeys(("expand", "broadcast_to", "cast", "repeat"), _input_if_same_type),
     "permute": _identity_permute,
     "dropout": _inference_dropout,
     "slice": _whole_slice,
     "concat": _single_concat,
     "pad": _zero_pad,
-    **dict.fromkeys(_NEUTRAL, _neutral_operand),
 }
 """For each op, a function giving the value a node of that op merely passes on, or None."""
+
+
+def _forwarder(node: Node) -> Callable[[Node], Value | None] | None:
+    """The function giving the value ``node`` merely passes on, if its op has one."""
+    if node.opdef.reshapes:
+        return _undo_reshape
+    if node.opdef.identity_element is not None:
+        return _neutral_operand
+    return _FORWARDERS.get(node.op)
 
 
 def _compose_permutes(node: Node) -> Node | None:
@@ -309,7 +221,7 @@ def _compose_permutes(node: Node) -> Node | None:
 def _skip_inner_reshape(node: Node) -> Node | None:
     """``reshape(reshape(x, a), b)`` becomes ``reshape(x, b)``: reshapes keep element order."""
     inner = node.inputs[0].producer
-    if inner is None or inner.op not in _RESHAPES:
+    if inner is None or not inner.opdef.reshapes:
         return None
     node.replace_input(0, inner.inputs[0])
     return inner
@@ -324,7 +236,7 @@ def _drop_empty_mask(node: Node) -> bool:
     the scores (HF ViT's exported attention carries an all-``True`` one). The kernel then reads no mask,
     and onnxruntime's lowering needs no NaN guard for fully masked rows."""
     mask = node.inputs[3] if len(node.inputs) > 3 else None
-    if mask is None or not mask.is_constant or is_trainable(mask):
+    if mask is None or not mask.is_constant or mask.is_trainable:
         return False
     q, k = node.inputs[0].type.shape, node.inputs[1].type.shape
     scores = (*q[:-1], k[-2])
@@ -370,11 +282,11 @@ class EliminateNoOps(Pass):
             if bypassed is not None:
                 composed += 1
                 removed += _remove_if_dead(bypassed)
-            forward = _FORWARDERS.get(node.op)
+            forward = _forwarder(node)
             src = forward(node) if forward else None
-            if src is not None and can_replace(node.output, src):
+            if src is not None and node.output.can_be_replaced_by(src):
                 inputs = node.inputs
-                replace_value(node.output, src)
+                node.output.replace_by(src)
                 graph.remove_node(node)
                 removed += 1 + sum(_remove_if_dead(v.producer) for v in inputs if v is not None)
         return PassResult(graph, bool(removed or composed or masks),
@@ -383,7 +295,7 @@ class EliminateNoOps(Pass):
 
 def _remove_if_dead(node: Node | None) -> bool:
     """Remove a producer a rewrite left without readers (the inner half of a cancelled pair)."""
-    if node is None or node.graph is None or not is_pure(node) or not is_unused(node):
+    if node is None or node.graph is None or not node.is_pure or not node.is_unused:
         return False
     node.graph.remove_node(node)
     return True

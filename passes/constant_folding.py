@@ -8,15 +8,6 @@ import torch
 from graphopt.ir import Graph, Node, TensorType, Value
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .cleanup import is_graph_output, is_pure, is_trainable
-
-SHAPE_ONLY_OPS = frozenset({"shape", "full_like"})
-"""Ops whose result reads only the dtype and shape of their tensor inputs, never the data."""
-
-ENTRY_MOVING_OPS = frozenset({"take", "slice", "select", "squeeze", "unsqueeze", "reshape", "flatten", "concat",
-                              "identity", "index_select", "gather"})
-"""Ops whose result entries are entries of their first input, moved but never computed on: when they
-read a ``shape`` result, what they pick is static exactly when it is the same under two probe sizes."""
 
 _PROBE_SIZES = (2, 3)  # two sizes for symbolic dims: a result equal under both does not depend on them
 
@@ -73,13 +64,13 @@ class FoldConstants(Pass):
         return PassResult(graph, modified, stats)
 
     def _foldable(self, node: Node) -> bool:
-        if not is_pure(node) or node.opdef.torch_impl is None or any(is_graph_output(o) for o in node.outputs):
+        if not node.is_pure or node.opdef.torch_impl is None or any(o.is_graph_output for o in node.outputs):
             return False
-        if node.op in SHAPE_ONLY_OPS or _reads_shapes(node):
+        if _reads_shapes(node):
             return True
         constant_inputs = [v for v in node.inputs if v is not None]
         return all(v.is_constant for v in constant_inputs) and (
-            self.fold_parameters or not any(is_trainable(v) for v in constant_inputs))
+            self.fold_parameters or not any(v.is_trainable for v in constant_inputs))
 
 
 def _output_sizes(node: Node) -> list[int | None]:
@@ -92,10 +83,11 @@ def _constant_results(node: Node) -> list[torch.Tensor] | None:
 
 
 def _reads_shapes(node: Node) -> bool:
-    """A shape-only op, or an entry-moving op reading constants and ``shape`` results (one at least)."""
-    if node.op in SHAPE_ONLY_OPS:
+    """A shape-only op, or an entry-moving op reading constants and ``shape`` results (one at least): what
+    it picks from them is static exactly when it is the same under two probe sizes."""
+    if node.opdef.reads_shape_only:
         return True
-    if node.op not in ENTRY_MOVING_OPS:
+    if not node.opdef.moves_entries:
         return False
     inputs = [v for v in node.inputs if v is not None]
     shapes = [v for v in inputs if v.producer is not None and v.producer.op == "shape"]
@@ -161,7 +153,5 @@ def _drop_unread(graph: Graph, candidates: list[Value]) -> int:
     """Remove the constants among ``candidates`` that nothing reads any more."""
     dropped = 0
     for v in dict.fromkeys(candidates):
-        if graph.constants.get(v.name) is v and not v.uses() and not is_graph_output(v):
-            del graph.constants[v.name]
-            dropped += 1
+        dropped += graph.remove_constant(v)
     return dropped

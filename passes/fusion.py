@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
+from graphopt.ir.pattern import Var, match, op
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .cleanup import is_graph_output, is_trainable, replace_value, same_type
 
 WEIGHTED_OPS = frozenset({"conv", "linear", "gemm"})
 """Ops that are linear in their first input, with a constant weight (input 1) and an optional bias (input 2)."""
@@ -37,7 +37,7 @@ WEIGHTED_OPS = frozenset({"conv", "linear", "gemm"})
 def sole_reader(v: Value) -> Node | None:
     """The one node reading ``v`` once, when nothing else (no other node, no graph output) sees it."""
     uses = v.uses()
-    if len(uses) != 1 or is_graph_output(v):
+    if len(uses) != 1 or v.is_graph_output:
         return None
     return uses[0][0]
 
@@ -46,9 +46,9 @@ def output_channels(node: Node) -> int:
     """How many output channels a conv / linear / gemm with a constant weight has."""
     w = node.inputs[1].data
     if node.op == "conv":
-        return w.shape[1] * node.attrs.get("groups", 1) if node.attrs.get("transposed") else w.shape[0]
+        return w.shape[1] * node.attrs["groups"] if node.attrs["transposed"] else w.shape[0]
     if node.op == "gemm":
-        return w.shape[0] if node.attrs.get("trans_b") else w.shape[1]
+        return w.shape[0] if node.attrs["trans_b"] else w.shape[1]
     return w.shape[0]
 
 
@@ -67,11 +67,11 @@ def scale_weight(node: Node, scale: torch.Tensor) -> torch.Tensor:
     """
     w = node.inputs[1].data.double()
     kernel_ones = [1] * (w.dim() - 2)
-    if node.op == "conv" and node.attrs.get("transposed"):
-        groups = node.attrs.get("groups", 1)
+    if node.op == "conv" and node.attrs["transposed"]:
+        groups = node.attrs["groups"]
         grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
         return (grouped * scale.reshape(groups, 1, w.shape[1], *kernel_ones)).reshape(w.shape)
-    if node.op == "gemm" and not node.attrs.get("trans_b"):
+    if node.op == "gemm" and not node.attrs["trans_b"]:
         return w * scale
     return w * scale.reshape(-1, 1, *kernel_ones)
 
@@ -122,7 +122,7 @@ def fold_affine(node: Node, scale: torch.Tensor | None, shift: torch.Tensor | No
     ``C`` is scaled by ``beta != 1``.
     """
     bias = bias_of(node)
-    beta = node.attrs.get("beta", 1.0) if node.op == "gemm" else 1.0
+    beta = node.attrs["beta"] if node.op == "gemm" else 1.0
     if shift is not None and bias is not None and beta != 1.0:
         return False
     graph = node.graph
@@ -148,15 +148,15 @@ def fold_affine(node: Node, scale: torch.Tensor | None, shift: torch.Tensor | No
 def drop_unread(graph: Graph, constants: list[Value | None]) -> None:
     """Remove those of ``constants`` a rewrite left without readers."""
     for v in constants:
-        if v is not None and graph.constants.get(v.name) is v and not v.uses() and not is_graph_output(v):
-            del graph.constants[v.name]
+        if v is not None:
+            graph.remove_constant(v)
 
 
 def absorb(node: Node, epilogue: Node) -> None:
     """Let ``node``'s output stand for ``epilogue``'s and remove the epilogue with the constants it alone read."""
     graph = node.graph
     constants = [v for v in epilogue.inputs if v is not None and v.is_constant]
-    replace_value(epilogue.output, node.output)
+    epilogue.output.replace_by(node.output)
     graph.remove_node(epilogue)
     drop_unread(graph, constants)
 
@@ -181,6 +181,7 @@ class FoldBatchNorm(Pass):
 
     name = "fold_batch_norm"
     kind = PassKind.EXACT
+    requires = ("patterns_recognized",)  # the fusions read canonical ops
 
     fold_trainable: bool = True
 
@@ -191,7 +192,7 @@ class FoldBatchNorm(Pass):
             if producer is None:
                 continue
             replaced = [*producer.inputs[1:], *bn.inputs[1:]]
-            if not self.fold_trainable and any(v is not None and is_trainable(v) for v in replaced):
+            if not self.fold_trainable and any(v is not None and v.is_trainable for v in replaced):
                 stats["skipped_trainable"] += 1
                 continue
             scale, shift = bn_scale_and_shift(bn)
@@ -204,11 +205,11 @@ class FoldBatchNorm(Pass):
     def _foldable_producer(bn: Node) -> Node | None:
         x = bn.inputs[0]
         producer = x.producer
-        if producer is None or not folds_into(producer) or sole_reader(x) is not bn or not same_type(bn.output, x):
+        if producer is None or not folds_into(producer) or sole_reader(x) is not bn or not bn.output.same_type_as(x):
             return None
         if producer.op != "conv" and x.type.rank != 2:
             return None
-        if producer.op == "gemm" and producer.attrs.get("beta", 1.0) != 1.0 and bias_of(producer) is not None:
+        if producer.op == "gemm" and producer.attrs["beta"] != 1.0 and bias_of(producer) is not None:
             return None
         if not all(v is None or v.is_constant for v in bn.inputs[1:]) or None in bn.inputs[3:5]:
             return None
@@ -218,7 +219,7 @@ class FoldBatchNorm(Pass):
 def bn_scale_and_shift(bn: Node) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, in float64."""
     gamma, beta, mean, var = (None if v is None else v.data.double() for v in bn.inputs[1:5])
-    scale = torch.rsqrt(var + bn.attrs.get("eps", 1e-5))
+    scale = torch.rsqrt(var + bn.attrs["eps"])
     if gamma is not None:
         scale = scale * gamma
     shift = -mean * scale
@@ -250,6 +251,8 @@ class FoldConvBias(Pass):
 
     name = "fold_bias"
     kind = PassKind.EXACT
+    requires = ("patterns_recognized", "attention_fused")  # else it absorbs the exporters' attention scales
+    ensures = ("biases_folded",)
 
     fold_trainable: bool = True
 
@@ -264,7 +267,7 @@ class FoldConvBias(Pass):
     def _fold_epilogue(self, node: Node, stats: dict[str, int]) -> bool:
         """Fold the epilogue reading ``node``, if it qualifies; whether it was folded."""
         epilogue = sole_reader(node.output)
-        if epilogue is None or epilogue.op not in _EPILOGUES or not same_type(epilogue.output, node.output):
+        if epilogue is None or epilogue.op not in _EPILOGUES or not epilogue.output.same_type_as(node.output):
             return False
         c = constant_operand(epilogue, node.output)
         if c is None or (epilogue.op == "sub" and epilogue.inputs[1] is not c):
@@ -273,7 +276,7 @@ class FoldConvBias(Pass):
         if values is None:
             return False
         replaced = [c, node.inputs[1], bias_of(node)] if epilogue.op == "mul" else [c, bias_of(node)]
-        if not self.fold_trainable and any(v is not None and is_trainable(v) for v in replaced):
+        if not self.fold_trainable and any(v is not None and v.is_trainable for v in replaced):
             stats["skipped_trainable"] += 1
             return False
         if epilogue.op == "mul":
@@ -309,6 +312,8 @@ class MatMulAddToLinear(Pass):
 
     name = "fuse_linear"
     kind = PassKind.EXACT
+    requires = ("patterns_recognized",)  # the fusions read canonical ops
+    ensures = ("matmuls_as_linear",)
 
     fold_trainable: bool = True
 
@@ -322,7 +327,7 @@ class MatMulAddToLinear(Pass):
                 continue
             weight, bias, end = plan
             recomputed = [v for v, data in (weight, bias) if data is not None]
-            if not self.fold_trainable and any(is_trainable(v) for v in recomputed):
+            if not self.fold_trainable and any(v.is_trainable for v in recomputed):
                 stats["skipped_trainable"] += 1
                 continue
             self._rewrite(node, weight, bias, end)
@@ -346,7 +351,7 @@ class MatMulAddToLinear(Pass):
             weight = (w, w.data.t())
         bias, end = (None, None), node
         add = sole_reader(out)
-        if add is not None and add.op == "add" and same_type(add.output, out):
+        if add is not None and add.op == "add" and add.output.same_type_as(out):
             c = constant_operand(add, out)
             values = None if c is None else per_channel(c, out, out.type.rank - 1, w.type.shape[1])
             if values is not None:
@@ -376,22 +381,23 @@ class MatMulAddToLinear(Pass):
         inputs = [node.inputs[0], _as_constant(graph, weight, "t"), _as_constant(graph, bias, "b")]
         linear = graph.add_node("linear", inputs, output_types=[end.output.type], before=node,
                                 meta={"created_by": self.name})
-        replace_value(end.output, linear.output)
+        end.output.replace_by(linear.output)
         for dead in dict.fromkeys((end, node)):
             graph.remove_node(dead)
-        if transpose is not None and not transpose.output.uses() and not is_graph_output(transpose.output):
+        if transpose is not None and not transpose.output.uses() and not transpose.output.is_graph_output:
             read.append(transpose.inputs[0])
             graph.remove_node(transpose)
         drop_unread(graph, read)
 
 
+_TRANSPOSED = op("permute", Var("source"), dims=[1, 0])
+
+
 def _transposed_constant(w: Value) -> tuple[Value, None] | None:
     """``(W, None)`` when ``w`` is ``permute(W, [1, 0])`` of a 2-D constant: ``W`` is then the linear weight as is."""
-    node = w.producer
-    if node is None or node.op != "permute" or [d % 2 for d in node.attrs["dims"]] != [1, 0]:
-        return None
-    source = node.inputs[0]
-    return (source, None) if source.is_constant and source.type.rank == 2 else None
+    m = match(_TRANSPOSED, w)
+    source = None if m is None else m["source"]
+    return (source, None) if source is not None and source.is_constant and source.type.rank == 2 else None
 
 
 def _as_constant(graph: Graph, plan: tuple, suffix: str) -> Value | None:

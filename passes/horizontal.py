@@ -9,7 +9,7 @@ import torch
 from graphopt.ir import Graph, Node, TensorType, Value
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .cleanup import _attr_key, is_graph_output, is_trainable, replace_value
+from graphopt.ir.analysis import attr_key
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class FuseHorizontal(Pass):
 
     name = "fuse_horizontal"
     kind = PassKind.EXACT
+    requires = ("patterns_recognized", "matmuls_as_linear", "biases_folded")  # siblings in their final form
 
     min_branches: int = 2
     fuse_trainable: bool = False
@@ -89,11 +90,11 @@ class FuseHorizontal(Pass):
         constants = [v for v in (weight, bias) if v is not None]
         if not all(v.is_constant for v in constants):
             return None
-        if not self.fuse_trainable and any(is_trainable(v) for v in constants):
+        if not self.fuse_trainable and any(v.is_trainable for v in constants):
             return None
         trailing = _without(tuple(weight.data.shape), family.weight_axis)
         bias_dtype = None if bias is None else bias.data.dtype
-        return (node.op, id(node.inputs[0]), _attr_key(node.attrs), weight.data.dtype, trailing, bias_dtype)
+        return (node.op, id(node.inputs[0]), attr_key(node.attrs), weight.data.dtype, trailing, bias_dtype)
 
 
 def _fusable_shape(node: Node, family: _Family) -> bool:
@@ -109,7 +110,7 @@ def _fusable_shape(node: Node, family: _Family) -> bool:
         return weight.data.dim() == 2 and isinstance(x, TensorType) and x.rank is not None and x.rank >= 2
     if node.op == "linear":
         return weight.data.dim() == 2
-    return node.attrs.get("groups", 1) == 1 and not node.attrs.get("transposed", False)
+    return node.attrs["groups"] == 1 and not node.attrs["transposed"]
 
 
 def _bias(node: Node, family: _Family) -> Value | None:
@@ -138,7 +139,7 @@ def _fuse(graph: Graph, group: list[Node]) -> None:
                            after=fused, meta={"created_by": FuseHorizontal.name})
     replaced = [v for n in group for v in (n.inputs[1], _bias(n, family)) if v is not None]
     for node, part in zip(group, split.outputs):
-        replace_value(node.output, part)
+        node.output.replace_by(part)
         graph.remove_node(node)
     _drop_unread(graph, replaced)
 
@@ -146,8 +147,7 @@ def _fuse(graph: Graph, group: list[Node]) -> None:
 def _drop_unread(graph: Graph, constants: list[Value]) -> None:
     """Remove the weights the fused node replaced, unless something else still reads them."""
     for v in dict.fromkeys(constants):
-        if graph.constants.get(v.name) is v and not v.uses() and not is_graph_output(v):
-            del graph.constants[v.name]
+        graph.remove_constant(v)
 
 
 def _concat_constant(graph: Graph, parts: list[Value], axis: int, hint: str) -> Value:

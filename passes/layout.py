@@ -24,7 +24,6 @@ from graphopt.ir.analysis import regions
 from graphopt.ir.registry import node_flops
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .cleanup import can_replace, is_pure, is_trainable, is_unused, replace_value
 
 Key = Hashable
 Pending = tuple[Value, Key]
@@ -55,7 +54,7 @@ def _rank(v: Value | None) -> int | None:
 
 def _usable_constant(v: Value, inference: bool) -> bool:
     """A constant that may be replaced by a rearranged copy: never a trainable parameter unless ``inference``."""
-    return v.is_constant and (inference or not is_trainable(v))
+    return v.is_constant and (inference or not v.is_trainable)
 
 
 def _inverse(perm: Sequence[int]) -> list[int]:
@@ -65,21 +64,38 @@ def _inverse(perm: Sequence[int]) -> list[int]:
     return inv
 
 
-_REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "prod", "var", "any", "all"})
-_DIM_OPS = frozenset({"softmax", "log_softmax", "cumsum"})
-_TRAILING_NORMS = frozenset({"layer_norm", "rms_norm"})
-_SLICING = frozenset({"split", "slice"})
-
-
 def _trailing_dims(node: Node) -> int:
-    """How many trailing dims ``linear``/``layer_norm``/``rms_norm`` act on; 0 for other ops."""
+    """How many trailing dims ``linear`` and the norms over a ``normalized_shape`` act on; 0 for other ops."""
     if node.op == "linear":
         return 1
-    return len(node.attrs["normalized_shape"]) if node.op in _TRAILING_NORMS else 0
+    return len(node.attrs["normalized_shape"]) if "normalized_shape" in node.attrs else 0
+
+
+def _dims_named(node: Node) -> set[int]:
+    """The input dims that ``node``'s dim attributes name."""
+    dims: set[int] = set()
+    for name in node.opdef.dim_attrs:
+        value = node.attrs[name]
+        dims.update([value] if isinstance(value, int) else value)
+    return dims
+
+
+def _reduces_dims(node: Node) -> bool:
+    """A reduction over a given list of ``dims`` (``dims=None`` reduces everything)."""
+    return node.opdef.reduction and "dims" in node.opdef.dim_attrs and node.attrs["dims"] is not None
+
+
+def _permuted_dim_attrs(node: Node, key: Key) -> dict[str, Any]:
+    """``node``'s attributes for reading the input before the permute ``key``: each named dim ``d`` becomes ``key[d]``."""
+    attrs = dict(node.attrs)
+    for name in node.opdef.dim_attrs:
+        value = attrs[name]
+        attrs[name] = key[value] if isinstance(value, int) else [key[d] for d in value]
+    return attrs
 
 
 def _elementwise(node: Node) -> bool:
-    return node.opdef.category == "elementwise" and is_pure(node) and len(node.outputs) == 1
+    return node.opdef.category == "elementwise" and node.is_pure and len(node.outputs) == 1
 
 
 class _Kind:
@@ -132,12 +148,12 @@ class _Permutes(_Kind):
         if _elementwise(node):
             return self._elementwise(node, pending, key, inference)
         if node.op == "concat" and all(p is not None and p[1] == key for p in pending):
-            return _Shadow([p[0] for p in pending], {**node.attrs, "dim": key[node.attrs.get("dim", 0) % rank]}, key)
+            return _Shadow([p[0] for p in pending], _permuted_dim_attrs(node, key), key)
         if x is None or any(p is not None for p in pending[1:]):
             return None
-        if node.op in _DIM_OPS or node.op in _SLICING:
-            return _Shadow([x[0], *node.inputs[1:]], {**node.attrs, "dim": key[node.attrs.get("dim", 0) % rank]}, key)
-        if node.op in _REDUCTIONS and node.attrs.get("dims") is not None:
+        if node.opdef.keeps_dims:
+            return _Shadow([x[0], *node.inputs[1:]], _permuted_dim_attrs(node, key), key)
+        if _reduces_dims(node):
             return self._reduction(node, x[0], key)
         if node.op == "reshape":
             return self._reshape(node, x[0], key)
@@ -186,7 +202,7 @@ class _Permutes(_Kind):
         rank = len(key)
         reduced = {d % rank for d in node.attrs["dims"]}
         attrs = {**node.attrs, "dims": sorted(key[d] for d in reduced)}
-        if node.attrs.get("keepdim", False):
+        if node.attrs["keepdim"]:
             return _Shadow([x], attrs, key)
         kept = [key[i] for i in range(rank) if i not in reduced]
         order = sorted(kept)
@@ -206,7 +222,7 @@ class _TokenPermutations(_Kind):
         shape = _shape(x)
         if shape is None or not index.is_constant or index.data.dim() != 1 or index.data.is_floating_point():
             return None
-        axis = node.attrs.get("axis", 0) % len(shape)
+        axis = node.attrs["axis"] % len(shape)
         size = shape[axis]
         perm = tuple(int(i) % size for i in index.data.tolist()) if isinstance(size, int) else ()
         if len(perm) != size or sorted(perm) != list(range(size)):
@@ -233,7 +249,7 @@ class _TokenPermutations(_Kind):
         if node.op == "sdpa":
             return self._attention(node, pending, key)
         rank = _rank(node.inputs[0])
-        along_tokens = node.op in ("concat", "slice", "split") and node.attrs.get("dim", 0) % rank == axis
+        along_tokens = node.op in ("concat", "slice", "split") and node.attrs["dim"] % rank == axis
         if along_tokens and node.op == "concat":
             return self._concat(node, pending, axis)
         if x is None or any(p is not None for p in pending[1:]):
@@ -243,21 +259,21 @@ class _TokenPermutations(_Kind):
         same = _Shadow([x[0], *node.inputs[1:]], dict(node.attrs), key)
         if node.op == "linear" or (node.op == "matmul" and (_rank(node.inputs[1]) or 3) <= 2):
             return same if axis < rank - 1 else None
-        if node.op in _TRAILING_NORMS:
+        if "normalized_shape" in node.attrs:
             return same if axis < rank - _trailing_dims(node) else None
-        if node.op in _DIM_OPS or node.op in _SLICING:
-            return same if node.attrs.get("dim", 0) % rank != axis else None
+        if node.opdef.keeps_dims:
+            return same if axis not in {d % rank for d in _dims_named(node)} else None
         if node.op == "reshape":
             shape_in, shape_out = _shape(node.inputs[0]), _shape(node.output)
             return same if shape_out is not None and shape_in[:axis + 1] == shape_out[:axis + 1] else None
         if node.op == "permute":
             dims = [d % rank for d in node.attrs["dims"]]
             return _Shadow([x[0]], dict(node.attrs), (dims.index(axis), key[1]))
-        if node.op in _REDUCTIONS and node.attrs.get("dims") is not None:
+        if _reduces_dims(node):
             reduced = {d % rank for d in node.attrs["dims"]}
             if axis in reduced:
                 return None
-            shift = 0 if node.attrs.get("keepdim", False) else sum(d < axis for d in reduced)
+            shift = 0 if node.attrs["keepdim"] else sum(d < axis for d in reduced)
             return _Shadow([x[0]], dict(node.attrs), (axis - shift, key[1]))
         return None
 
@@ -302,9 +318,9 @@ class _TokenPermutations(_Kind):
         """A slice of tokens that the permutation maps onto itself (e.g. text tokens apart from video tokens)."""
         axis, perm = key
         a = node.attrs
-        if a.get("step", 1) != 1:
+        if a["step"] != 1:
             return None
-        start, end, _ = slice(a.get("start", 0), a.get("end", len(perm))).indices(len(perm))
+        start, end, _ = slice(a["start"], a["end"]).indices(len(perm))
         block = _block(perm, start, end)
         return None if block is None else _Shadow([x[0]], dict(a), (axis, block))
 
@@ -326,7 +342,7 @@ class _TokenPermutations(_Kind):
             return None
         if any(m is not None for m in mask) or (len(node.inputs) > 3 and node.inputs[3] is not None):
             return None
-        if node.attrs.get("is_causal", False):
+        if node.attrs["is_causal"]:
             return None
         if (k is None) != (v is None) or (k is not None and (k[1] != v[1] or k[1][0] != _rank(node.inputs[1]) - 2)):
             return None  # keys and values must be permuted together, along their token dim
@@ -364,8 +380,8 @@ def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
     def settle(node: Node, results: list[Pending]) -> None:
         """The node's results are ``results``: equal to their shadows outright when the key is the identity."""
         for out, p in zip(node.outputs, results):
-            if kind.is_identity(p[1]) and can_replace(out, p[0]):
-                replace_value(out, p[0])
+            if kind.is_identity(p[1]) and out.can_be_replaced_by(p[0]):
+                out.replace_by(p[0])
             else:
                 pending[id(out)] = p
         bypassed.append(node)
@@ -378,7 +394,7 @@ def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
         elif key == seed and ins[0] is None:
             settle(node, [(node.inputs[0], seed)])
         elif any(p is not None for p in ins):
-            shadow = kind.commute(node, ins, inference) if is_pure(node) else None
+            shadow = kind.commute(node, ins, inference) if node.is_pure else None
             if shadow is not None:
                 outputs = _issue(graph, node, shadow, kind.pass_name).outputs
                 settle(node, list(zip(outputs, shadow.output_keys or [shadow.key] * len(outputs))))
@@ -389,10 +405,10 @@ def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
     for out in list(graph.outputs):
         if id(out) in pending:
             rebuilt = materialize(pending[id(out)], None)
-            if can_replace(out, rebuilt):
-                replace_value(out, rebuilt)
+            if out.can_be_replaced_by(rebuilt):
+                out.replace_by(rebuilt)
     for node in reversed(bypassed):
-        if node.graph is not None and is_unused(node):
+        if node.graph is not None and node.is_unused:
             graph.remove_node(node)
     graph.remove_unused_constants()
 
@@ -528,18 +544,15 @@ def insert_inverse_token_permutation(graph: Graph, value: Value, perm: Sequence[
 
 
 # ------------------------------------------------------------ channels last
-_NHWC_OPS = frozenset({"conv", "batch_norm", "max_pool", "avg_pool", "adaptive_avg_pool"})
-
-
 def _nhwc_capable(node: Node) -> bool:
     """Ops whose torch kernels keep a channels-last input channels-last (4-D results only)."""
     if len(node.outputs) != 1 or _rank(node.output) != 4 or "layout" in node.meta:
         return False
     if node.op == "conv":
-        return not node.attrs.get("transposed", False)
+        return not node.attrs["transposed"]
     if node.op == "concat":
-        return node.attrs.get("dim", 0) % 4 == 1
-    return node.op in _NHWC_OPS or _elementwise(node)
+        return node.attrs["dim"] % 4 == 1
+    return node.opdef.channels_last_kernel or _elementwise(node)
 
 
 def _regions(graph: Graph) -> list[list[Node]]:

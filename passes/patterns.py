@@ -7,214 +7,30 @@ torch.onnx writes SiLU as Sigmoid*Mul, AOTAutograd decomposes silu and
 hardswish, Hugging Face writes RMSNorm and GPT-2's GELU by hand). One canonical op is
 cheaper to run and lets later passes and backends pick a fused kernel.
 
-A pattern is data: a tree of ``Op``/``Var``/``Const`` nodes matched against the
-producers of a value, with commutative operands and alternatives tried by
-backtracking. A rule is a function from a root node to a ``Rewrite`` (or None);
+Patterns are data, matched by the shared matcher of ``graphopt.ir.pattern``
+(commutative operands and alternatives tried by backtracking, constants by
+value). A rule is a function from a root node to a ``Rewrite`` (or None);
 one driver runs the rules, checks what every rewrite must respect, and counts
 which rule fired.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
-from graphopt.ir.registry import get_op
+from graphopt.ir.pattern import Absent, Bound, Const, Pattern, Var, any_of, attr_or_default, match, matches, op
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
-
-from .cleanup import is_graph_output, is_pure, is_trainable, replace_value
-
-_COMMUTATIVE = frozenset({"add", "mul"})
-_REL_TOL = 1e-6
-"""Constants match a wanted value to within this relative error, or two ulps of their own dtype if coarser:
-``0.70710677`` (float32) is ``1/sqrt(2)``, ``0.6`` is not ``0.5``."""
-
-
-# ------------------------------------------------------------------ matching
-@dataclass(frozen=True)
-class Match:
-    """What a pattern bound so far: named values, constants and nodes, and every node it consumed."""
-
-    bound: dict[str, Any] = field(default_factory=dict)
-    nodes: tuple[Node, ...] = ()
-
-    def __getitem__(self, name: str) -> Any:
-        return self.bound[name]
-
-    def bind(self, name: str, thing: Any) -> Match | None:
-        """Bind ``name``; a name bound before must name the very same thing."""
-        if name in self.bound:
-            return self if self.bound[name] is thing else None
-        return Match({**self.bound, name: thing}, self.nodes)
-
-    def consume(self, node: Node) -> Match:
-        return self if node in self.nodes else Match(self.bound, (*self.nodes, node))
-
-
-class Pattern:
-    """A predicate on a value and the nodes that produced it, binding names as it goes."""
-
-    def matches(self, v: Value | None, m: Match) -> Iterator[Match]:
-        """Every way this pattern matches value ``v`` extending ``m``."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Var(Pattern):
-    """Any value; every occurrence of the same name must be the same value."""
-
-    name: str
-
-    def matches(self, v, m):
-        bound = None if v is None else m.bind(self.name, v)
-        if bound is not None:
-            yield bound
-
-
-@dataclass(frozen=True)
-class Absent(Pattern):
-    """An optional input that is not given."""
-
-    def matches(self, v, m):
-        if v is None:
-            yield m
-
-
-@dataclass(frozen=True)
-class Const(Pattern):
-    """A one-element constant equal to ``value`` (see ``_REL_TOL``); with ``name``, any such constant, bound."""
-
-    value: float | None = None
-    name: str | None = None
-
-    def matches(self, v, m):
-        number = _scalar_constant(v)
-        if number is None or (self.value is not None and not _close(number, self.value, v.data.dtype)):
-            return
-        bound = m if self.name is None else m.bind(self.name, number)
-        if bound is not None:
-            yield bound
-
-
-@dataclass(frozen=True)
-class Op(Pattern):
-    """A value produced by ``op`` from inputs matching ``args`` (either order for add and mul).
-
-    ``attrs`` must match the node's attributes (a missing one reads as the op's
-    default; floats to within ``_REL_TOL``); ``bind`` names the node for the rule to inspect.
-    """
-
-    op: str
-    args: tuple[Pattern, ...]
-    attrs: dict[str, Any]
-    bind: str | None = None
-
-    def matches(self, v, m):
-        node = None if v is None else v.producer
-        if node is None or node.op != self.op or len(node.inputs) != len(self.args) or len(node.outputs) != 1:
-            return
-        if not all(_same_attr(_attr(node, k), want) for k, want in self.attrs.items()):
-            return
-        m = m if self.bind is None else m.bind(self.bind, node)
-        if m is None:
-            return
-        m = m.consume(node)
-        for args in [self.args, self.args[::-1]] if self.op in _COMMUTATIVE else [self.args]:
-            yield from _match_all(args, node.inputs, m)
-
-
-def op(name: str, *args: Pattern, bind: str | None = None, **attrs: Any) -> Op:
-    return Op(name, args, attrs, bind)
-
-
-@dataclass(frozen=True)
-class Bound(Pattern):
-    """``pattern`` at its first occurrence, bound to ``name``; later occurrences must be the same value."""
-
-    name: str
-    pattern: Pattern
-
-    def matches(self, v, m):
-        if self.name in m.bound:
-            if m.bound[self.name] is v:
-                yield m
-            return
-        for m1 in self.pattern.matches(v, m):
-            bound = m1.bind(self.name, v)
-            if bound is not None:
-                yield bound
-
-
-@dataclass(frozen=True)
-class AnyOf(Pattern):
-    """The first alternative that matches, then the next on backtracking."""
-
-    alternatives: tuple[Pattern, ...]
-
-    def matches(self, v, m):
-        for p in self.alternatives:
-            yield from p.matches(v, m)
-
-
-def any_of(*alternatives: Pattern) -> AnyOf:
-    return AnyOf(alternatives)
-
-
-def _match_all(patterns: tuple[Pattern, ...], values: tuple[Value | None, ...], m: Match) -> Iterator[Match]:
-    if not patterns:
-        yield m
-        return
-    for m1 in patterns[0].matches(values[0], m):
-        yield from _match_all(patterns[1:], values[1:], m1)
 
 
 def product(*factors: Pattern) -> Pattern:
     """A product of three factors, however the two multiplications associate."""
     a, b, c = factors
     return any_of(*(op("mul", f, op("mul", g, h)) for f, g, h in ((a, b, c), (b, a, c), (c, a, b))))
-
-
-def _scalar_constant(v: Value | None) -> float | None:
-    """The value of a one-element, non-trainable numeric constant, else None."""
-    if v is None or not v.is_constant or v.data.numel() != 1 or is_trainable(v):
-        return None
-    if v.data.dtype == torch.bool or v.data.is_complex():
-        return None
-    return float(v.data.reshape(()).item())
-
-
-def _close(number: float, want: float, dtype: torch.dtype = torch.float64) -> bool:
-    tol = max(_REL_TOL, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
-    return math.isclose(number, want, rel_tol=tol, abs_tol=0.0)
-
-
-def _attr(node: Node, key: str) -> Any:
-    """A node's attribute, or the default its op's torch implementation gives it."""
-    if key in node.attrs:
-        return node.attrs[key]
-    return _defaults(node.op).get(key)
-
-
-@functools.cache
-def _defaults(op_name: str) -> dict[str, Any]:
-    impl = get_op(op_name).torch_impl
-    try:
-        params = inspect.signature(impl).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-def _same_attr(actual: Any, want: Any) -> bool:
-    if isinstance(want, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
-        return _close(float(actual), want)
-    return actual == want
 
 
 # --------------------------------------------------------------------- rules
@@ -244,15 +60,6 @@ def rule(*root_ops: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def _matches(pattern: Pattern, root: Node) -> Iterator[Match]:
-    """Every match of ``pattern`` at ``root``, for rules that check more than the pattern says."""
-    return pattern.matches(root.output, Match())
-
-
-def _first(pattern: Pattern, root: Node) -> Match | None:
-    return next(_matches(pattern, root), None)
-
-
 X = Var("x")
 
 
@@ -278,14 +85,14 @@ _GELU_TANH = _gelu_form(op("tanh", op("mul", Const(math.sqrt(2.0 / math.pi)),
 @rule("mul")
 def gelu_erf(root: Node) -> Rewrite | None:
     """``0.5 * x * (1 + erf(x / sqrt(2)))`` (Hendrycks & Gimpel 2016, eq. 1): exact GELU."""
-    m = _first(_GELU_ERF, root)
+    m = match(_GELU_ERF, root)
     return None if m is None else Rewrite("gelu", [m["x"]], {"approximate": "none"}, m.nodes)
 
 
 @rule("mul")
 def gelu_tanh(root: Node) -> Rewrite | None:
     """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``: GELU's tanh approximation."""
-    m = _first(_GELU_TANH, root)
+    m = match(_GELU_TANH, root)
     return None if m is None else Rewrite("gelu", [m["x"]], {"approximate": "tanh"}, m.nodes)
 
 
@@ -295,7 +102,7 @@ _SILU = op("mul", X, op("sigmoid", X))
 @rule("mul")
 def silu(root: Node) -> Rewrite | None:
     """``x * sigmoid(x)`` (Elfwing et al. 2018; AOTAutograd's decomposition of silu)."""
-    m = _first(_SILU, root)
+    m = match(_SILU, root)
     return None if m is None else Rewrite("silu", [m["x"]], {}, m.nodes)
 
 
@@ -314,7 +121,7 @@ _HARDSWISH = any_of(
 @rule("mul", "div")
 def hardswish(root: Node) -> Rewrite | None:
     """``x * relu6(x + 3) / 6`` (Howard et al. 2019, "Searching for MobileNetV3", eq. 2), or ``x * hardsigmoid(x)``."""
-    m = _first(_HARDSWISH, root)
+    m = match(_HARDSWISH, root)
     return None if m is None else Rewrite("hardswish", [m["x"]], {}, m.nodes)
 
 
@@ -356,7 +163,7 @@ _LAYER_NORM = _layer_norm_forms()
 @rule("div", "mul")
 def layer_norm(root: Node) -> Rewrite | None:
     """Layer normalisation (Ba et al. 2016, eq. 4) over trailing dims, without the affine part."""
-    for m in _matches(_LAYER_NORM, root):
+    for m in matches(_LAYER_NORM, root):
         shape = _normalized_shape(m["x"], m["mean"], m["variance"])
         if shape is not None:
             return Rewrite("layer_norm", [m["x"], None, None], {"normalized_shape": shape, "eps": m["eps"]},
@@ -375,7 +182,7 @@ def rms_norm(root: Node) -> Rewrite | None:
 
     Registered after ``layer_norm``: the RMS norm of a centred ``x`` is its layer norm.
     """
-    for m in _matches(_RMS_NORM, root):
+    for m in matches(_RMS_NORM, root):
         shape = _normalized_shape(m["x"], m["mean"])
         if shape is not None:
             return Rewrite("rms_norm", [m["x"], None], {"normalized_shape": shape, "eps": m["eps"]}, m.nodes)
@@ -397,7 +204,7 @@ _RMS_NORM_TIMES_WEIGHT = op("mul", op("rms_norm", X, Absent(), bind="norm"), Var
 @rule("mul")
 def layer_norm_weight(root: Node) -> Rewrite | None:
     """``layer_norm(x) * gamma`` takes gamma as its weight."""
-    for m in _matches(_LAYER_NORM_TIMES_WEIGHT, root):
+    for m in matches(_LAYER_NORM_TIMES_WEIGHT, root):
         norm = m["norm"]
         if _is_affine_parameter(m["weight"], norm):
             return Rewrite("layer_norm", [m["x"], m["weight"], None], dict(norm.attrs), m.nodes)
@@ -407,7 +214,7 @@ def layer_norm_weight(root: Node) -> Rewrite | None:
 @rule("add")
 def layer_norm_bias(root: Node) -> Rewrite | None:
     """``layer_norm(x, gamma) + beta`` takes beta as its bias."""
-    for m in _matches(_LAYER_NORM_PLUS_BIAS, root):
+    for m in matches(_LAYER_NORM_PLUS_BIAS, root):
         norm = m["norm"]
         if _is_affine_parameter(m["bias"], norm):
             return Rewrite("layer_norm", [m["x"], norm.inputs[1], m["bias"]], dict(norm.attrs), m.nodes)
@@ -417,7 +224,7 @@ def layer_norm_bias(root: Node) -> Rewrite | None:
 @rule("mul")
 def rms_norm_weight(root: Node) -> Rewrite | None:
     """``rms_norm(x) * g`` takes g as its weight."""
-    for m in _matches(_RMS_NORM_TIMES_WEIGHT, root):
+    for m in matches(_RMS_NORM_TIMES_WEIGHT, root):
         norm = m["norm"]
         if _is_affine_parameter(m["weight"], norm):
             return Rewrite("rms_norm", [m["x"], m["weight"]], dict(norm.attrs), m.nodes)
@@ -442,7 +249,7 @@ def _groups(x: Value, grouped: Value) -> int | None:
 
 def _filled_with(v: Value | None, number: float) -> bool:
     """Absent, or a non-trainable constant whose every entry is ``number`` (an affine step that does nothing)."""
-    return v is None or (v.is_constant and not is_trainable(v) and bool((v.data == number).all()))
+    return v is None or (v.is_constant and not v.is_trainable and bool((v.data == number).all()))
 
 
 @rule("reshape")
@@ -453,7 +260,7 @@ def group_norm(root: Node) -> Rewrite | None:
     becomes ``layer_norm`` first), or an instance norm of the view with unit
     scale and zero shift (torch.onnx's GroupNorm before opset 18).
     """
-    for m in _matches(_GROUP_NORM, root):
+    for m in matches(_GROUP_NORM, root):
         norm, grouped = m["norm"], m["grouped"].output
         groups = _groups(m["x"], grouped)
         if groups is None:
@@ -464,14 +271,14 @@ def group_norm(root: Node) -> Rewrite | None:
             fits = norm.attrs["num_groups"] == groups and _filled_with(m.bound.get("ones"), 1.0) \
                 and _filled_with(m.bound.get("zeros"), 0.0)
         if fits:
-            return Rewrite("group_norm", [m["x"], None, None], {"num_groups": groups, "eps": _attr(norm, "eps")},
-                           m.nodes)
+            attrs = {"num_groups": groups, "eps": attr_or_default(norm, "eps")}
+            return Rewrite("group_norm", [m["x"], None, None], attrs, m.nodes)
     return None
 
 
 def _per_channel(v: Value, x: Value) -> torch.Tensor | None:
     """A non-trainable constant that broadcasts along dim 1 of ``x`` only, as the [C] vector group_norm takes."""
-    if not v.is_constant or is_trainable(v) or v.data.dtype != x.type.dtype or v.data.dim() > len(x.type.shape):
+    if not v.is_constant or v.is_trainable or v.data.dtype != x.type.dtype or v.data.dim() > len(x.type.shape):
         return None
     shape = (1,) * (len(x.type.shape) - v.data.dim()) + tuple(v.data.shape)
     channels = x.type.shape[1]
@@ -488,7 +295,7 @@ _GROUP_NORM_PLUS_BIAS = op("add", op("group_norm", X, any_of(Absent(), Var("weig
 @rule("mul")
 def group_norm_weight(root: Node) -> Rewrite | None:
     """``group_norm(x) * gamma[C, 1, 1]`` takes gamma as its weight (a constant one: it is reshaped to [C])."""
-    for m in _matches(_GROUP_NORM_TIMES_WEIGHT, root):
+    for m in matches(_GROUP_NORM_TIMES_WEIGHT, root):
         weight = _per_channel(m["weight"], m["x"])
         if weight is not None:
             return Rewrite("group_norm", [m["x"], weight, None], dict(m["norm"].attrs), m.nodes)
@@ -498,7 +305,7 @@ def group_norm_weight(root: Node) -> Rewrite | None:
 @rule("add")
 def group_norm_bias(root: Node) -> Rewrite | None:
     """``group_norm(x, gamma) + beta[C, 1, 1]`` takes beta as its bias."""
-    for m in _matches(_GROUP_NORM_PLUS_BIAS, root):
+    for m in matches(_GROUP_NORM_PLUS_BIAS, root):
         bias = _per_channel(m["bias"], m["x"])
         if bias is not None:
             return Rewrite("group_norm", [m["x"], m["norm"].inputs[1], bias], dict(m["norm"].attrs), m.nodes)
@@ -512,7 +319,7 @@ def _self_contained(rewrite: Rewrite, root: Node) -> bool:
     if any(isinstance(v, Value) and v.producer in inside for v in rewrite.inputs):
         return False
     return all(
-        n is root or (is_pure(n) and not any(is_graph_output(o) or not set(o.users()) <= inside for o in n.outputs))
+        n is root or (n.is_pure and not any(o.is_graph_output or not set(o.users()) <= inside for o in n.outputs))
         for n in rewrite.matched)
 
 
@@ -524,8 +331,7 @@ def _remove_dead(graph: Graph, nodes: tuple[Node, ...]) -> None:
         if n in matched:
             graph.remove_node(n)
     for v in constants.values():
-        if not v.uses() and not is_graph_output(v) and graph.constants.get(v.name) is v:
-            del graph.constants[v.name]
+        graph.remove_constant(v)
 
 
 @register_pass
@@ -536,7 +342,7 @@ class RecognizePatterns(Pass):
     Instruction selection by tree pattern matching (Aho, Ganapathi & Tjiang 1989,
     "Code generation using tree matching and dynamic programming"), here used to
     raise the level of the IR: each rule matches the expression tree under a
-    root node (constants by value, see ``_REL_TOL``; reductions must average
+    root node (constants by value, see ``graphopt.ir.pattern.REL_TOL``; reductions must average
     over exactly the trailing, static dims with ``keepdim``; a norm's weight
     and bias must have exactly the normalized shape, or for group norm be
     per-channel). Nodes are visited in execution order, so a norm recognised
@@ -556,6 +362,7 @@ class RecognizePatterns(Pass):
 
     name = "recognize_patterns"
     kind = PassKind.EXACT
+    ensures = ("patterns_recognized",)
 
     def call(self, graph: Graph) -> PassResult:
         stats = {name: 0 for rules in RULES.values() for name, _ in rules}
@@ -579,8 +386,8 @@ class RecognizePatterns(Pass):
         if new.output.type != root.output.type:
             graph.remove_node(new)
             for v in made.values():
-                del graph.constants[v.name]
+                graph.remove_constant(v)
             return False
-        replace_value(root.output, new.output)
+        root.output.replace_by(new.output)
         _remove_dead(graph, rewrite.matched)
         return True

@@ -61,14 +61,19 @@ def test_optimize_writes_a_smaller_model_and_prints_the_table(model_path, tmp_pa
 @pytest.mark.parametrize("target, opset, op", [("onnxruntime", None, "FusedConv"), ("onnx", 23, "Conv"),
                                                ("onnxruntime-cpu", None, "ReorderOutput")])
 def test_target_and_opset_choose_what_is_written(model_path, tmp_path, capsys, target, opset, op):
-    from graphopt.emitters.onnxruntime_nchwc import nchwc_block_size
+    from graphopt.passes.onnxruntime_nchwc import nchwc_block_size
+    from graphopt.passes.targets import TARGET_PIPELINES
 
     if target == "onnxruntime-cpu" and nchwc_block_size() is None:
         pytest.skip("this onnxruntime has no NCHWc kernels")
-    out_path = tmp_path / "opt.onnx"
+    out_path, report = tmp_path / "opt.onnx", tmp_path / "report.json"
     extra = ["--opset", str(opset)] if opset else []
-    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--target", target, *extra, "--check", "2")
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--target", target, *extra, "--check", "2",
+                             "--report", report)
     assert code == 0, err
+    target_records = [r for r in json.loads(report.read_text()) if r["name"] in TARGET_PIPELINES[target]]
+    assert [r["name"] for r in target_records] == TARGET_PIPELINES[target], "the report shows the target's passes"
+    assert any(r["modified"] for r in target_records) == (target != "onnx")
     written = onnx.load(str(out_path))
     assert op in {n.op_type for n in written.graph.node}
     loaded = {o.domain: o.version for o in onnx.load(str(model_path)).opset_import}[""]

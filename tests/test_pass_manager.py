@@ -1,4 +1,6 @@
-"""The pass manager: pipelines, name and option errors, custom passes, the report, verify mode."""
+"""The pass manager: pipelines, name and option errors, custom passes, the report, verify mode,
+ordering constraints and instruments."""
+import io
 import json
 from dataclasses import dataclass
 
@@ -8,8 +10,8 @@ import torch
 import graphopt
 from graphopt.errors import InvalidOptionError
 from graphopt.ir import Graph, TensorType
-from graphopt.pass_manager import (PASSES, PIPELINES, Pass, PassKind, PassManager, PassResult, pipeline,
-                                   register_pass, register_pipeline)
+from graphopt.pass_manager import (PASSES, PIPELINES, DumpAfter, Pass, PassContractError, PassKind, PassManager,
+                                   PassResult, TimePasses, pipeline, register_pass, register_pipeline)
 from graphopt.passes.cleanup import CLEANUP_PIPELINE
 
 from ir_interpreter import random_inputs, run_graph
@@ -157,3 +159,163 @@ def test_verify_mode_catches_a_pass_that_hides_a_change(scratch_registry):
     with pytest.raises(AssertionError, match="sneaky changed the graph but reported modified=False"):
         PassManager(["sneaky"], verify=True).run(messy_graph())
     PassManager(["sneaky"], verify=False).run(messy_graph())  # unchecked without verify
+
+
+def lying_pass(name, rewrite, claims):
+    """Register a pass that applies ``rewrite`` to the graph and reports ``modified=claims``."""
+    def call(self, graph):
+        rewrite(graph)
+        return PassResult(graph, claims)
+
+    register_pass(dataclass(type(name, (Pass,), {"name": name, "call": call})))
+
+
+def scale_first_constant_in_place(graph):
+    next(iter(graph.constants.values())).data.mul_(2)
+
+
+def replace_first_constant(graph):
+    value = next(iter(graph.constants.values()))
+    value.data = value.data * 2
+
+
+@pytest.mark.parametrize("rewrite, changed", [
+    (scale_first_constant_in_place, r"constant %one \(written in place\) changed"),
+    (replace_first_constant, r"constant %one \(replaced\) changed"),
+])
+def test_verify_mode_catches_a_pass_that_hides_a_change_to_constant_data(scratch_registry, rewrite, changed):
+    g = messy_graph()
+    before = g.structural_hash()
+    lying_pass("reweight", rewrite, claims=False)
+    with pytest.raises(PassContractError, match=f"pass reweight changed the graph but reported modified=False: "
+                                                f"{changed}"):
+        PassManager(["reweight"], verify=True).run(g)
+    assert g.structural_hash() == before  # what the structural hash alone would have let through
+
+
+def test_verify_mode_catches_a_pass_that_claims_a_change_it_did_not_make(scratch_registry):
+    lying_pass("boaster", lambda graph: None, claims=True)
+    with pytest.raises(PassContractError, match="pass boaster reported modified=True but changed nothing"):
+        PassManager(["boaster"], verify=True).run(messy_graph())
+    PassManager(["boaster"], verify=False, max_iterations=2).run(messy_graph())  # unchecked without verify
+
+
+def test_verify_mode_names_the_pass_that_left_an_invalid_graph(scratch_registry):
+    def misfile_a_constant(graph):
+        graph.constants["elsewhere"] = graph.constants.pop("one")
+
+    lying_pass("misfiler", misfile_a_constant, claims=True)
+    with pytest.raises(PassContractError, match="pass misfiler left an invalid graph: constant %one is filed "
+                                                "under the key 'elsewhere'"):
+        PassManager(["dce", "misfiler"], verify=True).run(messy_graph())
+
+
+def test_a_broken_contract_dumps_the_graph_before_and_after_the_pass(scratch_registry, tmp_path):
+    def drop_the_exp(graph):
+        graph.remove_node(graph.find("exp")[0])
+
+    lying_pass("sneaky", drop_the_exp, claims=False)
+    dumps = tmp_path / "dumps"
+    with pytest.raises(PassContractError) as caught:
+        PassManager(["eliminate_noops", "sneaky"], verify=True, dump_dir=dumps).run(messy_graph())
+    before, after = dumps / "001-sneaky.before.txt", dumps / "001-sneaky.after.txt"
+    assert str(caught.value) == (f"pass sneaky changed the graph but reported modified=False: the graph structure "
+                                 f"changed (graph before and after it: {before}, {after})")
+    assert "= exp(" in before.read_text() and "= exp(" not in after.read_text()
+    assert "= identity(" not in before.read_text()  # the graph as the pass got it: eliminate_noops ran first
+
+
+def test_the_dump_folder_can_come_from_the_environment(scratch_registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_DUMP_DIR", str(tmp_path))
+    lying_pass("boaster", lambda graph: None, claims=True)
+    with pytest.raises(PassContractError, match="000-boaster.before.txt"):
+        PassManager(["boaster"], verify=True).run(messy_graph())
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["000-boaster.after.txt", "000-boaster.before.txt"]
+
+
+# ------------------------------------------------------------------ ordering
+def declared_pass(name, requires=(), ensures=(), analysis=False):
+    """Register a pass that only declares its place in the order."""
+    namespace = {"name": name, "requires": requires, "ensures": ensures, "analysis": analysis,
+                 "call": lambda self, graph: PassResult(graph, False)}
+    register_pass(dataclass(type(name, (Pass,), namespace)))
+
+
+def test_a_pass_must_come_after_the_pass_ensuring_what_it_requires(scratch_registry):
+    declared_pass("make_canonical", ensures=("canonical",))
+    declared_pass("fuse", requires=("canonical",))
+    PassManager(["make_canonical", "fuse"])
+    PassManager(["fuse"])  # run on its own, the caller vouches for the graph
+    with pytest.raises(InvalidOptionError, match="^pass fuse requires canonical, which make_canonical ensures: "
+                                                 "run make_canonical before fuse$"):
+        PassManager(["fuse", "make_canonical"])
+    with pytest.raises(InvalidOptionError, match="run make_canonical before fuse"):
+        register_pipeline("O9", ["fuse", "make_canonical"])
+    assert "O9" not in PIPELINES
+
+
+def test_a_rewrite_after_an_analysis_leaves_its_annotation_stale(scratch_registry):
+    declared_pass("annotate", ensures=("annotated",), analysis=True)
+    declared_pass("read_annotations", requires=("annotated",))
+    PassManager(["dce", "annotate", "read_annotations"])
+    PassManager(["annotate", "annotate", "read_annotations"])  # an analysis keeps what others ensured
+    with pytest.raises(InvalidOptionError, match="^pass read_annotations requires annotated, but dce rewrites the "
+                                                 "graph after annotate annotates it: run annotate after dce$"):
+        PassManager(["annotate", "dce", "read_annotations"])
+
+
+@pytest.mark.parametrize("steps, message", [
+    (["recognize_patterns", "fold_bias", "fuse_attention"], "fold_bias requires attention_fused"),
+    (["fuse_linear", "recognize_patterns"], "fuse_linear requires patterns_recognized"),
+    (["recognize_patterns", "fuse_horizontal", "fuse_linear"], "fuse_horizontal requires matmuls_as_linear"),
+    (["recognize_patterns", "fuse_attention", "fuse_horizontal", "fold_bias"],
+     "fuse_horizontal requires biases_folded"),
+    (["lower_regions", "mark_fusion_groups"], "run mark_fusion_groups before lower_regions"),
+    (["mark_fusion_groups", "fold_constants", "lower_regions"], "run mark_fusion_groups after fold_constants"),
+    (["O2", "channels_last", "lower_regions"], "run mark_fusion_groups after channels_last"),
+])
+def test_the_built_in_passes_declare_their_order(steps, message):
+    for level in PIPELINES:
+        PassManager([level])
+    with pytest.raises(InvalidOptionError, match=message):
+        PassManager(steps)
+
+
+# --------------------------------------------------------------- instruments
+CLEANUP = ["fold_constants", "eliminate_noops", "cse", "dce"]
+
+
+def test_dump_after_prints_the_graph_after_each_run_of_the_named_pass():
+    stream = io.StringIO()
+    PassManager(CLEANUP, instruments=[DumpAfter(["cse"], stream=stream)]).run(messy_graph())
+    text = stream.getvalue()
+    assert text.startswith("// graph after cse (step 2)\ngraph main(")
+    assert text.count("// graph after cse") == 2  # the list ran twice, to its fixed point
+    first = text.split("// graph after cse")[1]
+    assert first.count("= tanh(") == 1 and "= exp(" in first  # cse merged the tanh twins; dce comes later
+
+
+def test_dump_after_writes_one_file_per_run_to_a_folder(tmp_path):
+    g = graphopt.optimize(messy_graph(), "O0", passes=CLEANUP,
+                          instruments=[DumpAfter(["fold_constants", "dce"], tmp_path)])
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["000-fold_constants.txt", "003-dce.txt",
+                                                          "004-fold_constants.txt", "007-dce.txt"]
+    assert (tmp_path / "007-dce.txt").read_text() == f"{g}\n"
+
+
+def test_dump_after_a_pass_the_pipeline_does_not_run_is_refused():
+    with pytest.raises(InvalidOptionError, match="^dump_after names fuse_linear, which this pipeline does not run; "
+                                                 "it runs: fold_constants, eliminate_noops, cse, dce$"):
+        graphopt.optimize(messy_graph(), "O0", passes=CLEANUP, instruments=[DumpAfter(["fuse_linear"])])
+    with pytest.raises(InvalidOptionError, match="dump_after must be a list of pass names, got 'dce'"):
+        DumpAfter("dce")
+
+
+def test_time_passes_prints_a_table_of_each_pass_all_runs_together():
+    stream = io.StringIO()
+    g = graphopt.optimize(messy_graph(), "O0", passes=CLEANUP, instruments=[TimePasses(stream)])
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "// pass times for graph" and lines[1].split() == ["pass", "runs", "ms", "share"]
+    runs = {line.split()[0]: int(line.split()[1]) for line in lines[2:]}
+    assert runs == {"fold_constants": 2, "eliminate_noops": 2, "cse": 2, "dce": 2, "total": 8}
+    assert len(g.meta["report"].records) == 8

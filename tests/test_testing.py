@@ -59,3 +59,17 @@ def test_assert_close_outputs_message():
     message = str(info.value)
     assert "toy" in message and "output 1" in message and "(1,)" in message and "1.5" in message
     assert "output 0" not in message
+
+
+def test_output_difference_is_one_measure_for_tensors_and_arrays():
+    """The CLI's --check (numpy outputs of onnxruntime) and the suite (torch outputs) read the same numbers:
+    absolute, and relative to the largest expected magnitude; equal infinities agree, strings compare whole."""
+    import numpy as np
+
+    from graphopt.testing import output_difference
+
+    ref, got = torch.tensor([10.0, -20.0, float("inf")]), torch.tensor([11.0, -20.0, float("inf")])
+    assert output_difference(ref, got) == output_difference(ref.numpy(), got.numpy()) == (1.0, 0.05)
+    assert output_difference(np.array(["a", "b"]), np.array(["a", "b"])) == (0.0, 0.0)
+    assert output_difference(np.array(["a"]), np.array(["c"]))[1] == float("inf")
+    assert output_difference(np.zeros(2), np.zeros(3))[1] == float("inf")

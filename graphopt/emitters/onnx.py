@@ -19,11 +19,15 @@ import torch
 
 from graphopt.frontends.onnx import TORCH_TO_ONNX, ir_type_to_onnx, torch_to_numpy
 from graphopt.ir import Graph, Node, ScalarType, TensorType, Value
+from graphopt.ir.graph import register_emitter
 
 DEFAULT_OPSET = 18
 TARGETS = ("onnx", "onnxruntime", "onnxruntime-cpu")
 """What the model is for: any ONNX runtime (standard ops only); onnxruntime (its contrib ops too); or
-onnxruntime's CPU provider on this machine (also its NCHWc blocked convolutions, ``onnxruntime_nchwc``)."""
+onnxruntime's CPU provider on this machine (also its NCHWc blocked convolutions). The target's pipeline
+(``graphopt.passes.targets``) rewrites the IR into those ops; the emitter writes what the IR holds."""
+ONNXRUNTIME_OPS = "ort."
+"""Prefix of the IR ops only onnxruntime runs (``onnxruntime_ops``, ``onnxruntime_nchwc``)."""
 MIN_OPSET = 13
 TWO_GB = 2**31
 
@@ -36,10 +40,10 @@ def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: i
               target: str = "onnx") -> onnx.ModelProto:
     """Lower ``graph`` to an ONNX model for ``opset`` (default: the loaded model's opset, else 18).
 
-    ``target="onnxruntime"`` also uses onnxruntime's fused contrib ops
-    (``onnxruntime_ops``); the model then needs onnxruntime to run.
-    ``target="onnxruntime-cpu"`` adds the NCHWc layout of this machine's CPU
-    provider, so the model runs only there and on CPUs with the same block size.
+    ``target="onnx"`` refuses the onnxruntime-only ops (``ort.*``) that the
+    ``onnxruntime`` and ``onnxruntime-cpu`` pipelines write into the graph
+    (``graphopt.passes.targets.optimize_for_target``); with those targets they
+    are written as onnxruntime's contrib and NCHWc ops.
 
     ``external_data_threshold`` is kept for ``save_onnx``: the proto returned here
     always holds its initializers inline.
@@ -51,7 +55,7 @@ def emit_onnx(graph: Graph, opset: int | None = None, external_data_threshold: i
         raise EmitError(f"cannot emit opset {opset}: graphopt emits opset {MIN_OPSET} and up")
     if target not in TARGETS:
         raise EmitError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    return _Emitter(graph, opset, target).run()
+    return OnnxEmitter(graph, opset, target).run()
 
 
 def save_onnx(model: onnx.ModelProto | Graph, path: str | os.PathLike, external_data_threshold: int = TWO_GB,
@@ -103,7 +107,7 @@ def tensor_proto(data: torch.Tensor, name: str) -> onnx.TensorProto:
     return proto
 
 
-class _Emitter:
+class OnnxEmitter:
     """Builds the ONNX graph node by node, naming every IR value once."""
 
     def __init__(self, graph: Graph, opset: int, target: str = "onnx"):
@@ -177,38 +181,19 @@ class _Emitter:
 
     # -------------------------------------------------------------- run
     def run(self) -> onnx.ModelProto:
+        from . import onnxruntime_nchwc, onnxruntime_ops
         from .onnx_table import EMITTERS
-        from .onnxruntime_ops import plan_contrib_ops
 
         g = self.graph
-        contrib = None
-        if self.target.startswith("onnxruntime"):
-            contrib = plan_contrib_ops(g, self.opset, self._nchwc_block(), cpu=self.target == "onnxruntime-cpu")
+        self.rows = {**EMITTERS, **onnxruntime_ops.ROWS, **onnxruntime_nchwc.ROWS}
         output_names = self._plan_outputs()
         for v in g.inputs:
             if "onnx_default" in v.meta:
                 self.initializers.append(tensor_proto(v.meta["onnx_default"], v.name))
         for v in g.constants.values():
             self.initializers.append(tensor_proto(v.data, v.name))
-        for node in g.nodes:
-            outs = [self.name(o) for o in node.outputs]
-            if contrib is not None and contrib.emit(self, node):
-                continue
-            if node.op == "onnx.opaque":
-                self._emit_onnx_opaque(node, outs)
-            elif node.op == "torch.opaque":
-                self._emit_torch_opaque(node, outs)
-            else:
-                emitter = EMITTERS.get(node.op)
-                if emitter is None:
-                    raise EmitError(f"node {node.name}: IR op {node.op!r} has no ONNX lowering")
-                try:
-                    emitter(self, node, [self.name(v) for v in node.inputs], outs)
-                except EmitError:
-                    raise
-                except Exception as e:
-                    raise EmitError(f"node {node.name} ({node.op}): cannot lower to ONNX opset {self.opset}: "
-                                    f"{e}") from e
+        for node in g:
+            self._emit_node(node)
         for k, v in enumerate(g.outputs):
             if self.name(v) != output_names[k]:
                 self.add("Identity", [self.name(v)], [output_names[k]])
@@ -220,15 +205,47 @@ class _Emitter:
             self.initializers)
         return self._model(graph)
 
-    def _nchwc_block(self) -> int | None:
-        if self.target != "onnxruntime-cpu":
-            return None
-        from .onnxruntime_nchwc import METADATA_KEY, nchwc_block_size
+    def _emit_node(self, node: Node) -> None:
+        outs = [self.name(o) for o in node.outputs]
+        if node.op.startswith(ONNXRUNTIME_OPS) and self.target == "onnx":
+            raise EmitError(f"node {node.name}: {node.op} runs in onnxruntime only; emit it with "
+                            f"target='onnxruntime' (or 'onnxruntime-cpu')")
+        if node.op == "onnx.opaque":
+            self._emit_onnx_opaque(node, outs)
+        elif node.op == "torch.opaque":
+            self._emit_torch_opaque(node, outs)
+        elif node.op == "region":
+            self._emit_region(node, outs)
+        elif node.opdef.state_method is not None:
+            raise EmitError(f"node {node.name}: {node.op} keeps state across calls, which an ONNX model cannot; "
+                            f"emit this graph to torch (graph.to_torch())")
+        else:
+            emitter = self.rows.get(node.op)
+            if emitter is None:
+                raise EmitError(f"node {node.name}: IR op {node.op!r} has no ONNX lowering")
+            try:
+                emitter(self, node, [self.name(v) for v in node.inputs], outs)
+            except EmitError:
+                raise
+            except Exception as e:
+                raise EmitError(f"node {node.name} ({node.op}): cannot lower to ONNX opset {self.opset}: "
+                                f"{e}") from e
 
-        block = nchwc_block_size()
-        if block is not None:
-            self.metadata[METADATA_KEY] = str(block)
-        return block
+    def _emit_region(self, node: Node, outs: list[str]) -> None:
+        """A region's body, written in its place under fresh names: an ONNX graph runs a subgraph only
+        under control flow (If, Loop), so a region is inlined as it is emitted."""
+        body = node.attrs["body"]
+        for inner, outer in zip(body.inputs, node.inputs):
+            self.names[id(inner)] = self.name(outer)
+        for v in body.constants.values():
+            self.names[id(v)] = self.fresh(v.name)
+            self.initializers.append(tensor_proto(v.data, self.names[id(v)]))
+        for inner in body:
+            for v in inner.outputs:
+                self.names[id(v)] = self.fresh(v.name)
+            self._emit_node(inner)
+        for out, inner in zip(outs, body.outputs):
+            self.add("Identity", [self.name(inner)], [out])
 
     def _model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
         opsets = {d: v for d, v in self.meta.get("opset_imports", {}).items() if d not in ("", "ai.onnx")}
@@ -384,7 +401,7 @@ def _example_tensor(dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
 
 
 def _target_name(node: Node) -> str:
-    target = node.attrs.get("target")
+    target = node.attrs["target"]
     return getattr(target, "__name__", None) or str(target)
 
 
@@ -406,3 +423,6 @@ def _names_read(nodes: Sequence[onnx.NodeProto]) -> set[str]:
                 read |= _names_read(sub.node)
                 read.update(o.name for o in sub.output)
     return read
+
+
+register_emitter("onnx", emit_onnx)

@@ -16,9 +16,9 @@ from graphopt.frontends.onnx import TORCH_TO_ONNX
 from graphopt.ir import Node, TensorType, Value
 from graphopt.ir.ops.shape import skipped_by_concat
 
-from .onnx import EmitError, _Emitter
+from .onnx import EmitError, OnnxEmitter
 
-Lowering = Callable[[_Emitter, Node, list, list], None]
+Lowering = Callable[[OnnxEmitter, Node, list, list], None]
 EMITTERS: dict[str, Lowering] = {}
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -46,7 +46,7 @@ def _shape(v) -> tuple:
     return v.type.shape
 
 
-def _axes_input(e: _Emitter, dims) -> str:
+def _axes_input(e: OnnxEmitter, dims) -> str:
     return e.ints(list(dims), "axes")
 
 
@@ -59,7 +59,7 @@ _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp", "l
 
 
 @_register(*_UNARY)
-def _unary(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _unary(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     x = ins[0]
     if n.op in ("exp", "log", "sqrt", "sin", "cos", "tan", "erf", "sigmoid", "tanh", "reciprocal", "asin", "acos",
                 "atan", "sinh", "cosh", "asinh", "acosh", "atanh"):
@@ -68,7 +68,7 @@ def _unary(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("bitwise_not")
-def _bitwise_not(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _bitwise_not(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     if _dtype(n.inputs[0]) == torch.bool:
         e.add("Not", ins, outs)
     else:
@@ -76,17 +76,17 @@ def _bitwise_not(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("rsqrt")
-def _rsqrt(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _rsqrt(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Reciprocal", [e.add1("Sqrt", ins)], outs)
 
 
 @_register("silu")
-def _silu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _silu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Mul", [ins[0], e.add1("Sigmoid", ins)], outs)
 
 
 @_register("mish")
-def _mish(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _mish(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     if e.opset >= 18:
         e.add("Mish", ins, outs)
     else:
@@ -94,7 +94,7 @@ def _mish(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("hardswish")
-def _hardswish(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _hardswish(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("HardSwish", ins, outs)
 
 
@@ -104,13 +104,13 @@ _COMPARE = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "
 _LOGICAL = {"logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
 
 
-def _operands(e: _Emitter, n: Node, ins: list, dtype: torch.dtype) -> list:
+def _operands(e: OnnxEmitter, n: Node, ins: list, dtype: torch.dtype) -> list:
     """Inputs cast to one dtype: ONNX has no type promotion."""
     return [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)]
 
 
 @_register(*_ARITH)
-def _arith(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _arith(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     op = _ARITH[n.op]
     if dtype == torch.bool and n.op.startswith("bitwise"):
@@ -119,25 +119,25 @@ def _arith(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register(*_COMPARE)
-def _compare(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _compare(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = torch.promote_types(_dtype(n.inputs[0]), _dtype(n.inputs[1]))
     e.add(_COMPARE[n.op], _operands(e, n, ins, dtype), outs)
 
 
 @_register("ne")
-def _ne(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _ne(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = torch.promote_types(_dtype(n.inputs[0]), _dtype(n.inputs[1]))
     e.add("Not", [e.add1("Equal", _operands(e, n, ins, dtype))], outs)
 
 
 @_register(*_LOGICAL)
-def _logical(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _logical(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add(_LOGICAL[n.op], _operands(e, n, ins, torch.bool), outs)
 
 
 @_register("div")
-def _div(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    mode = n.attrs.get("rounding_mode")
+def _div(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    mode = n.attrs["rounding_mode"]
     dtype = _dtype(n.output)
     a, b = _operands(e, n, ins, dtype)
     if mode is None or (mode == "trunc" and not dtype.is_floating_point):
@@ -152,12 +152,12 @@ def _div(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("fmod")
-def _fmod(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _fmod(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Mod", _operands(e, n, ins, _dtype(n.output)), outs, fmod=1)
 
 
 @_register("remainder")
-def _remainder(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _remainder(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     a, b = _operands(e, n, ins, dtype)
     if not dtype.is_floating_point:
@@ -168,7 +168,7 @@ def _remainder(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("atan2")
-def _atan2(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _atan2(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     """atan(y/x), shifted by +-pi in the left half plane; x == 0 gives +-pi/2."""
     dtype = _dtype(n.output)
     y, x = _operands(e, n, ins, dtype)
@@ -188,7 +188,7 @@ with the type it selects in instead: every value converts there and back unchang
 
 
 @_register("where")
-def _where(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _where(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     kernel = _WHERE_AS.get(dtype, dtype)
     cond = e.cast(ins[0], _dtype(n.inputs[0]), torch.bool)
@@ -200,14 +200,14 @@ def _where(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("isinf")
-def _isinf(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("IsInf", ins, outs, detect_positive=int(n.attrs.get("detect_positive", True)),
-          detect_negative=int(n.attrs.get("detect_negative", True)))
+def _isinf(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("IsInf", ins, outs, detect_positive=int(n.attrs["detect_positive"]),
+          detect_negative=int(n.attrs["detect_negative"]))
 
 
 @_register("gelu")
-def _gelu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    approximate = n.attrs.get("approximate", "none")
+def _gelu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    approximate = n.attrs["approximate"]
     if e.opset >= 20:
         e.add("Gelu", ins, outs, approximate=approximate)
         return
@@ -224,19 +224,19 @@ def _gelu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("leaky_relu")
-def _leaky_relu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("LeakyRelu", ins, outs, alpha=float(n.attrs.get("negative_slope", 0.01)))
+def _leaky_relu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("LeakyRelu", ins, outs, alpha=float(n.attrs["negative_slope"]))
 
 
 @_register("elu", "celu")
-def _elu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add(n.op.capitalize(), ins, outs, alpha=float(n.attrs.get("alpha", 1.0)))
+def _elu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add(n.op.capitalize(), ins, outs, alpha=float(n.attrs["alpha"]))
 
 
 @_register("softplus")
-def _softplus(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _softplus(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     """softplus(beta x)/beta, linear where beta x exceeds the threshold (torch's form)."""
-    beta, threshold = float(n.attrs.get("beta", 1.0)), float(n.attrs.get("threshold", 20.0))
+    beta, threshold = float(n.attrs["beta"]), float(n.attrs["threshold"])
     dtype = _dtype(n.output)
     x = ins[0]
     scaled = x if beta == 1.0 else e.add1("Mul", [x, e.const(beta, dtype)])
@@ -247,27 +247,27 @@ def _softplus(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("hardsigmoid")
-def _hardsigmoid(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("HardSigmoid", ins, outs, alpha=float(n.attrs.get("alpha", 1 / 6)), beta=float(n.attrs.get("beta", 0.5)))
+def _hardsigmoid(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("HardSigmoid", ins, outs, alpha=float(n.attrs["alpha"]), beta=float(n.attrs["beta"]))
 
 
 @_register("clamp")
-def _clamp(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _clamp(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     x = e.cast(ins[0], _dtype(n.inputs[0]), dtype)
-    lo, hi = n.attrs.get("min"), n.attrs.get("max")
+    lo, hi = n.attrs["min"], n.attrs["max"]
     e.add("Clip", [x, "" if lo is None else e.const(lo, dtype, "min"), "" if hi is None else e.const(hi, dtype, "max")],
           outs)
 
 
 @_register("cast")
-def _cast(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _cast(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Cast", ins, outs, to=TORCH_TO_ONNX[n.attrs["dtype"]])
 
 
 @_register("dropout")
-def _dropout(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    if n.attrs.get("training") and n.attrs.get("p", 0.5) > 0:
+def _dropout(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    if n.attrs["training"] and n.attrs["p"] > 0:
         e.add("Dropout", [ins[0], e.const(float(n.attrs["p"]), _dtype(n.output)), e.const(True, torch.bool)], outs)
     else:
         e.add("Identity", ins, outs)
@@ -275,12 +275,12 @@ def _dropout(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 # ------------------------------------------------------------------- linalg
 @_register("matmul")
-def _matmul(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _matmul(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("MatMul", ins, outs)
 
 
 @_register("linear")
-def _linear(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _linear(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     x, w = ins[0], ins[1]
     bias = ins[2] if len(ins) > 2 else ""
     if len(_shape(n.inputs[0])) == 2:
@@ -295,18 +295,18 @@ def _linear(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("gemm")
-def _gemm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _gemm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     a = n.attrs
     e.add("Gemm", [i for i in ins if i] if ins[-1] else ins[:2], outs, alpha=float(a.get("alpha", 1.0)),
           beta=float(a.get("beta", 1.0)), transA=int(a.get("trans_a", False)), transB=int(a.get("trans_b", False)))
 
 
 @_register("conv")
-def _conv(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _conv(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     inputs = ins if ins[-1] else ins[:2]
-    if n.attrs.get("transposed"):
+    if n.attrs["transposed"]:
         spatial = len(_shape(n.inputs[1])) - 2
-        e.add("ConvTranspose", inputs, outs, output_padding=_per_dim(n.attrs.get("output_padding", (0,)), spatial),
+        e.add("ConvTranspose", inputs, outs, output_padding=per_dim(n.attrs["output_padding"], spatial),
               **conv_attributes(n))
     else:
         e.add("Conv", inputs, outs, **conv_attributes(n))
@@ -316,23 +316,24 @@ def conv_attributes(n: Node) -> dict:
     """The ONNX Conv attributes of an IR conv (shared with the fused convolutions of other domains)."""
     a = n.attrs
     spatial = len(_shape(n.inputs[1])) - 2
-    padding = _per_dim(a.get("padding", (0,)), spatial)
-    return dict(strides=_per_dim(a.get("stride", (1,)), spatial), dilations=_per_dim(a.get("dilation", (1,)), spatial),
+    padding = per_dim(a.get("padding", (0,)), spatial)
+    return dict(strides=per_dim(a.get("stride", (1,)), spatial), dilations=per_dim(a.get("dilation", (1,)), spatial),
                 group=int(a.get("groups", 1)), pads=padding + padding, kernel_shape=list(_shape(n.inputs[1])[2:]))
 
 
-def _per_dim(values, n: int) -> list[int]:
+def per_dim(values, n: int) -> list[int]:
+    """One int per spatial dim: a single value (torch's ``stride=2``) is repeated ``n`` times."""
     values = [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
     return values * n if len(values) == 1 else values
 
 
 @_register("einsum")
-def _einsum(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _einsum(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Einsum", ins, outs, equation=n.attrs["equation"])
 
 
 @_register("sdpa")
-def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _sdpa(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     """softmax(q k^T * scale + mask) v: one Attention node from opset 23, else MatMul/Softmax.
 
     Attention reads rank-3 inputs as packed heads, unlike torch, and onnxruntime refuses a mask
@@ -343,16 +344,16 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     mask = ins[3] if len(ins) > 3 else ""
     qshape, kshape = _shape(n.inputs[0]), _shape(n.inputs[1])
     dtype = _dtype(n.output)
-    scale = n.attrs.get("scale")
+    scale = n.attrs["scale"]
     boolean_mask = bool(mask) and _dtype(n.inputs[3]) == torch.bool
     if mask and not boolean_mask:
         mask = e.cast(mask, _dtype(n.inputs[3]), dtype)
     if (e.opset >= 23 and all(len(_shape(x)) == 4 for x in n.inputs[:3])
             and (not mask or tuple(_shape(n.inputs[3])[-2:]) == (qshape[-2], kshape[-2]))):
-        e.add("Attention", [q, k, v, mask] if mask else [q, k, v], outs, is_causal=int(bool(n.attrs.get("is_causal"))),
+        e.add("Attention", [q, k, v, mask] if mask else [q, k, v], outs, is_causal=int(bool(n.attrs["is_causal"])),
               scale=None if scale is None else float(scale))  # absent: 1/sqrt(head size), as torch
         return
-    if n.attrs.get("enable_gqa"):
+    if n.attrs["enable_gqa"]:
         k, v = (_repeat_heads(e, n, x, value, qshape[-3]) for x, value in ((k, n.inputs[1]), (v, n.inputs[2])))
     if scale is None:
         if not isinstance(qshape[-1], int):
@@ -362,7 +363,7 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
     scores = e.add1("MatMul", [e.add1("Mul", [q, e.const(math.sqrt(scale), dtype)]),
                                e.add1("Mul", [e.add1("Transpose", [k], perm=perm), e.const(math.sqrt(scale), dtype)])])
-    if n.attrs.get("is_causal"):
+    if n.attrs["is_causal"]:
         lq, lk = qshape[-2], kshape[-2]
         if not (isinstance(lq, int) and isinstance(lk, int)):
             raise EmitError(f"node {n.name}: causal sdpa needs static sequence lengths")
@@ -375,7 +376,7 @@ def _sdpa(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     e.add("MatMul", [attention_probabilities(e, scores, bool(mask), dtype), v], outs)
 
 
-def _repeat_heads(e: _Emitter, n: Node, x: str, value: Value, heads) -> str:
+def _repeat_heads(e: OnnxEmitter, n: Node, x: str, value: Value, heads) -> str:
     """``x`` ([B, h, S, D]) with each head repeated ``heads / h`` times in a row, as sdpa's ``enable_gqa`` reads it
     (head ``j`` from head ``j // (heads / h)``): Unsqueeze, Expand over the new axis, Reshape back to rank 4."""
     shape = _shape(value)
@@ -392,7 +393,7 @@ def _repeat_heads(e: _Emitter, n: Node, x: str, value: Value, heads) -> str:
     return e.add1("Reshape", [expanded, e.ints([0, heads, -1, dim] if isinstance(dim, int) else [0, heads, seq, -1])])
 
 
-def attention_probabilities(e: _Emitter, scores: str, masked: bool, dtype: torch.dtype) -> str:
+def attention_probabilities(e: OnnxEmitter, scores: str, masked: bool, dtype: torch.dtype) -> str:
     """Softmax over the keys; under a mask, a row masked everywhere gives zeros (NaN in plain Softmax), as in sdpa."""
     probs = e.add1("Softmax", [scores], axis=-1)
     if not masked:
@@ -401,7 +402,7 @@ def attention_probabilities(e: _Emitter, scores: str, masked: bool, dtype: torch
 
 
 # -------------------------------------------------------------------- norms
-def _ones_or(e: _Emitter, name: str, n: Node, size, dtype: torch.dtype, value: float) -> str:
+def _ones_or(e: OnnxEmitter, name: str, n: Node, size, dtype: torch.dtype, value: float) -> str:
     if name:
         return name
     if not all(isinstance(s, int) for s in size):
@@ -410,18 +411,18 @@ def _ones_or(e: _Emitter, name: str, n: Node, size, dtype: torch.dtype, value: f
 
 
 @_register("batch_norm")
-def _batch_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _batch_norm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     channels = [_shape(n.inputs[0])[1]]
     scale = _ones_or(e, ins[1], n, channels, dtype, 1.0)
     bias = _ones_or(e, ins[2], n, channels, dtype, 0.0)
-    e.add("BatchNormalization", [ins[0], scale, bias, ins[3], ins[4]], outs, epsilon=float(n.attrs.get("eps", 1e-5)))
+    e.add("BatchNormalization", [ins[0], scale, bias, ins[3], ins[4]], outs, epsilon=float(n.attrs["eps"]))
 
 
 @_register("layer_norm")
-def _layer_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _layer_norm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = list(n.attrs["normalized_shape"])
-    eps = float(n.attrs.get("eps", 1e-5))
+    eps = float(n.attrs["eps"])
     dtype = _dtype(n.output)
     weight, bias = (ins + ["", ""])[1:3]
     if e.opset >= 17:
@@ -434,20 +435,20 @@ def _layer_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     _affine(e, normalized, weight, bias, outs)
 
 
-def _reduce_mean(e: _Emitter, x: str, axes: list[int]) -> str:
+def _reduce_mean(e: OnnxEmitter, x: str, axes: list[int]) -> str:
     if e.opset >= 18:
         return e.add1("ReduceMean", [x, _axes_input(e, axes)], keepdims=1)
     return e.add1("ReduceMean", [x], axes=axes, keepdims=1)
 
 
-def _normalize(e: _Emitter, x: str, axes: list[int], eps: float, dtype: torch.dtype) -> str:
+def _normalize(e: OnnxEmitter, x: str, axes: list[int], eps: float, dtype: torch.dtype) -> str:
     """(x - mean) / sqrt(var + eps) over ``axes`` (biased variance)."""
     centered = e.add1("Sub", [x, _reduce_mean(e, x, axes)])
     var = _reduce_mean(e, e.add1("Mul", [centered, centered]), axes)
     return e.add1("Div", [centered, e.add1("Sqrt", [e.add1("Add", [var, e.const(eps, dtype)])])])
 
 
-def _affine(e: _Emitter, x: str, weight: str, bias: str, outs: list) -> None:
+def _affine(e: OnnxEmitter, x: str, weight: str, bias: str, outs: list) -> None:
     if weight and bias:
         e.add("Add", [e.add1("Mul", [x, weight]), bias], outs)
     elif weight:
@@ -459,13 +460,13 @@ def _affine(e: _Emitter, x: str, weight: str, bias: str, outs: list) -> None:
 
 
 @_register("group_norm")
-def _group_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _group_norm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     """GroupNormalization from opset 21; before it, the 5 nodes torch.onnx exports and runtimes fuse.
 
     InstanceNormalization over x viewed as (N, G, -1) normalizes each group; the per-channel
     affine follows with weight and bias as (C, 1, ..., 1), pre-shaped when they are constants.
     """
-    groups, eps = int(n.attrs["num_groups"]), float(n.attrs.get("eps", 1e-5))
+    groups, eps = int(n.attrs["num_groups"]), float(n.attrs["eps"])
     shape = _shape(n.inputs[0])
     dtype = _dtype(n.output)
     weight, bias = (ins + ["", ""])[1:3]
@@ -497,10 +498,10 @@ def _group_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("rms_norm")
-def _rms_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _rms_norm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = list(n.attrs["normalized_shape"])
     dtype = _dtype(n.output)
-    eps = n.attrs.get("eps")
+    eps = n.attrs["eps"]
     eps = float(torch.finfo(dtype).eps) if eps is None else float(eps)
     weight = ins[1] if len(ins) > 1 else ""
     axes = list(range(-len(shape), 0))
@@ -514,15 +515,15 @@ def _rms_norm(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("softmax", "log_softmax")
-def _softmax(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("Softmax" if n.op == "softmax" else "LogSoftmax", ins, outs, axis=int(n.attrs.get("dim", -1)))
+def _softmax(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Softmax" if n.op == "softmax" else "LogSoftmax", ins, outs, axis=int(n.attrs["dim"]))
 
 
 # --------------------------------------------------------------- reductions
 _REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "amax": "ReduceMax", "amin": "ReduceMin", "prod": "ReduceProd"}
 
 
-def _reduce(e: _Emitter, op_type: str, x: str, dims, keepdim: bool, outs: list | int = 1) -> list:
+def _reduce(e: OnnxEmitter, op_type: str, x: str, dims, keepdim: bool, outs: list | int = 1) -> list:
     """One ReduceX node in the opset's form (axes as an input for ReduceSum >= 13, all >= 18).
 
     ``dims`` None or empty reduces every dim, as torch does.
@@ -535,37 +536,37 @@ def _reduce(e: _Emitter, op_type: str, x: str, dims, keepdim: bool, outs: list |
 
 
 @_register(*_REDUCE)
-def _reduction(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _reduction(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     x = e.cast(ins[0], _dtype(n.inputs[0]), _dtype(n.output))  # torch sums bool/int into int64
     if n.op == "mean" and _is_global_pool(n):  # onnxruntime's pooling kernel: the source model's rounding, faster
         e.add("GlobalAveragePool", [x], outs)
         return
-    _reduce(e, _REDUCE[n.op], x, n.attrs.get("dims"), n.attrs.get("keepdim", False), outs)
+    _reduce(e, _REDUCE[n.op], x, n.attrs["dims"], n.attrs["keepdim"], outs)
 
 
 def _is_global_pool(n: Node) -> bool:
     """A keepdim mean over every spatial dim (all after N and C) of a float tensor: GlobalAveragePool."""
     t = n.inputs[0].type
-    if not isinstance(t, TensorType) or t.shape is None or not n.attrs.get("keepdim"):
+    if not isinstance(t, TensorType) or t.shape is None or not n.attrs["keepdim"]:
         return False
     shape = t.shape
     if len(shape) < 3 or not _dtype(n.output).is_floating_point:
         return False
-    return sorted(d % len(shape) for d in n.attrs.get("dims") or ()) == list(range(2, len(shape)))
+    return sorted(d % len(shape) for d in n.attrs["dims"] or ()) == list(range(2, len(shape)))
 
 
 @_register("any", "all")
-def _any_all(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _any_all(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     as_int = e.add1("Cast", [ins[0]], to=TORCH_TO_ONNX[torch.bool])
     as_int = e.add1("Cast", [as_int], to=TORCH_TO_ONNX[torch.int32])
-    reduced = _reduce(e, "ReduceMax" if n.op == "any" else "ReduceMin", as_int, n.attrs.get("dims"),
-                      n.attrs.get("keepdim", False))[0]
+    reduced = _reduce(e, "ReduceMax" if n.op == "any" else "ReduceMin", as_int, n.attrs["dims"],
+                      n.attrs["keepdim"])[0]
     e.add("Cast", [reduced], outs, to=TORCH_TO_ONNX[torch.bool])
 
 
 @_register("var")
-def _var(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    dims = n.attrs.get("dims")
+def _var(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    dims = n.attrs["dims"]
     shape = _shape(n.inputs[0])
     axes = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
     count = math.prod(shape[a] for a in axes) if all(isinstance(shape[a], int) for a in axes) else None
@@ -573,25 +574,25 @@ def _var(e: _Emitter, n: Node, ins: list, outs: list) -> None:
         raise EmitError(f"node {n.name}: var over symbolic dims needs static sizes")
     dtype = _dtype(n.output)
     centered = e.add1("Sub", [ins[0], _reduce(e, "ReduceMean", ins[0], axes, True)[0]])
-    total = _reduce(e, "ReduceSum", e.add1("Mul", [centered, centered]), axes, n.attrs.get("keepdim", False))[0]
-    divisor = max(count - float(n.attrs.get("correction", 1.0)), 0.0)
+    total = _reduce(e, "ReduceSum", e.add1("Mul", [centered, centered]), axes, n.attrs["keepdim"])[0]
+    divisor = max(count - float(n.attrs["correction"]), 0.0)
     e.add("Div", [total, e.const(divisor, dtype)], outs)
 
 
 @_register("argmax", "argmin")
-def _argmax(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("ArgMax" if n.op == "argmax" else "ArgMin", ins, outs, axis=int(n.attrs.get("dim", 0)),
-          keepdims=int(n.attrs.get("keepdim", False)))
+def _argmax(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("ArgMax" if n.op == "argmax" else "ArgMin", ins, outs, axis=int(n.attrs["dim"]),
+          keepdims=int(n.attrs["keepdim"]))
 
 
 @_register("cumsum")
-def _cumsum(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _cumsum(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     x = e.cast(ins[0], _dtype(n.inputs[0]), _dtype(n.output))
-    e.add("CumSum", [x, e.const(int(n.attrs.get("dim", 0)), torch.int64)], outs)
+    e.add("CumSum", [x, e.const(int(n.attrs["dim"]), torch.int64)], outs)
 
 
 @_register("topk")
-def _topk(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _topk(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     a = n.attrs
     e.add("TopK", [ins[0], e.ints([int(a.get("k", 1))], "k")], outs, axis=int(a.get("dim", -1)),
           largest=int(a.get("largest", True)), sorted=int(a.get("sorted", True)))
@@ -599,30 +600,30 @@ def _topk(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 # ------------------------------------------------------------------- shapes
 @_register("reshape")
-def _reshape(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _reshape(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = [int(s) for s in n.attrs["shape"]]
     e.add("Reshape", [ins[0], e.ints(shape, "shape")], outs, allowzero=1 if 0 in shape else None)
 
 
 @_register("contiguous")
-def _contiguous(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _contiguous(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Identity", ins, outs)  # a memory format: ONNX tensors have no strides
 
 
 @_register("permute")
-def _permute(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _permute(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     rank = len(n.attrs["dims"])
     e.add("Transpose", ins, outs, perm=[int(d) % rank for d in n.attrs["dims"]])
 
 
 @_register("flatten")
-def _flatten(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _flatten(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = _shape(n.inputs[0])
     rank = len(shape)
     if rank == 0:
         e.add("Reshape", [ins[0], e.ints([1], "shape")], outs)
         return
-    start, end = n.attrs.get("start_dim", 0) % rank, n.attrs.get("end_dim", -1) % rank
+    start, end = n.attrs["start_dim"] % rank, n.attrs["end_dim"] % rank
     tail = shape[end + 1:]
     head = [0] * start + [-1]
     if all(isinstance(d, int) for d in tail):
@@ -634,8 +635,8 @@ def _flatten(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("squeeze")
-def _squeeze(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    dims = n.attrs.get("dims")
+def _squeeze(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    dims = n.attrs["dims"]
     if dims is None:
         e.add("Squeeze", ins, outs)
         return
@@ -649,23 +650,23 @@ def _squeeze(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("unsqueeze")
-def _unsqueeze(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _unsqueeze(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Unsqueeze", [ins[0], _axes_input(e, n.attrs["dims"])], outs)
 
 
 @_register("expand")
-def _expand(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _expand(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = [1 if int(s) == -1 else int(s) for s in n.attrs["shape"]]
     e.add("Expand", [ins[0], e.ints(shape, "shape")], outs)
 
 
 @_register("broadcast_to")
-def _broadcast_to(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _broadcast_to(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Expand", [ins[0], e.cast(ins[1], _dtype(n.inputs[1]), torch.int64)], outs)
 
 
 @_register("slice")
-def _slice(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _slice(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     a = n.attrs
     end = a.get("end")
     end = INT64_MAX if end is None else min(int(end), INT64_MAX)
@@ -674,19 +675,19 @@ def _slice(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("select")
-def _select(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("Gather", [ins[0], e.const(int(n.attrs.get("index", 0)), torch.int64, "index")], outs,
-          axis=int(n.attrs.get("dim", 0)))
+def _select(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Gather", [ins[0], e.const(int(n.attrs["index"]), torch.int64, "index")], outs,
+          axis=int(n.attrs["dim"]))
 
 
 @_register("take", "index_select")
-def _take(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    axis = n.attrs.get("axis", n.attrs.get("dim", 0))
+def _take(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    axis = n.attrs["axis"] if n.op == "take" else n.attrs["dim"]
     e.add("Gather", ins, outs, axis=int(axis))
 
 
 @_register("index")
-def _index(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _index(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     """Advanced indexing as one GatherND over the indexed dims moved to the front.
 
     GatherND puts the broadcast index shape first, as torch does for indexed dims
@@ -714,7 +715,7 @@ def _index(e: _Emitter, n: Node, ins: list, outs: list) -> None:
     e.add("Transpose", [gathered], outs, perm=perm)
 
 
-def _broadcast_shape(e: _Emitter, batch: tuple, indices: list) -> str:
+def _broadcast_shape(e: OnnxEmitter, batch: tuple, indices: list) -> str:
     """The common shape of the index tensors: a constant when static, else broadcast at run time."""
     if all(isinstance(d, int) for d in batch):
         return e.ints(batch, "index_shape")
@@ -724,7 +725,7 @@ def _broadcast_shape(e: _Emitter, batch: tuple, indices: list) -> str:
     return common
 
 
-def _index_coordinate(e: _Emitter, name: str, v, batch: tuple, target: str) -> str:
+def _index_coordinate(e: OnnxEmitter, name: str, v, batch: tuple, target: str) -> str:
     """One index tensor as int64, broadcast, with a trailing axis for GatherND (which wraps negatives)."""
     idx = e.cast(name, _dtype(v), torch.int64)
     if tuple(_shape(v)) != batch:
@@ -733,59 +734,59 @@ def _index_coordinate(e: _Emitter, name: str, v, batch: tuple, target: str) -> s
 
 
 @_register("gather")
-def _gather(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("GatherElements", ins, outs, axis=int(n.attrs.get("dim", 0)))
+def _gather(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("GatherElements", ins, outs, axis=int(n.attrs["dim"]))
 
 
 @_register("embedding")
-def _embedding(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _embedding(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     e.add("Gather", ins, outs, axis=0)
 
 
 @_register("concat")
-def _concat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _concat(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dtype = _dtype(n.output)
     parts = [e.cast(name, _dtype(v), dtype) for name, v in zip(ins, n.inputs)
              if not skipped_by_concat(getattr(v.type, "shape", None), getattr(n.output.type, "rank", None))]
     if len(parts) == 1:
         e.add("Identity", parts, outs)
     else:
-        e.add("Concat", parts, outs, axis=int(n.attrs.get("dim", 0)))
+        e.add("Concat", parts, outs, axis=int(n.attrs["dim"]))
 
 
 @_register("stack")
-def _stack(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    dim = int(n.attrs.get("dim", 0))
+def _stack(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    dim = int(n.attrs["dim"])
     axes = _axes_input(e, [dim])
     e.add("Concat", [e.add1("Unsqueeze", [x, axes]) for x in ins], outs, axis=dim)
 
 
 @_register("split")
-def _split(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("Split", [ins[0], e.ints(n.attrs["sizes"], "split")], outs, axis=int(n.attrs.get("dim", 0)))
+def _split(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Split", [ins[0], e.ints(n.attrs["sizes"], "split")], outs, axis=int(n.attrs["dim"]))
 
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
 @_register("pad")
-def _pad(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _pad(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     rank = len(_shape(n.inputs[0]))
     pads = [int(p) for p in n.attrs["pads"]]
     begins, ends = [0] * rank, [0] * rank
     for k in range(len(pads) // 2):
         begins[rank - 1 - k], ends[rank - 1 - k] = pads[2 * k], pads[2 * k + 1]
-    mode = n.attrs.get("mode", "constant")
+    mode = n.attrs["mode"]
     if mode == "circular" and e.opset < 19:
         raise EmitError(f"node {n.name}: circular padding needs opset 19")
     inputs = [ins[0], e.ints(begins + ends, "pads")]
     if mode == "constant":
-        inputs.append(e.const(n.attrs.get("value", 0.0) or 0, _dtype(n.output), "pad_value"))
+        inputs.append(e.const(n.attrs["value"] or 0, _dtype(n.output), "pad_value"))
     e.add("Pad", inputs, outs, mode=_PAD_MODES[mode])
 
 
 @_register("repeat")
-def _repeat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _repeat(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     repeats = [int(r) for r in n.attrs["repeats"]]
     rank = len(_shape(n.inputs[0]))
     x = ins[0]
@@ -795,16 +796,16 @@ def _repeat(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("flip")
-def _flip(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _flip(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     dims = [int(d) for d in n.attrs["dims"]]
     k = len(dims)
     e.add("Slice", [ins[0], e.ints([-1] * k), e.ints([INT64_MIN] * k), e.ints(dims), e.ints([-1] * k)], outs)
 
 
 @_register("roll")
-def _roll(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _roll(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     shape = _shape(n.inputs[0])
-    shifts, dims = list(n.attrs["shifts"]), list(n.attrs.get("dims") or [])
+    shifts, dims = list(n.attrs["shifts"]), list(n.attrs["dims"] or [])
     x = ins[0]
     flat = not dims  # torch rolls the flattened tensor
     if flat:
@@ -824,14 +825,14 @@ def _roll(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 @_register("tril", "triu")
-def _trilu(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    e.add("Trilu", [ins[0], e.const(int(n.attrs.get("diagonal", 0)), torch.int64, "k")], outs,
+def _trilu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    e.add("Trilu", [ins[0], e.const(int(n.attrs["diagonal"]), torch.int64, "k")], outs,
           upper=int(n.op == "triu"))
 
 
 @_register("shape")
-def _shape_op(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
+def _shape_op(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    start, end = int(n.attrs["start"]), n.attrs["end"]
     if start == 0 and end is None:
         e.add("Shape", ins, outs)
     elif e.opset >= 15:
@@ -842,31 +843,32 @@ def _shape_op(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 
 # ------------------------------------------------------------------ pooling
-def _window(n: Node) -> dict:
+def pool_window(n: Node) -> dict:
+    """The ONNX window attributes (kernel, strides, pads, ceil mode) of a pooling node."""
     a = n.attrs
     kernel = [int(k) for k in a["kernel_size"]]
     k = len(kernel)
-    stride = _per_dim(a.get("stride") or kernel, k)
-    padding = _per_dim(a.get("padding", (0,)), k)
+    stride = per_dim(a.get("stride") or kernel, k)
+    padding = per_dim(a.get("padding", (0,)), k)
     return dict(kernel_shape=kernel, strides=stride, pads=padding + padding, ceil_mode=int(a.get("ceil_mode", False)))
 
 
 @_register("max_pool")
-def _max_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    window = _window(n)
-    dilation = _per_dim(n.attrs.get("dilation", (1,)), len(window["kernel_shape"]))
+def _max_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    window = pool_window(n)
+    dilation = per_dim(n.attrs["dilation"], len(window["kernel_shape"]))
     e.add("MaxPool", ins, outs, dilations=dilation, **window)
 
 
 @_register("avg_pool")
-def _avg_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    if n.attrs.get("divisor_override"):
+def _avg_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    if n.attrs["divisor_override"]:
         raise EmitError(f"node {n.name}: avg_pool divisor_override has no ONNX form")
-    e.add("AveragePool", ins, outs, count_include_pad=int(n.attrs.get("count_include_pad", True)), **_window(n))
+    e.add("AveragePool", ins, outs, count_include_pad=int(n.attrs["count_include_pad"]), **pool_window(n))
 
 
 @_register("adaptive_avg_pool")
-def _adaptive_avg_pool(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _adaptive_avg_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     out_size = [int(s) for s in n.attrs["output_size"]]
     spatial = _shape(n.inputs[0])[2:]
     if all(s == 1 for s in out_size):
@@ -898,7 +900,7 @@ def adaptive_pool_matrix(size: int, out: int) -> torch.Tensor:
 
 
 @_register("interpolate")
-def _interpolate(e: _Emitter, n: Node, ins: list, outs: list) -> None:
+def _interpolate(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     a = n.attrs
     mode = a.get("mode", "nearest")
     align = bool(a.get("align_corners"))
@@ -914,7 +916,7 @@ def _interpolate(e: _Emitter, n: Node, ins: list, outs: list) -> None:
         raise EmitError(f"node {n.name}: interpolate mode {mode!r} has no ONNX Resize form")
     rank = len(_shape(n.inputs[0]))
     if a.get("size") is not None:
-        size = _per_dim(a["size"], rank - 2)
+        size = per_dim(a["size"], rank - 2)
         out_shape = _shape(n.output)
         sizes = e.ints([*out_shape[:2], *size]) if all(isinstance(d, int) for d in out_shape[:2]) else e.add1(
             "Concat", [e.add1("Slice", [e.add1("Shape", ins), e.ints([0]), e.ints([2])]), e.ints(size)], axis=0)
@@ -928,10 +930,10 @@ def _interpolate(e: _Emitter, n: Node, ins: list, outs: list) -> None:
 
 # ------------------------------------------------------------------ creation
 @_register("full")
-def _full(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    dtype = n.attrs.get("dtype", torch.float32)
-    value = torch.tensor([n.attrs.get("value", 0.0)]).to(dtype)
-    e.add("ConstantOfShape", [e.ints(list(n.attrs.get("shape", ())), "shape")], outs,
+def _full(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    dtype = n.attrs["dtype"]
+    value = torch.tensor([n.attrs["value"]]).to(dtype)
+    e.add("ConstantOfShape", [e.ints(list(n.attrs["shape"]), "shape")], outs,
           value=_value_attr(value))
 
 
@@ -942,14 +944,14 @@ def _value_attr(value: torch.Tensor):
 
 
 @_register("full_like")
-def _full_like(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    value = torch.tensor([n.attrs.get("value", 0.0)]).to(_dtype(n.output))
+def _full_like(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    value = torch.tensor([n.attrs["value"]]).to(_dtype(n.output))
     e.add("ConstantOfShape", [e.add1("Shape", ins)], outs, value=_value_attr(value))
 
 
 @_register("arange")
-def _arange(e: _Emitter, n: Node, ins: list, outs: list) -> None:
-    dtype = n.attrs.get("dtype", torch.int64)
+def _arange(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
+    dtype = n.attrs["dtype"]
     a = n.attrs
     e.add("Range", [e.const(a.get("start", 0), dtype), e.const(a.get("end", 0), dtype), e.const(a.get("step", 1), dtype)],
           outs)

@@ -5,7 +5,9 @@ module-level functions of ``graphopt.ir.ops``, or torch's own), ``torch.opaque``
 calls its original target, and several results are read with ``getitem``.
 Constants become attributes at their dotted names (``layer1.0.conv1.weight``),
 parameters as ``nn.Parameter`` so the emitted module can be fine-tuned, the rest
-as buffers. A batch norm that owns its statistics becomes a ``BatchNorm`` module
+as buffers. A region becomes a submodule (its body, emitted the same way) at its
+label, and state nodes call the module's ``graphopt_state`` (``GraphState``),
+which the module and all its regions share. A batch norm that owns its statistics becomes a ``BatchNorm`` module
 at its layer's name, so ``train()`` normalises with batch statistics and updates
 them, as the source model did. The module is returned in eval mode, the mode the
 graph was captured in. Nothing names a device: the module runs where its tensors are.
@@ -23,12 +25,16 @@ import torch.nn.functional as F
 
 from .. import _torch_private
 from ..ir import Graph, Node, Value
+from ..ir.graph import register_emitter
 from ..ir.ops.opaque import fill
+from .state import GraphState
+
+STATE_ATTRIBUTE = "graphopt_state"
 
 
 def emit_torch(graph: Graph) -> fx.GraphModule:
     """A GraphModule computing ``graph``; it returns the captured model's output structure when known."""
-    return _Emitter(graph).run()
+    return TorchEmitter(graph).run()
 
 
 class BatchNorm(torch.nn.Module):
@@ -66,9 +72,11 @@ def _identifier(name: str) -> str:
     return f"_{name}" if not name or name[0].isdigit() else name
 
 
-class _Emitter:
-    def __init__(self, graph: Graph):
+class TorchEmitter:
+    def __init__(self, graph: Graph, state: GraphState | None = None):
         self.graph = graph
+        self.state = GraphState() if state is None else state
+        self.uses_state = False
         self.fx = fx.Graph()
         self.root = torch.nn.Module()
         self.env: dict[int, fx.Node] = {}
@@ -81,7 +89,10 @@ class _Emitter:
         for node in self.graph.nodes:
             self._emit_node(node)
         self.fx.output(self._output_structure())
-        return fx.GraphModule(self.root, self.fx, class_name=_identifier(self.graph.name)).eval()
+        module = fx.GraphModule(self.root, self.fx, class_name=_identifier(self.graph.name))
+        if self.uses_state and not hasattr(module, STATE_ATTRIBUTE):  # only regions read it: fx copied no reference
+            module.add_module(STATE_ATTRIBUTE, self.state)
+        return module.eval()
 
     # ------------------------------------------------------------------ values
     def _node_for(self, v: Value) -> fx.Node:
@@ -162,11 +173,20 @@ class _Emitter:
     def _emit_node(self, node: Node) -> None:
         if node.op == "batch_norm" and self._emit_batch_norm_module(node):
             return
+        if node.op == "region":
+            self._emit_region(node)
+            return
         inputs = tuple(None if v is None else self._node_for(v) for v in node.inputs)
+        method = node.opdef.state_method
+        if method is not None:
+            call = self.fx.create_node("call_method", method, (self._state_node(), node.attrs["key"], *inputs),
+                                       name=node.output.name)
+            self.env[id(node.output)] = call
+            return
         if node.op == "torch.opaque":
             target = node.attrs["target"]
-            args = self._lift(fill(tuple(node.attrs.get("args", ())), inputs))
-            kwargs = self._lift(fill(dict(node.attrs.get("kwargs") or {}), inputs))
+            args = self._lift(fill(tuple(node.attrs["args"]), inputs))
+            kwargs = self._lift(fill(dict(node.attrs["kwargs"] or {}), inputs))
         else:
             target, args, kwargs = node.opdef.torch_impl, inputs, self._lift(dict(node.attrs))
         name = node.outputs[0].name if len(node.outputs) == 1 else node.name
@@ -176,6 +196,28 @@ class _Emitter:
                 self.pending_results[id(out)] = (call, k)
         elif node.outputs:
             self.env[id(node.output)] = call
+
+    def _state_node(self) -> fx.Node:
+        self._install_state()
+        return self.fx.get_attr(STATE_ATTRIBUTE)
+
+    def _install_state(self) -> None:
+        if not self.uses_state:
+            self.uses_state = True
+            if not self._install(STATE_ATTRIBUTE, self.state):
+                raise ValueError(f"the emitted module of {self.graph.name} has a constant at {STATE_ATTRIBUTE!r}")
+
+    def _emit_region(self, node: Node) -> None:
+        """The body as a submodule at the region's label; it shares this module's state."""
+        body = TorchEmitter(node.attrs["body"], self.state)
+        module = body.run()
+        if body.uses_state:
+            self._install_state()
+        path = self._install_at(node.attrs["label"] or node.name, module)
+        call = self.fx.create_node("call_module", path, tuple(self._node_for(v) for v in node.inputs),
+                                   name=node.name)
+        for k, out in enumerate(node.outputs):  # a body module returns a tuple
+            self.pending_results[id(out)] = (call, k)
 
     def _emit_batch_norm_module(self, node: Node) -> bool:
         """A ``BatchNorm`` module for a batch norm whose parameters are its own constants.
@@ -191,7 +233,7 @@ class _Emitter:
             return False
         stats = [v.data.detach() if len(v.users()) == 1 else v.data.detach().clone() for v in (mean, var)]
         module = BatchNorm(None if weight is None else weight.data, None if bias is None else bias.data, *stats,
-                           node.attrs.get("eps", 1e-5))
+                           node.attrs["eps"])
         owner = weight or bias or (mean if len(mean.users()) == 1 else None)
         layer = owner.name.rpartition(".")[0] if owner is not None else ""
         path = self._install_at(layer or node.name, module)
@@ -230,3 +272,6 @@ def _is_plain(spec: Any) -> bool:
     elif spec.type not in (tuple, list):
         return False
     return all(_is_plain(spec.child(k)) for k in range(spec.num_children))
+
+
+register_emitter("torch", emit_torch)

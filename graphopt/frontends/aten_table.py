@@ -8,7 +8,7 @@ with several results). A handler raises ``NotCanonical`` when an argument form
 does not fit the canonical op (a symbolic size, a training-mode flag, a used
 auxiliary output); the front end then keeps the node as ``torch.opaque``.
 
-The context (``graphopt.frontends.torch._NodeContext``) provides:
+The context (``graphopt.frontends.torch.NodeContext``) provides:
 ``tensor(arg)``, ``optional(arg)``, ``tensors(args)``, ``operands(*args)``
 (tensors and scalars, scalars as 0-d constants that keep torch's type
 promotion), ``scalar(value, dtype)``, ``ints(arg)``, ``number(arg)``,
@@ -729,3 +729,11 @@ def _arange(cx, a):
     start, step = a.get("start", 0), a.get("step", 1)
     return cx.emit("arange", [], start=cx.number(start), end=cx.number(a["end"]), step=cx.number(step),
                    dtype=_creation_dtype(cx, a))
+
+
+NOT_IMPORTED: dict[str, str] = {
+    "broadcast_to": "ONNX Expand's runtime shape tensor; ATen's expand has its sizes and becomes expand",
+    "contiguous": "fx graphs carry no memory format: clone and contiguous become identity (the layout passes add it)",
+    "shape": "ATen sizes are SymInts of the fx graph, never a shape tensor",
+}
+"""Canonical ops no ATen overload converts to, and why (the registry coverage test reads this)."""

@@ -119,16 +119,6 @@ def onnx_type_to_ir(tp: onnx.TypeProto | None, fresh_dim: Any) -> Type | None:
 
 
 # ------------------------------------------------------------ onnx.opaque
-def _session_options():
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return opts
-
-
 _SESSIONS: OrderedDict[tuple, Any] = OrderedDict()
 _SESSION_CACHE_SIZE = 256
 
@@ -194,11 +184,10 @@ def onnx_opaque(*inputs: Any, node: bytes, domain: str = "", op_type: str = "", 
            tuple(t.SerializeToString() for t in outer_types), opsets)
     session = _SESSIONS.get(key)
     if session is None:
-        import onnxruntime as ort
+        from graphopt.backends._onnxruntime import inference_session
 
         model = _single_node_model(node, types, implicit, outer_types, opsets, functions, ir_version)
-        session = ort.InferenceSession(model.SerializeToString(), _session_options(),
-                                       providers=["CPUExecutionProvider"])
+        session = inference_session(model, threads=1, inter_op_threads=1, log_severity=3)
         _SESSIONS[key] = session
         if len(_SESSIONS) > _SESSION_CACHE_SIZE:
             _SESSIONS.popitem(last=False)
@@ -241,8 +230,19 @@ def ir_type_to_onnx(v: Value) -> onnx.TypeProto:
     raise TypeError(f"%{v.name}: type {t} has no ONNX equivalent")
 
 
+_IMPURE_ONNX_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                              "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan"})
+"""Standard ONNX ops that draw random numbers or run subgraphs; every other one is a function of its inputs."""
+
+
+def _opaque_is_pure(node: Node) -> bool:
+    """A standard ONNX op that neither draws random numbers nor runs a subgraph; custom domains are not trusted."""
+    return node.attrs["domain"] in ("", "ai.onnx") and node.attrs["op_type"] not in _IMPURE_ONNX_OPS
+
+
 if "onnx.opaque" not in OPS:
-    register_op(OpDef("onnx.opaque", onnx_opaque, category="opaque", pure=False, infer=_opaque_infer,
+    register_op(OpDef("onnx.opaque", onnx_opaque, category="opaque", pure=False, pure_when=_opaque_is_pure,
+                      infer=_opaque_infer,
                       num_outputs=lambda attrs: len(onnx.NodeProto.FromString(attrs["node"]).output),
                       doc=onnx_opaque.__doc__ or ""))
 
@@ -384,10 +384,8 @@ class _Importer:
         if not name:
             return
         expected = self.ir_type(name)
-        if v.producer is not None and v.name != name and name not in self.graph._names and v.graph is self.graph:
-            self.graph._names.discard(v.name)
-            self.graph._names.add(name)
-            v.name = name
+        if v.producer is not None and v.graph is self.graph and self.graph.is_free(name):
+            self.graph.rename(v, name)
         if isinstance(expected, TensorType) and expected.shape is not None:
             v.type = expected
         self.env[name] = v
@@ -444,12 +442,9 @@ class _Scope:
                 for user, i in out.uses():
                     user.replace_input(i, None)
             self.graph.remove_node(node)
-            for out in node.outputs:
-                self.graph._names.discard(out.name)
         self.created.clear()
         for name in set(self.graph.constants) - constants_before:
-            del self.graph.constants[name]
-            self.graph._names.discard(name)
+            self.graph.remove_constant(self.graph.constants[name])
 
 
 def convert_node(scope: _Scope, n: onnx.NodeProto) -> list[Value | None] | None:
@@ -465,8 +460,8 @@ def convert_node(scope: _Scope, n: onnx.NodeProto) -> list[Value | None] | None:
         return None
     constants = set(scope.graph.constants)
     try:
-        outputs = importer(_NodeContext(scope, n))
-    except (_NoMatch, TypeError, ValueError, RuntimeError, IndexError, KeyError):
+        outputs = importer(NodeContext(scope, n))
+    except (NoMatch, TypeError, ValueError, RuntimeError, IndexError, KeyError):
         outputs = None
     if outputs is not None and _types_agree(scope, n, outputs):
         return outputs
@@ -535,11 +530,11 @@ def _types_agree(scope: _Scope, n: onnx.NodeProto, outputs: Sequence[Value | Non
     return True
 
 
-class _NoMatch(Exception):
+class NoMatch(Exception):
     """The ONNX node does not fit a canonical op: keep it opaque."""
 
 
-class _NodeContext:
+class NodeContext:
     """What one importer sees: the node's attributes, inputs, constant inputs, and a node builder."""
 
     def __init__(self, scope: _Scope, node: onnx.NodeProto):
@@ -561,7 +556,7 @@ class _NodeContext:
 
     def input(self, i: int) -> Value:
         if not self.has_input(i):
-            raise _NoMatch(f"input {i} is absent")
+            raise NoMatch(f"input {i} is absent")
         return self.scope.env[self.node.input[i]]
 
     def inputs(self) -> list[Value]:
@@ -571,7 +566,7 @@ class _NodeContext:
         """The value of a constant input (an initializer or Constant output), else no match."""
         v = self.input(i)
         if v.data is None:
-            raise _NoMatch(f"input {i} is not constant")
+            raise NoMatch(f"input {i} is not constant")
         return v.data
 
     def const_ints(self, i: int) -> list[int]:
@@ -579,7 +574,7 @@ class _NodeContext:
 
     def shape(self, v: Value) -> tuple:
         if v.type.shape is None:
-            raise _NoMatch(f"rank of %{v.name} is unknown")
+            raise NoMatch(f"rank of %{v.name} is unknown")
         return v.type.shape
 
     def rank(self, v: Value) -> int:
@@ -599,7 +594,7 @@ class _NodeContext:
             # meta inference fails on data-dependent shapes; ONNX inference may know the result
             types = [self.scope.ir_type(name) for name in self.node.output]
             if len(types) != get_op(op).output_count(attrs) or not all(isinstance(t, TensorType) for t in types):
-                raise _NoMatch(f"cannot type {op}") from None
+                raise NoMatch(f"cannot type {op}") from None
             node = self.scope.add_node(op, inputs, attrs, output_types=types, name=self.node.name or None,
                                        meta=meta)
         return list(node.outputs)

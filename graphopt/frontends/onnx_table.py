@@ -1,6 +1,6 @@
 """ONNX op -> canonical IR ops, one small importer per ONNX op type (default domain, opset >= 13).
 
-An importer returns the IR values for the node's outputs, or raises ``_NoMatch``
+An importer returns the IR values for the node's outputs, or raises ``NoMatch``
 when the node's attributes or inputs do not fit a canonical op exactly; the
 front end then keeps the node opaque. Importers only cover what they can map
 exactly: ONNX and torch differ in integer promotion (torch sums ints to int64),
@@ -15,9 +15,9 @@ import torch
 
 from graphopt.ir import Value
 
-from .onnx import ONNX_TO_TORCH, _NodeContext, _NoMatch
+from .onnx import ONNX_TO_TORCH, NodeContext, NoMatch
 
-Importer = Callable[[_NodeContext], list]
+Importer = Callable[[NodeContext], list]
 IMPORTERS: dict[str, Importer] = {}
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -34,7 +34,7 @@ def _register(*op_types: str):
 
 def _require(condition: bool, why: str = "") -> None:
     if not condition:
-        raise _NoMatch(why)
+        raise NoMatch(why)
 
 
 def _is_float(v: Value) -> bool:
@@ -56,7 +56,7 @@ _FLOAT_ONLY_UNARY = {"Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Sin", "Cos
 
 
 @_register(*_UNARY)
-def _unary(c: _NodeContext) -> list:
+def _unary(c: NodeContext) -> list:
     x = c.input(0)
     _require(len(c.node.input) == 1)
     if c.node.op_type in _FLOAT_ONLY_UNARY:
@@ -71,21 +71,21 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Equal": "eq", "Less": "lt"
 
 
 @_register(*_BINARY)
-def _binary(c: _NodeContext) -> list:
+def _binary(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     _require(a.type.dtype == b.type.dtype)
     return [c.op(_BINARY[c.node.op_type], [a, b])]
 
 
 @_register("Div")
-def _div(c: _NodeContext) -> list:
+def _div(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     _require(a.type.dtype == b.type.dtype and a.type.dtype != torch.bool)
     return [c.op("div", [a, b], rounding_mode=None if _is_float(a) else "trunc")]
 
 
 @_register("Pow")
-def _pow(c: _NodeContext) -> list:
+def _pow(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     _require(_is_float(a) and (_is_float(b) and a.type.dtype == b.type.dtype or b.data is not None),
              "ONNX Pow keeps the base type; torch promotes")
@@ -95,7 +95,7 @@ def _pow(c: _NodeContext) -> list:
 
 
 @_register("Mod")
-def _mod(c: _NodeContext) -> list:
+def _mod(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     fmod = c.attr("fmod", 0)
     _require(a.type.dtype == b.type.dtype and (fmod or not _is_float(a)))
@@ -103,7 +103,7 @@ def _mod(c: _NodeContext) -> list:
 
 
 @_register("Max", "Min", "Sum")
-def _variadic(c: _NodeContext) -> list:
+def _variadic(c: NodeContext) -> list:
     xs = c.inputs()
     _require(len({x.type.dtype for x in xs}) == 1)
     op = {"Max": "maximum", "Min": "minimum", "Sum": "add"}[c.node.op_type]
@@ -118,7 +118,7 @@ def _variadic(c: _NodeContext) -> list:
 
 
 @_register("Mean")
-def _mean(c: _NodeContext) -> list:
+def _mean(c: NodeContext) -> list:
     xs = c.inputs()
     _require(_is_float(xs[0]) and len({x.type.dtype for x in xs}) == 1)
     out = xs[0]
@@ -129,14 +129,14 @@ def _mean(c: _NodeContext) -> list:
 
 
 @_register("Where")
-def _where(c: _NodeContext) -> list:
+def _where(c: NodeContext) -> list:
     cond, a, b = c.inputs()
     _require(a.type.dtype == b.type.dtype)
     return [c.op("where", [cond, a, b])]
 
 
 @_register("IsInf")
-def _isinf(c: _NodeContext) -> list:
+def _isinf(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     return [c.op("isinf", [x], detect_positive=bool(c.attr("detect_positive", 1)),
@@ -152,7 +152,7 @@ _ACTIVATIONS = {
 
 
 @_register(*_ACTIVATIONS)
-def _activation(c: _NodeContext) -> list:
+def _activation(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     op, attr_map = _ACTIVATIONS[c.node.op_type]
@@ -161,7 +161,7 @@ def _activation(c: _NodeContext) -> list:
 
 
 @_register("Selu")
-def _selu(c: _NodeContext) -> list:
+def _selu(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     _require(math.isclose(c.attr("alpha", 1.67326319217681884765625), 1.6732632423543772, rel_tol=1e-6)
@@ -170,21 +170,21 @@ def _selu(c: _NodeContext) -> list:
 
 
 @_register("Softplus")
-def _softplus(c: _NodeContext) -> list:
+def _softplus(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     return [c.op("softplus", [x], beta=1.0, threshold=20.0)]
 
 
 @_register("Gelu")
-def _gelu(c: _NodeContext) -> list:
+def _gelu(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     return [c.op("gelu", [x], approximate=c.attr("approximate", "none"))]
 
 
 @_register("Clip")
-def _clip(c: _NodeContext) -> list:
+def _clip(c: NodeContext) -> list:
     x = c.input(0)
     bounds = [c.const(i).item() if c.has_input(i) else None for i in (1, 2)]
     _require(_is_float(x) or x.type.dtype in (torch.int32, torch.int64))
@@ -192,7 +192,7 @@ def _clip(c: _NodeContext) -> list:
 
 
 @_register("Cast", "CastLike")
-def _cast(c: _NodeContext) -> list:
+def _cast(c: NodeContext) -> list:
     x = c.input(0)
     if c.node.op_type == "Cast":
         _require(c.attr("saturate", 1) == 1 and c.attr("round_mode", "up") == "up")
@@ -206,7 +206,7 @@ def _cast(c: _NodeContext) -> list:
 
 
 @_register("Dropout")
-def _dropout(c: _NodeContext) -> list:
+def _dropout(c: NodeContext) -> list:
     _require(len([o for o in c.node.output if o]) == 1 and c.node.output[0] != "")
     if c.has_input(2):
         _require(not bool(c.const(2).item()), "training dropout")
@@ -216,14 +216,14 @@ def _dropout(c: _NodeContext) -> list:
 
 # ----------------------------------------------------------------- linalg
 @_register("MatMul")
-def _matmul(c: _NodeContext) -> list:
+def _matmul(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     _require(_is_float(a) and a.type.dtype == b.type.dtype)
     return [c.op("matmul", [a, b])]
 
 
 @_register("Gemm")
-def _gemm(c: _NodeContext) -> list:
+def _gemm(c: NodeContext) -> list:
     a, b = c.input(0), c.input(1)
     _require(_is_float(a))
     bias = c.input(2) if c.has_input(2) else None
@@ -232,13 +232,13 @@ def _gemm(c: _NodeContext) -> list:
 
 
 @_register("Einsum")
-def _einsum(c: _NodeContext) -> list:
+def _einsum(c: NodeContext) -> list:
     xs = c.inputs()
     _require(_is_float(xs[0]))
     return [c.op("einsum", xs, equation=c.attr("equation"))]
 
 
-def _spatial_pads(c: _NodeContext, x: Value, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+def _spatial_pads(c: NodeContext, x: Value, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
     """Explicit ONNX pads [begin..., end...] after resolving auto_pad (static spatial dims for SAME_*)."""
     n = len(kernel)
     auto_pad = c.attr("auto_pad", "NOTSET")
@@ -258,7 +258,7 @@ def _spatial_pads(c: _NodeContext, x: Value, kernel: list[int], strides: list[in
     return begins + ends
 
 
-def _pad_first(c: _NodeContext, x: Value, pads: list[int], value: float = 0.0) -> tuple[Value, list[int]]:
+def _pad_first(c: NodeContext, x: Value, pads: list[int], value: float = 0.0) -> tuple[Value, list[int]]:
     """Split pads into a symmetric part and an explicit ``pad`` node for the rest."""
     n = len(pads) // 2
     sym = [min(pads[i], pads[i + n]) for i in range(n)]
@@ -271,7 +271,7 @@ def _pad_first(c: _NodeContext, x: Value, pads: list[int], value: float = 0.0) -
 
 
 @_register("Conv")
-def _conv(c: _NodeContext) -> list:
+def _conv(c: NodeContext) -> list:
     x, w = c.input(0), c.input(1)
     _require(_is_float(x))
     wshape = c.shape(w)
@@ -287,7 +287,7 @@ def _conv(c: _NodeContext) -> list:
 
 
 @_register("ConvTranspose")
-def _conv_transpose(c: _NodeContext) -> list:
+def _conv_transpose(c: NodeContext) -> list:
     x, w = c.input(0), c.input(1)
     _require(_is_float(x))
     _require("output_shape" not in c.attrs and c.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
@@ -307,7 +307,7 @@ def _conv_transpose(c: _NodeContext) -> list:
 
 # ------------------------------------------------------------------- norms
 @_register("BatchNormalization")
-def _batch_norm(c: _NodeContext) -> list:
+def _batch_norm(c: NodeContext) -> list:
     _require(len(c.node.output) == 1 and not c.attr("training_mode", 0))
     x, scale, bias, mean, var = c.inputs()
     _require(_is_float(x) and c.rank(x) >= 2)
@@ -316,7 +316,7 @@ def _batch_norm(c: _NodeContext) -> list:
 
 
 @_register("LayerNormalization")
-def _layer_norm(c: _NodeContext) -> list:
+def _layer_norm(c: NodeContext) -> list:
     _require(len([o for o in c.node.output if o]) == 1 and c.node.output[0])
     x = c.input(0)
     _require(_is_float(x) and c.attr("stash_type", 1) == 1)
@@ -332,7 +332,7 @@ def _layer_norm(c: _NodeContext) -> list:
 
 
 @_register("GroupNormalization")
-def _group_norm(c: _NodeContext) -> list:
+def _group_norm(c: NodeContext) -> list:
     _require(c.opset >= 21, "opset 18 GroupNormalization scales per group")
     x, scale, bias = c.inputs()
     _require(_is_float(x) and c.attr("stash_type", 1) == 1)
@@ -343,7 +343,7 @@ def _group_norm(c: _NodeContext) -> list:
 
 
 @_register("InstanceNormalization")
-def _instance_norm(c: _NodeContext) -> list:
+def _instance_norm(c: NodeContext) -> list:
     x, scale, bias = c.inputs()
     _require(_is_float(x) and c.rank(x) >= 3)
     channels = c.shape(x)[1]
@@ -352,7 +352,7 @@ def _instance_norm(c: _NodeContext) -> list:
 
 
 @_register("Softmax", "LogSoftmax")
-def _softmax(c: _NodeContext) -> list:
+def _softmax(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     op = "softmax" if c.node.op_type == "Softmax" else "log_softmax"
@@ -365,7 +365,7 @@ _REDUCE = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "amax", "Reduc
 
 
 @_register(*_REDUCE)
-def _reduce(c: _NodeContext) -> list:
+def _reduce(c: NodeContext) -> list:
     x = c.input(0)
     op = _REDUCE[c.node.op_type]
     _require(_is_float(x) or (op in ("amax", "amin") and x.type.dtype != torch.bool),
@@ -387,7 +387,7 @@ def _reduce(c: _NodeContext) -> list:
 
 
 @_register("ArgMax", "ArgMin")
-def _arg_reduce(c: _NodeContext) -> list:
+def _arg_reduce(c: NodeContext) -> list:
     x = c.input(0)
     _require(not c.attr("select_last_index", 0) and x.type.dtype != torch.bool)
     op = "argmax" if c.node.op_type == "ArgMax" else "argmin"
@@ -395,14 +395,14 @@ def _arg_reduce(c: _NodeContext) -> list:
 
 
 @_register("CumSum")
-def _cumsum(c: _NodeContext) -> list:
+def _cumsum(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x) and not c.attr("exclusive", 0) and not c.attr("reverse", 0))
     return [c.op("cumsum", [x], dim=int(c.const(1).item()))]
 
 
 @_register("TopK")
-def _topk(c: _NodeContext) -> list:
+def _topk(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     return c.op_multi("topk", [x], k=int(c.const(1).item()), dim=int(c.attr("axis", -1)),
@@ -411,7 +411,7 @@ def _topk(c: _NodeContext) -> list:
 
 # ------------------------------------------------------------------ shapes
 @_register("Transpose")
-def _transpose(c: _NodeContext) -> list:
+def _transpose(c: NodeContext) -> list:
     x = c.input(0)
     perm = c.attr("perm")
     if perm is None:
@@ -419,7 +419,7 @@ def _transpose(c: _NodeContext) -> list:
     return [c.op("permute", [x], dims=list(perm))]
 
 
-def _static_output_shape(c: _NodeContext) -> list[int]:
+def _static_output_shape(c: NodeContext) -> list[int]:
     """The output shape ONNX inference found, one unknown dim as -1: how a computed shape input becomes static."""
     t = c.scope.ir_type(c.node.output[0])
     _require(t is not None and t.shape is not None, "output shape unknown")
@@ -494,7 +494,7 @@ def _reshape_target(entries: list, in_shape: tuple) -> list[int]:
 
 
 @_register("Reshape")
-def _reshape(c: _NodeContext) -> list:
+def _reshape(c: NodeContext) -> list:
     x = c.input(0)
     if c.input(1).data is None and _output_is_known(c):
         return [c.op("reshape", [x], shape=_static_output_shape(c))]
@@ -506,13 +506,13 @@ def _reshape(c: _NodeContext) -> list:
     return [c.op("reshape", [x], shape=_reshape_target(entries, in_shape))]
 
 
-def _output_is_known(c: _NodeContext) -> bool:
+def _output_is_known(c: NodeContext) -> bool:
     t = c.scope.ir_type(c.node.output[0])
     return t is not None and t.shape is not None and sum(not isinstance(d, int) for d in t.shape) <= 1
 
 
 @_register("Flatten")
-def _flatten(c: _NodeContext) -> list:
+def _flatten(c: NodeContext) -> list:
     x = c.input(0)
     rank = c.rank(x)
     axis = c.attr("axis", 1)
@@ -526,7 +526,7 @@ def _flatten(c: _NodeContext) -> list:
 
 
 @_register("Squeeze", "Unsqueeze")
-def _squeeze(c: _NodeContext) -> list:
+def _squeeze(c: NodeContext) -> list:
     x = c.input(0)
     dims = c.const_ints(1) if c.has_input(1) else None
     if c.node.op_type == "Unsqueeze":
@@ -539,7 +539,7 @@ def _squeeze(c: _NodeContext) -> list:
 
 
 @_register("Expand")
-def _expand(c: _NodeContext) -> list:
+def _expand(c: NodeContext) -> list:
     t = c.scope.ir_type(c.node.output[0])
     if c.input(1).data is None and t is not None and t.is_static:
         return [c.op("expand", [c.input(0)], shape=list(t.shape))]
@@ -547,7 +547,7 @@ def _expand(c: _NodeContext) -> list:
 
 
 @_register("Slice")
-def _slice(c: _NodeContext) -> list:
+def _slice(c: NodeContext) -> list:
     x = c.input(0)
     starts, ends = c.const_ints(1), c.const_ints(2)
     axes = c.const_ints(3) if c.has_input(3) else list(range(len(starts)))
@@ -563,14 +563,14 @@ def _slice(c: _NodeContext) -> list:
 
 
 @_register("Gather")
-def _gather(c: _NodeContext) -> list:
+def _gather(c: NodeContext) -> list:
     x, idx = c.input(0), c.input(1)
     _require(idx.type.dtype in (torch.int32, torch.int64))
     return [c.op("take", [x, idx], axis=int(c.attr("axis", 0)))]
 
 
 @_register("GatherElements")
-def _gather_elements(c: _NodeContext) -> list:
+def _gather_elements(c: NodeContext) -> list:
     x, idx = c.input(0), c.input(1)
     _require(idx.data is not None and bool((idx.data >= 0).all()), "negative indices wrap in ONNX only")
     if idx.type.dtype != torch.int64:
@@ -579,14 +579,14 @@ def _gather_elements(c: _NodeContext) -> list:
 
 
 @_register("Concat")
-def _concat(c: _NodeContext) -> list:
+def _concat(c: NodeContext) -> list:
     xs = c.inputs()
     _require(len({x.type.dtype for x in xs}) == 1)
     return [c.op("concat", xs, dim=int(c.attr("axis")))]
 
 
 @_register("Split")
-def _split(c: _NodeContext) -> list:
+def _split(c: NodeContext) -> list:
     x = c.input(0)
     axis = int(c.attr("axis", 0))
     count = len(c.node.output)
@@ -603,7 +603,7 @@ def _split(c: _NodeContext) -> list:
 
 
 @_register("Pad")
-def _pad(c: _NodeContext) -> list:
+def _pad(c: NodeContext) -> list:
     x = c.input(0)
     _require(c.attr("mode", "constant") == "constant")
     pads = c.const_ints(1)
@@ -617,12 +617,12 @@ def _pad(c: _NodeContext) -> list:
 
 
 @_register("Tile")
-def _tile(c: _NodeContext) -> list:
+def _tile(c: NodeContext) -> list:
     return [c.op("repeat", [c.input(0)], repeats=c.const_ints(1))]
 
 
 @_register("Trilu")
-def _trilu(c: _NodeContext) -> list:
+def _trilu(c: NodeContext) -> list:
     x = c.input(0)
     _require(c.rank(x) >= 2)
     k = int(c.const(1).item()) if c.has_input(1) else 0
@@ -630,12 +630,12 @@ def _trilu(c: _NodeContext) -> list:
 
 
 @_register("Shape")
-def _shape(c: _NodeContext) -> list:
+def _shape(c: NodeContext) -> list:
     return [c.op("shape", [c.input(0)], start=int(c.attr("start", 0)), end=c.attr("end"))]
 
 
 @_register("ConstantOfShape")
-def _constant_of_shape(c: _NodeContext) -> list:
+def _constant_of_shape(c: NodeContext) -> list:
     shape = c.const_ints(0) if c.input(0).data is not None else _static_output_shape(c)
     _require(-1 not in shape)
     value = c.attr("value")
@@ -645,14 +645,14 @@ def _constant_of_shape(c: _NodeContext) -> list:
 
 
 @_register("Range")
-def _range(c: _NodeContext) -> list:
+def _range(c: NodeContext) -> list:
     start, limit, delta = (c.const(i) for i in range(3))
     _require(start.dtype in (torch.int32, torch.int64, torch.float32, torch.float64))
     return [c.op("arange", [], start=start.item(), end=limit.item(), step=delta.item(), dtype=start.dtype)]
 
 
 @_register("Constant")
-def _constant(c: _NodeContext) -> list:
+def _constant(c: NodeContext) -> list:
     (name, value), = c.attrs.items()
     if name == "value":
         return [_as_constant(c, c.attr("value"))]
@@ -662,12 +662,12 @@ def _constant(c: _NodeContext) -> list:
     return [_as_constant(c, torch.tensor(value, dtype=tensors[name]))]
 
 
-def _as_constant(c: _NodeContext, data: torch.Tensor) -> Value:
+def _as_constant(c: NodeContext, data: torch.Tensor) -> Value:
     return c.constant(data, c.node.output[0])
 
 
 # -------------------------------------------------------------------- pooling
-def _pool_window(c: _NodeContext, x: Value) -> tuple[list[int], list[int], list[int], list[int]]:
+def _pool_window(c: NodeContext, x: Value) -> tuple[list[int], list[int], list[int], list[int]]:
     kernel = list(c.attr("kernel_shape"))
     n = len(kernel)
     _require(1 <= n <= 3 and c.rank(x) == n + 2)
@@ -680,7 +680,7 @@ def _pool_window(c: _NodeContext, x: Value) -> tuple[list[int], list[int], list[
 
 
 @_register("MaxPool")
-def _max_pool(c: _NodeContext) -> list:
+def _max_pool(c: NodeContext) -> list:
     x = c.input(0)
     _require(len([o for o in c.node.output if o]) == 1 and c.node.output[0] and _is_float(x))
     _require(not c.attr("storage_order", 0))
@@ -691,7 +691,7 @@ def _max_pool(c: _NodeContext) -> list:
 
 
 @_register("AveragePool")
-def _avg_pool(c: _NodeContext) -> list:
+def _avg_pool(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     kernel, strides, pads, dilations = _pool_window(c, x)
@@ -701,7 +701,7 @@ def _avg_pool(c: _NodeContext) -> list:
 
 
 @_register("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(c: _NodeContext) -> list:
+def _global_pool(c: NodeContext) -> list:
     x = c.input(0)
     _require(_is_float(x))
     dims = list(range(2, c.rank(x)))
@@ -714,7 +714,7 @@ _TORCH_LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
 
 
 @_register("Resize")
-def _resize(c: _NodeContext) -> list:
+def _resize(c: NodeContext) -> list:
     """The Resize forms that are ``F.interpolate`` exactly: nearest (asymmetric, floor), linear and cubic
     (a = -0.75, edges not excluded) with half-pixel or align-corners coordinates."""
     x = c.input(0)
@@ -739,7 +739,7 @@ def _resize(c: _NodeContext) -> list:
                  align_corners=transform == "align_corners")]
 
 
-def _resize_target(c: _NodeContext, x: Value) -> tuple[list[int] | None, list[float] | None]:
+def _resize_target(c: NodeContext, x: Value) -> tuple[list[int] | None, list[float] | None]:
     """(size, scale_factor) of the spatial dims: Resize keeps batch and channels."""
     if c.has_input(3):
         sizes = c.const_ints(3)
@@ -748,3 +748,20 @@ def _resize_target(c: _NodeContext, x: Value) -> tuple[list[int] | None, list[fl
     scales = [float(s) for s in c.const(2).reshape(-1).tolist()]
     _require(scales[:2] == [1.0, 1.0] and all(s > 0 for s in scales), "resizing batch or channels")
     return None, scales[2:]
+
+
+NOT_IMPORTED: dict[str, str] = {
+    **dict.fromkeys(["atan2", "flip", "roll", "rsqrt", "stack", "var"],
+                    "no ONNX op: exporters spell it with others, which import as they are"),
+    **dict.fromkeys(["silu", "linear"], "no ONNX op: recognize_patterns and fuse_linear rebuild it from primitives"),
+    **dict.fromkeys(["rms_norm", "sdpa"],
+                    "RMSNormalization and Attention are opset 23, not imported; passes rebuild them from primitives"),
+    **dict.fromkeys(["all", "any"], "no ONNX reduction: exporters cast and use ReduceMin/ReduceMax"),
+    "adaptive_avg_pool": "ONNX has only GlobalAveragePool, which imports as mean",
+    "contiguous": "ONNX has no memory format: only the layout passes make it",
+    "embedding": "ONNX Gather imports as take, whatever the table",
+    **dict.fromkeys(["index", "index_select", "select"], "ONNX Gather and GatherElements import as take and gather"),
+    "full_like": "ONNX ConstantOfShape imports as full when its shape is constant",
+    "ne": "ONNX has no NotEqual: Not(Equal) imports as logical_not of eq",
+}
+"""Canonical ops no ONNX importer builds, and why (the registry coverage test reads this)."""

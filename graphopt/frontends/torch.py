@@ -349,7 +349,7 @@ class FxImporter:
         """Run the table's handler; on ``NotCanonical`` undo what it built and report failure."""
         node_count, constants = len(self.graph), set(self.graph.constants)
         try:
-            result = TABLE[node.target](_NodeContext(self, node), bind_arguments(node))
+            result = TABLE[node.target](NodeContext(self, node), bind_arguments(node))
         except NotCanonical:
             for created in reversed(self.graph.nodes[node_count:]):
                 self.graph.remove_node(created)
@@ -438,7 +438,7 @@ def _is_symbolic_target(target: Any) -> bool:
 
 
 # ------------------------------------------------------------ handler context
-class _NodeContext:
+class NodeContext:
     """What a conversion handler of ``aten_table`` sees of one fx node (see that module's docstring)."""
 
     def __init__(self, importer: FxImporter, node: fx.Node):

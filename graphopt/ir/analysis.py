@@ -1,4 +1,5 @@
-"""Whole-graph views: a networkx graph for analyses, regions of linked nodes, a structural hash, a deep clone."""
+"""Whole-graph views: a networkx graph for analyses, regions of linked nodes, a structural hash, a deep clone,
+and the value keys that hashing and common-subexpression elimination share."""
 from __future__ import annotations
 
 import hashlib
@@ -58,6 +59,33 @@ def _source(v: Value) -> str:
     return f"const:{v.name}" if v.is_constant else f"input:{v.name}"
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The elements' bytes in row-major order: equal for tensors of equal dtype, shape and contents.
+
+    Whatever the strides (zero for an expanded tensor, anything for an empty
+    one) and lazy conjugate or negative bits, only the values count.
+    """
+    if t.numel() == 0:
+        return b""
+    flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def attr_key(a: Any) -> Any:
+    """A hashable key equal for equal attributes; unknown objects compare by identity."""
+    if isinstance(a, torch.Tensor):
+        return "tensor", a.dtype, tuple(a.shape), tensor_bytes(a)
+    if isinstance(a, float):
+        return "float", a.hex()  # tells 0.0 from -0.0, and keeps NaN equal to itself
+    if isinstance(a, (list, tuple)):
+        return "sequence", tuple(attr_key(x) for x in a)
+    if isinstance(a, dict):
+        return "dict", tuple(sorted((k, attr_key(x)) for k, x in a.items()))
+    if a is None or isinstance(a, (bool, int, str, torch.dtype)):
+        return type(a).__name__, a
+    return "object", id(a)
+
+
 def structural_hash(graph: Graph) -> str:
     """A hash of ops, attributes, types and wiring that ignores value and node names.
 
@@ -84,6 +112,8 @@ def structural_hash(graph: Graph) -> str:
 
 
 def _hash_attr(a: Any) -> str:
+    if isinstance(a, Graph):
+        return f"G{structural_hash(a)}"
     if isinstance(a, torch.Tensor):
         return f"T{a.dtype}{list(a.shape)}:{hashlib.sha256(a.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:8]}" if a.numel() <= 4096 else f"T{a.dtype}{list(a.shape)}"
     if hasattr(a, "SerializeToString"):
@@ -94,7 +124,7 @@ def _hash_attr(a: Any) -> str:
 
 
 def clone(graph: Graph) -> Graph:
-    """A structural copy: new nodes and values, constant tensors shared."""
+    """A structural copy: new nodes and values (region bodies included), constant tensors shared."""
     new = Graph(graph.name)
     new.meta = dict(graph.meta)
     mapping: dict[int, Value] = {}
@@ -108,7 +138,8 @@ def clone(graph: Graph) -> Graph:
         nv.meta = dict(v.meta)
         mapping[id(v)] = nv
     for n in graph.nodes:
-        nn_ = new.add_node(n.op, [None if v is None else mapping[id(v)] for v in n.inputs], dict(n.attrs),
+        attrs = {k: a.clone() if isinstance(a, Graph) else a for k, a in n.attrs.items()}  # bodies are owned
+        nn_ = new.add_node(n.op, [None if v is None else mapping[id(v)] for v in n.inputs], attrs,
                            output_types=[o.type for o in n.outputs], name=n.name,
                            output_names=[o.name for o in n.outputs], meta=dict(n.meta))
         for o, no in zip(n.outputs, nn_.outputs):

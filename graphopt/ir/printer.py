@@ -9,6 +9,7 @@ from .graph import Graph, Node
 
 
 def format_graph(graph: Graph, max_constants: int = 20) -> str:
+    """The graph as text; a region's body follows its node, indented."""
     lines = [f"graph {graph.name}("]
     lines += [f"    %{v.name}: {v.type}," for v in graph.inputs]
     lines.append(") {")
@@ -18,7 +19,10 @@ def format_graph(graph: Graph, max_constants: int = 20) -> str:
         lines.append(f"  %{v.name}: {v.type} = {kind}")
     if len(consts) > max_constants:
         lines.append(f"  ... {len(consts) - max_constants} more constants")
-    lines += ["  " + format_node(n) for n in graph.nodes]
+    for n in graph:
+        lines.append("  " + format_node(n))
+        if isinstance(n.attrs.get("body"), Graph):
+            lines += ["    " + line for line in format_graph(n.attrs["body"], max_constants).splitlines()]
     lines.append("  return " + ", ".join(f"%{v.name}" for v in graph.outputs))
     lines.append("}")
     return "\n".join(lines)
@@ -39,6 +43,8 @@ def _format_attr(a: Any) -> str:
         return str(a).removeprefix("torch.")
     if isinstance(a, (list, tuple)):
         return "[" + ", ".join(_format_attr(x) for x in a) + "]"
+    if isinstance(a, Graph):
+        return f"<body {a.name}: {len(a)} nodes>"
     if hasattr(a, "SerializeToString"):  # a protobuf (an opaque ONNX node)
         return f"<{type(a).__name__}>"
     text = repr(a) if isinstance(a, str) else str(a)

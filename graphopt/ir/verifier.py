@@ -38,7 +38,7 @@ def verify(graph: Graph, check_types: bool = False) -> None:
             raise VerificationError(f"constant %{v.name}: type {v.type} does not match data shape {tuple(v.data.shape)}")
         define(v, "constant")
     seen_nodes: set[int] = set()
-    for node in graph.nodes:
+    for node in graph:
         where = f"node {node.name} ({node.op})"
         if node.graph is not graph:
             raise VerificationError(f"{where} does not belong to graph {graph.name}")
@@ -60,6 +60,8 @@ def verify(graph: Graph, check_types: bool = False) -> None:
             if out.producer is not node or out.index != k:
                 raise VerificationError(f"{where}: output {k} %{out.name} does not point back at its producer")
             define(out, where)
+        if node.op == "region":
+            _check_region(node, where, check_types)
         if check_types:
             _check_types(node, where)
     for v in graph.values():
@@ -69,6 +71,18 @@ def verify(graph: Graph, check_types: bool = False) -> None:
     for k, v in enumerate(graph.outputs):
         if id(v) not in defined:
             raise VerificationError(f"graph output {k} %{v.name} is not defined in the graph")
+
+
+def _check_region(node: Node, where: str, check_types: bool) -> None:
+    from .region import check_body
+
+    problem = check_body(node)
+    if problem is not None:
+        raise VerificationError(f"{where}: {problem}")
+    try:
+        verify(node.attrs["body"], check_types)
+    except VerificationError as e:
+        raise VerificationError(f"{where}, in its body: {e}") from None
 
 
 def _check_types(node: Node, where: str) -> None:

@@ -346,14 +346,28 @@ for _name in ("relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "neg", "
     RULES[_name] = _elementwise
 
 
+NOT_MODELLED: dict[str, str] = {
+    **dict.fromkeys(["acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "cos", "cosh", "floor",
+                     "fmod", "remainder", "round", "sin", "sinh", "tan", "isinf", "isnan", "eq", "ne", "lt", "le",
+                     "gt", "ge", "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and",
+                     "bitwise_or", "bitwise_xor", "bitwise_not"],
+                    "pointwise, not yet listed with the pointwise rule: the channels it touches are kept"),
+    **dict.fromkeys(["matmul", "einsum", "gather", "index", "index_select", "take", "argmax", "argmin", "cumsum",
+                     "topk", "flip", "roll", "repeat", "tril", "triu", "broadcast_to", "stack"],
+                    "its index mapping is not followed: the channels it touches are kept"),
+    **dict.fromkeys(["arange", "full", "full_like", "shape"], "makes a tensor from sizes: no channel flows through"),
+}
+"""Canonical ops without a rule, and why: ``build_groups`` blocks every dim they touch, so pruning stays correct."""
+
+
 @rule("conv")
 def _conv(node: Node, b: _Builder) -> None:
     """Out channels = weight rows = bias; in channels = weight dim 1, per group of channels."""
     x, w, bias = (list(node.inputs) + [None])[:3]
     out = node.output
-    if node.attrs.get("transposed"):
+    if node.attrs["transposed"]:
         return
-    groups = node.attrs.get("groups", 1)
+    groups = node.attrs["groups"]
     cin, cout = b.size(x, 1), b.size(out, 1)
     b.same(x, 0, out, 0)
     if groups == 1:
@@ -386,8 +400,8 @@ def _gemm(node: Node, b: _Builder) -> None:
     """ONNX Gemm: like linear, with the contraction dims picked by trans_a/trans_b."""
     a, w, c = (list(node.inputs) + [None])[:3]
     out = node.output
-    b.same(a, 0 if node.attrs.get("trans_a") else 1, w, 1 if node.attrs.get("trans_b") else 0)
-    b.same(out, 1, w, 0 if node.attrs.get("trans_b") else 1)
+    b.same(a, 0 if node.attrs["trans_a"] else 1, w, 1 if node.attrs["trans_b"] else 0)
+    b.same(out, 1, w, 0 if node.attrs["trans_b"] else 1)
     if _tensor(c):
         _broadcast(node, b, [c])
 
@@ -406,7 +420,7 @@ def _batch_norm(node: Node, b: _Builder) -> None:
 def _layer_norm(node: Node, b: _Builder) -> None:
     """Normalized dims couple with the affine params; removing them changes the statistics (not exact)."""
     x, out = node.inputs[0], node.output
-    k = len(node.attrs.get("normalized_shape", ()))
+    k = len(node.attrs["normalized_shape"])
     for d in range(_rank(x)):
         b.same(x, d, out, d)
     for p in node.inputs[1:3]:
@@ -419,7 +433,7 @@ def _layer_norm(node: Node, b: _Builder) -> None:
 def _group_norm(node: Node, b: _Builder) -> None:
     """Statistics are per norm group, so a whole norm group is one channel (exact)."""
     x, out = node.inputs[0], node.output
-    c, g = b.size(x, 1), node.attrs.get("num_groups", 1)
+    c, g = b.size(x, 1), node.attrs["num_groups"]
     for d in range(_rank(x)):
         b.same(x, d, out, d)
     if c is not None:
@@ -433,7 +447,7 @@ def _group_norm(node: Node, b: _Builder) -> None:
 @rule("softmax", "log_softmax")
 def _softmax(node: Node, b: _Builder) -> None:
     x, out = node.inputs[0], node.output
-    axis = node.attrs.get("dim", -1) % _rank(x)
+    axis = node.attrs["dim"] % _rank(x)
     for d in range(_rank(x)):
         if d != axis:
             b.same(x, d, out, d)
@@ -445,8 +459,8 @@ def _reduce(node: Node, b: _Builder) -> None:
     reduced dims prunable: removing channels changes the statistic, as in a layer norm."""
     x, out = node.inputs[0], node.output
     r = _rank(x)
-    dims = set(range(r)) if node.attrs.get("dims") is None else {d % r for d in node.attrs["dims"]}
-    keep = node.attrs.get("keepdim", False)
+    dims = set(range(r)) if node.attrs["dims"] is None else {d % r for d in node.attrs["dims"]}
+    keep = node.attrs["keepdim"]
     k = 0
     for d in range(r):
         if d not in dims:
@@ -466,7 +480,7 @@ def _pool(node: Node, b: _Builder) -> None:
 @rule("concat")
 def _concat(node: Node, b: _Builder) -> None:
     out = node.output
-    axis = node.attrs.get("dim", 0) % _rank(out)
+    axis = node.attrs["dim"] % _rank(out)
     offset = 0
     for v in node.inputs:
         for d in range(_rank(v)):
@@ -482,7 +496,7 @@ def _concat(node: Node, b: _Builder) -> None:
 @rule("split")
 def _split(node: Node, b: _Builder) -> None:
     x = node.inputs[0]
-    axis = node.attrs.get("dim", 0) % _rank(x)
+    axis = node.attrs["dim"] % _rank(x)
     offset = 0
     for out in node.outputs:
         for d in range(_rank(x)):
@@ -496,13 +510,13 @@ def _split(node: Node, b: _Builder) -> None:
 @rule("slice")
 def _slice(node: Node, b: _Builder) -> None:
     x, out = node.inputs[0], node.output
-    axis = node.attrs.get("dim", 0) % _rank(x)
+    axis = node.attrs["dim"] % _rank(x)
     for d in range(_rank(x)):
         if d != axis:
             b.same(x, d, out, d)
     n, total = b.size(out, axis), b.size(x, axis)
-    if node.attrs.get("step", 1) == 1 and n is not None and total is not None:
-        start = _clamp_index(node.attrs.get("start", 0), total)
+    if node.attrs["step"] == 1 and n is not None and total is not None:
+        start = _clamp_index(node.attrs["start"], total)
         b.link(x, axis, torch.arange(n) + start, out, axis, torch.arange(n))
 
 
@@ -513,7 +527,7 @@ def _clamp_index(i: int, n: int) -> int:
 @rule("select")
 def _select(node: Node, b: _Builder) -> None:
     x, out = node.inputs[0], node.output
-    axis = node.attrs.get("dim", 0) % _rank(x)
+    axis = node.attrs["dim"] % _rank(x)
     for d in range(_rank(x)):
         if d != axis:
             b.same(x, d, out, d - (d > axis))
@@ -548,7 +562,7 @@ def _permute(node: Node, b: _Builder) -> None:
 @rule("pad")
 def _pad(node: Node, b: _Builder) -> None:
     x, out = node.inputs[0], node.output
-    pads = list(node.attrs.get("pads", ()))
+    pads = list(node.attrs["pads"])
     padded = {_rank(x) - 1 - k // 2 for k, p in enumerate(pads) if p}
     for d in range(_rank(x)):
         if d not in padded:
@@ -566,7 +580,7 @@ def _flatten(node: Node, b: _Builder) -> None:
     r = _rank(x)
     if r == 0:
         return
-    start, end = node.attrs.get("start_dim", 0) % r, node.attrs.get("end_dim", -1) % r
+    start, end = node.attrs["start_dim"] % r, node.attrs["end_dim"] % r
     for d in range(start):
         b.same(x, d, out, d)
     for d in range(end + 1, r):
@@ -632,7 +646,7 @@ def _sdpa(node: Node, b: _Builder) -> None:
         b.same(k, 1, v, 1)
         if hq == hk:
             b.same(q, 1, k, 1)
-        elif node.attrs.get("enable_gqa") and hq and hk and hq % hk == 0:
+        elif node.attrs["enable_gqa"] and hq and hk and hq % hk == 0:
             b.link(q, 1, torch.arange(hq), k, 1, torch.arange(hq) // (hq // hk))
     else:
         for t in (q, k, v, out):

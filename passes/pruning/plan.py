@@ -227,11 +227,9 @@ def measure_latency(graph: Graph, example_inputs: Sequence[Any], runs: int = 9, 
 
 
 def _onnxruntime_runner(graph: Graph, inputs: tuple) -> Callable[[], Any]:
-    import onnxruntime as ort
+    from graphopt.backends._onnxruntime import inference_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(graph.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(graph.to_onnx(), threads=torch.get_num_threads())
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
     return lambda: session.run(None, feeds)
 

@@ -1,4 +1,5 @@
-"""ONNX for onnxruntime's CPU provider: NCHWc regions fire on real conv nets, outputs stay equal, padding never leaks."""
+"""The onnxruntime-cpu target: its pipeline runs real conv nets' regions in NCHWc (the report says so), outputs
+stay equal, padding never leaks."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,11 +8,12 @@ import onnx
 import pytest
 import torch
 
-from graphopt.emitters import onnxruntime_nchwc
-from graphopt.emitters.onnxruntime_nchwc import (METADATA_KEY, nchwc_block_size, reorder_filter_blocked,
-                                                 reorder_filter_out_blocked)
+from graphopt.emitters.onnxruntime_nchwc import METADATA_KEY, reorder_filter_blocked, reorder_filter_out_blocked
 from graphopt.ir import Graph, TensorType
 from graphopt.models import MODEL_CASES
+from graphopt.passes.fusion import bn_scale_and_shift
+from graphopt.passes.onnxruntime_nchwc import nchwc_block_size
+from graphopt.passes.targets import optimize_for_target
 from graphopt.testing import assert_close_outputs, capture_and_optimize, run_onnxruntime
 
 NCHWC = "com.microsoft.nchwc"
@@ -21,6 +23,13 @@ needs_nchwc = pytest.mark.skipif(nchwc_block_size() is None, reason="this onnxru
 
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(f"nchwc:{n.op_type}" if n.domain == NCHWC else n.op_type for n in model.graph.node)
+
+
+def for_cpu(graph: Graph, block: int | None = None) -> onnx.ModelProto:
+    """The model written for this CPU's onnxruntime, after the target's pipeline, at ``block`` (default: this
+    machine's block size)."""
+    options = {"plan_nchwc_regions": {"block": block}} if block else None
+    return optimize_for_target(graph, TARGET, options=options).to_onnx(target=TARGET)
 
 
 # ------------------------------------------------------------ filter layouts
@@ -56,7 +65,7 @@ whatever this machine's is, and run in onnxruntime at this machine's."""
     ("torchvision.shufflenet_v2_x0_5", 40),  # channel shuffles leave the layout
     ("torchvision.mobilenet_v3_small", 2),   # squeeze-excitation scales run blocked
 ])
-def test_conv_nets_run_blocked_with_reorders_only_at_the_edges(name, reorders, monkeypatch):
+def test_conv_nets_run_blocked_with_reorders_only_at_the_edges(name, reorders):
     """Every conv (and batch norm) whose channels fill whole blocks runs blocked, at any block size; a conv left
     in NCHW has channels that do not, and costs at most one reorder in and one out."""
     model, inputs = MODEL_CASES[name].build()
@@ -66,8 +75,7 @@ def test_conv_nets_run_blocked_with_reorders_only_at_the_edges(name, reorders, m
     standard = op_counts(graph.to_onnx())
     machine_block = nchwc_block_size()
     for block in sorted({*BLOCK_SIZES, machine_block}):
-        monkeypatch.setattr(onnxruntime_nchwc, "nchwc_block_size", lambda: block)
-        written = graph.to_onnx(target=TARGET)
+        written = for_cpu(graph, block)
         counts = op_counts(written)
         left = _nchw_convs(written)
         assert counts["nchwc:Conv"] + len(left) == standard["Conv"] + standard["BatchNormalization"], (block, counts)
@@ -77,7 +85,6 @@ def test_conv_nets_run_blocked_with_reorders_only_at_the_edges(name, reorders, m
         assert {p.key: p.value for p in written.metadata_props}[METADATA_KEY] == str(block)
         if block == 8:  # the block of the AVX2 machines the suite was written on: all of these convs fill it
             assert not left, left
-    monkeypatch.undo()
     assert_close_outputs(reference, run_onnxruntime(graph, inputs, target=TARGET), what=name)
 
 
@@ -108,7 +115,7 @@ def _chain(channels: tuple[int, ...], between: str, size: int = 16, groups: int 
 def _emit_and_check(g: Graph, inputs: tuple) -> Counter:
     reference = g.to_torch()(*inputs)
     assert_close_outputs(reference, run_onnxruntime(g, inputs, target=TARGET))
-    return op_counts(g.to_onnx(target=TARGET))
+    return op_counts(for_cpu(g))
 
 
 @needs_nchwc
@@ -150,7 +157,8 @@ def test_a_region_too_small_to_pay_for_its_reorders_stays_nchw():
 
 def test_float16_and_the_portable_targets_stay_standard():
     g, _ = _chain((16, 16, 16), "relu")
-    assert not any(n.domain == NCHWC for n in g.to_onnx(target="onnxruntime").graph.node)
+    portable = optimize_for_target(g, "onnxruntime").to_onnx(target="onnxruntime")
+    assert not any(n.domain == NCHWC for n in portable.graph.node)
     half = g.clone()
     for c in half.constants.values():
         c.data = c.data.half()
@@ -158,7 +166,44 @@ def test_float16_and_the_portable_targets_stay_standard():
     half.inputs[0].type = TensorType(torch.float16, half.inputs[0].type.shape)
     for node in half.nodes:
         node.output.type = TensorType(torch.float16, node.output.type.shape)
-    assert not any(n.domain == NCHWC for n in half.to_onnx(target=TARGET).graph.node)
+    assert not any(n.domain == NCHWC for n in for_cpu(half).graph.node)
+
+
+# ------------------------------------------------------------ the pass
+def test_the_pass_rewrites_a_region_into_blocked_ir_ops_and_reports_it():
+    """before: x → conv(16→20) → relu → conv(20→16); expected, at block 8: ReorderInput(x) → blocked conv with
+    the relu fused and 24 (padded) output channels → blocked conv → ReorderOutput to 16 channels; the report
+    counts one reorder each way, and torch runs the rewritten graph to the same values."""
+    g, inputs = _chain((16, 20, 16), "relu")
+    rewritten = optimize_for_target(g, TARGET, options={"plan_nchwc_regions": {"block": 8}}, verify=True)
+    assert rewritten.op_counts() == {"ort.nchwc.conv": 2, "ort.nchwc.reorder_input": 1, "ort.nchwc.reorder_output": 1}
+    first, second = rewritten.find("ort.nchwc.conv")
+    assert first.attrs["activation"] == "relu" and first.output.type.shape == (1, 24, 16, 16)
+    assert second.inputs[1].type.shape == (16, 24, 3, 3)  # input channels padded, zero where padded
+    record = rewritten.meta["report"].records[0]
+    assert record.name == "plan_nchwc_regions" and record.modified
+    assert record.stats["reorder_inputs"] == 1 and record.stats["reorder_outputs"] == 1
+    assert_close_outputs(g.to_torch()(*inputs), rewritten.to_torch()(*inputs))
+
+
+def test_a_batch_norm_runs_as_a_depthwise_conv_folded_in_float64():
+    """before: conv → relu → batch_norm → conv (the norm cannot fold into a conv); expected: the norm is a
+    depthwise 1x1 blocked conv whose weights and bias are ``fold_batch_norm``'s float64 scale and shift,
+    rounded once to float32."""
+    g, inputs = _chain((16, 16, 16), "relu")
+    relu = g.find("relu")[0]
+    stats = [g.add_constant(t, name) for t, name in
+             [(torch.rand(16) + 0.5, "gamma"), (torch.randn(16), "beta"), (torch.randn(16), "mean"),
+              (torch.rand(16) * 1e-3 + 1e-6, "var")]]
+    bn = g.add_node("batch_norm", [relu.output, *stats], {"eps": 1e-5}, after=relu)
+    g.find("conv")[1].replace_input(0, bn.output)
+    scale, shift = bn_scale_and_shift(bn)
+    rewritten = optimize_for_target(g, TARGET, options={"plan_nchwc_regions": {"block": 8}}, verify=True)
+    depthwise = [n for n in rewritten.find("ort.nchwc.conv") if n.attrs["groups"] == 16]
+    assert len(depthwise) == 1 and rewritten.meta["report"].records[0].stats["batch_norms_as_convs"] == 1
+    w, b = depthwise[0].inputs[1:3]
+    assert torch.equal(w.data.reshape(-1), scale.float()) and torch.equal(b.data, shift.float())
+    assert_close_outputs(g.to_torch()(*inputs), rewritten.to_torch()(*inputs))
 
 
 # ------------------------------------------------------------ channel scales
@@ -183,7 +228,7 @@ def test_squeeze_excitation_scales_broadcast_over_whole_rows():
     with torch.no_grad():
         reference = model(*inputs)
     graph = capture_and_optimize(model, inputs)
-    written = graph.to_onnx(target=TARGET)
+    written = for_cpu(graph)
     counts, block = op_counts(written), nchwc_block_size()
     assert counts["Expand"] == 16 and counts["Mul"] == 16, counts
     rows = _scale_rows(written)
@@ -216,6 +261,6 @@ def test_channel_scale_keeps_padding_and_batch(op, scale):
     assert counts["nchwc:Conv"] == 2 and counts["Conv"] == 0 and counts["Expand"] == (scale != "constant"), counts
     block = nchwc_block_size()
     blocks = -(-20 // block)
-    assert sorted(r[1:] for r in _scale_rows(g.to_onnx(target=TARGET))) == sorted(
+    assert sorted(r[1:] for r in _scale_rows(for_cpu(g))) == sorted(
         [[blocks, 6, 6 * block]] + [[blocks, 1, 6 * block]] * (scale != "constant"))
     assert counts["nchwc:ReorderInput"] == 1 + (scale == "unblocked"), counts  # x, and the softmax's scale

@@ -66,7 +66,7 @@ def test_scaled_scores_fuse_and_the_key_transpose_disappears():
     sdpa = only_sdpa(g)
     assert g.op_counts() == {"sdpa": 1}
     assert sdpa.inputs[1] is g.inputs[1] and sdpa.inputs[3] is None
-    assert sdpa.attrs == {"is_causal": False, "scale": 0.25}
+    assert sdpa.attrs == {"is_causal": False, "scale": 0.25, "enable_gqa": False}
 
 
 def test_division_and_a_mask_on_either_side_of_the_add():
@@ -165,7 +165,7 @@ def test_unequal_repeats_or_onnx_graphs_read_the_repeated_heads():
     for g in (unequal, onnx):
         run_fusion(g)
         sdpa = only_sdpa(g)
-        assert "enable_gqa" not in sdpa.attrs and sdpa.inputs[2].producer.op == "reshape"
+        assert sdpa.attrs["enable_gqa"] is False and sdpa.inputs[2].producer.op == "reshape"
 
 
 def test_attentions_sharing_their_scores_fuse_together():

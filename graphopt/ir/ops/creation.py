@@ -19,4 +19,4 @@ def arange(start: float = 0, end: float = 0, step: float = 1, dtype: torch.dtype
 
 
 for _fn in (full, full_like, arange):
-    register_op(OpDef(_fn.__name__, _fn, category="data", flops=lambda n: 0))
+    register_op(OpDef(_fn.__name__, _fn, category="data", flops=lambda n: 0, reads_shape_only=_fn is full_like))

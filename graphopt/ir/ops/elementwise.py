@@ -15,9 +15,16 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_LAYOUT_BLIND = frozenset({"relu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "gelu", "leaky_relu",
+                           "clamp", "elu", "mish", "add", "sub", "mul", "maximum", "minimum", "identity"})
+"""Pointwise ops that keep zero padding finite, so they run on blocked (NCHWc) tensors as they are."""
+
+
 def _unary(name: str, fn, doc: str = "") -> None:
-    # ``fn`` itself is the impl: a named, importable function, so emitted fx code reads ``torch.relu(x)``.
-    register_op(OpDef(name, fn, category="elementwise", doc=doc))
+    # ``fn`` itself is the impl: a named, importable function, so emitted fx code reads ``torch.relu(x)``;
+    # its own keyword arguments (``inplace``) are not IR attributes.
+    register_op(OpDef(name, fn, category="elementwise", doc=doc, attrs=(), layout_blind=name in _LAYOUT_BLIND,
+                      moves_entries=name == "identity", view=name == "identity"))
 
 
 for _name, _fn in {
@@ -33,8 +40,14 @@ for _name, _fn in {
     _unary(_name, _fn)
 
 
+_COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or",
+                          "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor"})
+_IDENTITY_ELEMENT = {"add": 0.0, "sub": 0.0, "mul": 1.0}
+
+
 def _binary(name: str, fn) -> None:
-    register_op(OpDef(name, fn, category="elementwise"))
+    register_op(OpDef(name, fn, category="elementwise", attrs=(), commutative=name in _COMMUTATIVE,
+                      identity_element=_IDENTITY_ELEMENT.get(name), layout_blind=name in _LAYOUT_BLIND))
 
 
 for _name, _fn in {
@@ -107,9 +120,16 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = False) -> torch.Te
     return F.dropout(x, p, training)
 
 
+def _dropout_is_pure(node) -> bool:
+    """Training-mode dropout draws random numbers; in inference mode, or with ``p=0``, it is deterministic."""
+    return not node.attrs["training"] or node.attrs["p"] == 0
+
+
 for _fn, _cat in [(div, "elementwise"), (where, "elementwise"), (isinf, "elementwise"), (gelu, "elementwise"),
                   (leaky_relu, "elementwise"), (elu, "elementwise"), (celu, "elementwise"),
                   (softplus, "elementwise"), (hardsigmoid, "elementwise"), (clamp, "elementwise"),
                   (cast, "elementwise"), (dropout, "elementwise")]:
     register_op(OpDef(_fn.__name__, _fn, category=_cat, doc=(_fn.__doc__ or "").strip(),
-                      pure=_fn is not dropout))
+                      pure=_fn is not dropout, pure_when=_dropout_is_pure if _fn is dropout else None,
+                      identity_element=1.0 if _fn is div else None,
+                      layout_blind=_fn.__name__ in _LAYOUT_BLIND))

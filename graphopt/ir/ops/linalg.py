@@ -74,13 +74,13 @@ def _linear_flops(node) -> int:
 
 def _gemm_flops(node) -> int:
     a = shape_of(node.inputs[0])
-    k = a[0] if node.attrs.get("trans_a") else a[1]
+    k = a[0] if node.attrs["trans_a"] else a[1]
     return 2 * math.prod(shape_of(node.output)) * k
 
 
 def _conv_flops(node) -> int:
     w = shape_of(node.inputs[1])
-    if node.attrs.get("transposed"):
+    if node.attrs["transposed"]:
         x = shape_of(node.inputs[0])
         return 2 * math.prod(x) * math.prod(w[1:])
     return 2 * math.prod(shape_of(node.output)) * math.prod(w[1:])
@@ -107,6 +107,6 @@ def _einsum_flops(node) -> int:
 register_op(OpDef("matmul", matmul, category="matmul", flops=_matmul_flops, doc=matmul.__doc__))
 register_op(OpDef("linear", linear, category="matmul", flops=_linear_flops, doc=linear.__doc__))
 register_op(OpDef("gemm", gemm, category="matmul", flops=_gemm_flops, doc=gemm.__doc__))
-register_op(OpDef("conv", conv, category="conv", flops=_conv_flops, doc=conv.__doc__))
+register_op(OpDef("conv", conv, category="conv", flops=_conv_flops, doc=conv.__doc__, channels_last_kernel=True))
 register_op(OpDef("einsum", einsum, category="matmul", flops=_einsum_flops))
 register_op(OpDef("sdpa", sdpa, category="attention", flops=_sdpa_flops, doc=sdpa.__doc__))

@@ -39,10 +39,11 @@ def interpolate(x: torch.Tensor, size=None, scale_factor=None, mode: str = "near
 
 
 def _pool_flops(node) -> int:
-    return math.prod(shape_of(node.output)) * math.prod(node.attrs.get("kernel_size", (1,)))
+    return math.prod(shape_of(node.output)) * math.prod(node.attrs["kernel_size"])
 
 
-register_op(OpDef("max_pool", max_pool, category="pool", flops=_pool_flops, doc=max_pool.__doc__))
-register_op(OpDef("avg_pool", avg_pool, category="pool", flops=_pool_flops))
-register_op(OpDef("adaptive_avg_pool", adaptive_avg_pool, category="pool"))
+register_op(OpDef("max_pool", max_pool, category="pool", flops=_pool_flops, doc=max_pool.__doc__,
+                  channels_last_kernel=True))
+register_op(OpDef("avg_pool", avg_pool, category="pool", flops=_pool_flops, channels_last_kernel=True))
+register_op(OpDef("adaptive_avg_pool", adaptive_avg_pool, category="pool", channels_last_kernel=True))
 register_op(OpDef("interpolate", interpolate, category="pool", doc=interpolate.__doc__))

@@ -37,4 +37,7 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 for _fn in (batch_norm, layer_norm, group_norm, rms_norm, softmax, log_softmax):
-    register_op(OpDef(_fn.__name__, _fn, category="norm", doc=(_fn.__doc__ or "").strip()))
+    register_op(OpDef(_fn.__name__, _fn, category="norm", doc=(_fn.__doc__ or "").strip(),
+                      row_op=_fn not in (batch_norm, group_norm), channels_last_kernel=_fn is batch_norm,
+                      channelwise=_fn is batch_norm,
+                      keeps_dims=_fn in (softmax, log_softmax)))

@@ -62,5 +62,6 @@ def topk(x: torch.Tensor, k: int = 1, dim: int = -1, largest: bool = True, sorte
 
 
 for _fn in (sum, mean, amax, amin, prod, var, any, all, argmax, argmin, cumsum):
-    register_op(OpDef(_fn.__name__, _fn, category="reduction"))
-register_op(OpDef("topk", topk, category="reduction", num_outputs=2))
+    register_op(OpDef(_fn.__name__, _fn, category="reduction", row_op=_fn in (sum, mean, amax, amin, var),
+                      scan=_fn is cumsum, keeps_dims=_fn is cumsum))
+register_op(OpDef("topk", topk, category="reduction", num_outputs=2, scan=True))

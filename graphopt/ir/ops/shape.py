@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import OpDef, register_op
+from ..registry import OpDef, rank_of_first_input, register_op
 
 
 def reshape(x: torch.Tensor, shape=()) -> torch.Tensor:
@@ -144,9 +144,29 @@ def contiguous(x: torch.Tensor, memory_format: str = "contiguous_format") -> tor
     return x.contiguous(memory_format=getattr(torch, memory_format))
 
 
-_num_split = {"split": lambda attrs: len(attrs["sizes"])}
+def _rank_after_insert(inputs, attrs) -> int | None:
+    """``unsqueeze``'s dims are positions in its output, ``stack``'s dim one in a rank-plus-one result."""
+    rank = rank_of_first_input(inputs, attrs)
+    if rank is None:
+        return None
+    return rank + (len(attrs["dims"]) if "dims" in attrs else 1)
+
+
+def _rank_of_joined(inputs, attrs) -> int | None:
+    """``concat``'s dim: that of its inputs' rank (a skipped empty 1-D placeholder may come first)."""
+    ranks = [rank_of_first_input([v], attrs) for v in inputs]
+    return max((r for r in ranks if r is not None), default=None)
+
+
+_VIEWS = (reshape, permute, flatten, squeeze, unsqueeze, expand, broadcast_to, slice, select, shape)
+_MOVES_ENTRIES = (take, slice, select, squeeze, unsqueeze, reshape, flatten, concat, index_select, gather)
+_RESHAPES = (reshape, flatten, squeeze, unsqueeze)
+_DIM_RANK = {unsqueeze: _rank_after_insert, stack: _rank_after_insert, concat: _rank_of_joined}
 for _fn in (reshape, permute, flatten, squeeze, unsqueeze, expand, broadcast_to, slice, select, take,
             index, index_select, gather, embedding, concat, stack, pad, repeat, flip, roll, tril, triu, shape,
-            contiguous):
-    register_op(OpDef(_fn.__name__, _fn, category="shape", doc=(_fn.__doc__ or "").strip(), flops=lambda n: 0))
-register_op(OpDef("split", split, category="shape", num_outputs=_num_split["split"], flops=lambda n: 0))
+            contiguous, split):
+    register_op(OpDef(_fn.__name__, _fn, category="shape", doc=(_fn.__doc__ or "").strip(), flops=lambda n: 0,
+                      num_outputs=(lambda attrs: len(attrs["sizes"])) if _fn is split else 1,
+                      dim_rank=_DIM_RANK.get(_fn, rank_of_first_input), view=_fn in _VIEWS or _fn is split,
+                      moves_entries=_fn in _MOVES_ENTRIES, reads_shape_only=_fn is shape, reshapes=_fn in _RESHAPES,
+                      keeps_dims=_fn in (slice, split)))
