@@ -145,7 +145,7 @@ class FuseOnnxruntimeCpuContrib(FuseOnnxruntimeContrib):
 
 # ---------------------------------------------------------------- patterns
 def _fuse_conv(graph: Graph, conv: Node) -> str | None:
-    if conv.attrs.get("transposed") or not _is_f32(conv.output):
+    if conv.attrs["transposed"] or not _is_f32(conv.output):
         return None
     group, z, activation = [conv], None, None
     add = sole_reader(conv.output)
@@ -200,9 +200,9 @@ def _simplified_layer_norm(graph: Graph, norm: Node) -> str | None:
 def _attention_fused_matmul(graph: Graph, sdpa: Node) -> str | None:
     """Below opset 23 only: from there on the standard ``Attention`` op does it all in one node."""
     q = sdpa.inputs[0]
-    if sdpa.attrs.get("enable_gqa") or sdpa.attrs.get("is_causal") or not _is_f32(sdpa.output):
+    if sdpa.attrs["enable_gqa"] or sdpa.attrs["is_causal"] or not _is_f32(sdpa.output):
         return None
-    scale = sdpa.attrs.get("scale")
+    scale = sdpa.attrs["scale"]
     if scale is None:
         head = q.type.shape[-1]
         if not isinstance(head, int):

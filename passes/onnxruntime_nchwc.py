@@ -210,7 +210,7 @@ def _kind(plan: NchwcPlan, node: Node) -> str | None:
     x = node.inputs[0] if node.inputs else None
     if node.op == "split":
         aligned = all(int(size) % plan.block == 0 for size in node.attrs["sizes"])
-        return "split" if node.attrs.get("dim", 0) % 4 == 1 and plan.is_blocked(x) and aligned else None
+        return "split" if node.attrs["dim"] % 4 == 1 and plan.is_blocked(x) and aligned else None
     if len(node.outputs) != 1:
         return None
     if node.op == "conv":
@@ -224,12 +224,12 @@ def _kind(plan: NchwcPlan, node: Node) -> str | None:
         plan.convs[id(node)] = _Conv(node, reads_blocked=True, groups=_pad_to(x.type.shape[1], plan.block))
         return "conv"
     if node.op in ("max_pool", "avg_pool") and plan.is_blocked(x) and x.type.shape[1] % plan.block == 0:
-        if node.attrs.get("divisor_override") or len(node.attrs["kernel_size"]) != 2:
+        if node.op == "avg_pool" and node.attrs["divisor_override"] or len(node.attrs["kernel_size"]) != 2:
             return None
         return "pool"
     if plan.is_blocked(x) and _global_average(node):
         return "global_pool"
-    if node.op == "concat" and node.attrs.get("dim", 0) % 4 == 1 and all(
+    if node.op == "concat" and node.attrs["dim"] % 4 == 1 and all(
             plan.is_blocked(v) and v.type.shape[1] % plan.block == 0 for v in node.inputs):
         return "concat"
     if not get_op(node.op).layout_blind or not any(plan.is_blocked(v) for v in node.inputs):
@@ -272,8 +272,8 @@ def _is_scalar(v: Value) -> bool:
 def _global_average(node: Node) -> bool:
     if node.op == "adaptive_avg_pool":
         return all(int(s) == 1 for s in node.attrs["output_size"])
-    if node.op == "mean" and node.attrs.get("keepdim"):
-        dims = node.attrs.get("dims")
+    if node.op == "mean" and node.attrs["keepdim"]:
+        dims = node.attrs["dims"]
         return dims is not None and sorted(d % 4 for d in dims) == [2, 3]
     return False
 
@@ -282,14 +282,14 @@ def _conv_form(node: Node, block: int) -> _Conv | None:
     """onnxruntime's rules for a blocked conv: whether the input is blocked, and the groups."""
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
-    if node.attrs.get("transposed") or not (w.is_constant and w.data is not None and w.data.dim() == 4):
+    if node.attrs["transposed"] or not (w.is_constant and w.data is not None and w.data.dim() == 4):
         return None
     if w.type.dtype != torch.float32 or (b is not None and not (b.is_constant and b.data is not None)):
         return None
     if not _blockable(x):
         return None
     out_channels, in_per_group = w.data.shape[:2]
-    groups = int(node.attrs.get("groups", 1))
+    groups = int(node.attrs["groups"])
     if groups == 1:
         if in_per_group < block:
             return _Conv(node, reads_blocked=False, groups=1)

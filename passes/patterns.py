@@ -133,8 +133,8 @@ def _normalized_shape(x: Value, *reductions: Node) -> list[int] | None:
     rank = len(shape)
     dim_sets = set()
     for node in reductions:
-        dims = node.attrs.get("dims")
-        if dims is None or not node.attrs.get("keepdim") or len(node.inputs[0].type.shape or ()) != rank:
+        dims = node.attrs["dims"]
+        if dims is None or not node.attrs["keepdim"] or len(node.inputs[0].type.shape or ()) != rank:
             return None
         dim_sets.add(tuple(sorted(d % rank for d in dims)))
     if len(dim_sets) != 1:

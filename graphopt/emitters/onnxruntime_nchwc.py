@@ -79,13 +79,13 @@ def _conv(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
 def _max_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     from .onnx_table import per_dim, pool_window
 
-    _add(e, n, "MaxPool", ins, outs, dilations=per_dim(n.attrs.get("dilation", (1,)), 2), **pool_window(n))
+    _add(e, n, "MaxPool", ins, outs, dilations=per_dim(n.attrs["dilation"], 2), **pool_window(n))
 
 
 def _avg_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
     from .onnx_table import pool_window
 
-    _add(e, n, "AveragePool", ins, outs, count_include_pad=int(n.attrs.get("count_include_pad", True)), **pool_window(n))
+    _add(e, n, "AveragePool", ins, outs, count_include_pad=int(n.attrs["count_include_pad"]), **pool_window(n))
 
 
 def _global_avg_pool(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:

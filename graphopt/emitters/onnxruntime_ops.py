@@ -37,10 +37,10 @@ def add_contrib(e: OnnxEmitter, op_type: str, ins: list, outs: list | int, **att
 def activation_attributes(node: Node) -> dict:
     """The ``activation`` and ``activation_params`` attributes of a fused convolution (``ort.fused_conv``, and
     ``ort.nchwc.conv``), from the IR activation it names."""
-    name = node.attrs.get("activation")
+    name = node.attrs["activation"]
     if name is None:
         return {}
-    op_type, params = CONV_ACTIVATIONS[name](node.attrs.get("activation_attrs") or {})
+    op_type, params = CONV_ACTIVATIONS[name](node.attrs["activation_attrs"] or {})
     return {"activation": op_type, "activation_params": params or None}
 
 
@@ -67,16 +67,16 @@ def _simplified_layer_norm(e: OnnxEmitter, n: Node, ins: list, outs: list) -> No
 
 
 def _epsilon(norm: Node) -> float:
-    eps = norm.attrs.get("eps")
+    eps = norm.attrs["eps"]
     return float(torch.finfo(norm.outputs[0].type.dtype).eps if eps is None else eps)
 
 
 def _quick_gelu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
-    add_contrib(e, "QuickGelu", ins, outs, alpha=float(n.attrs.get("alpha", 1.0)))
+    add_contrib(e, "QuickGelu", ins, outs, alpha=float(n.attrs["alpha"]))
 
 
 def _gelu(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
-    add_contrib(e, "FastGelu" if n.attrs.get("approximate", "none") == "tanh" else "Gelu", ins, outs)
+    add_contrib(e, "FastGelu" if n.attrs["approximate"] == "tanh" else "Gelu", ins, outs)
 
 
 def _attention_fused_matmul(e: OnnxEmitter, n: Node, ins: list, outs: list) -> None:
