@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.region import extract as copy_out
 from graphopt.ir.registry import node_bytes, node_flops
 from graphopt.passes.fusion_groups import Reachability
 
@@ -54,32 +55,8 @@ def extract(graph: Graph, members: list[Node], index: int = 0) -> Region:
     Its inputs are the non-constant values the members read from outside; its
     outputs, the members' values that a node outside or the graph's outputs read.
     """
-    inside = {id(n) for n in members}
-    sub = Graph(f"{graph.name}.region{index}")
-    mapping: dict[int, Value] = {}
-    inputs: list[Value] = []
-    for node in members:
-        for v in node.inputs:
-            if v is None or id(v) in mapping or (v.producer is not None and id(v.producer) in inside):
-                continue
-            if v.is_constant:
-                c = sub.add_constant(v.data, v.name, v.is_parameter)
-                c.type = v.type
-                mapping[id(v)] = c
-            else:
-                mapping[id(v)] = sub.add_input(v.name, v.type)
-                inputs.append(v)
-    for node in members:
-        copy = sub.add_node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], dict(node.attrs),
-                            output_types=[o.type for o in node.outputs], name=node.name,
-                            output_names=[o.name for o in node.outputs], meta=dict(node.meta))
-        for o, co in zip(node.outputs, copy.outputs):
-            mapping[id(o)] = co
-    graph_outputs = {id(v) for v in graph.outputs}
-    outputs = [o for node in members for o in node.outputs
-               if id(o) in graph_outputs or any(id(u) not in inside for u in o.users())]
-    sub.outputs = [mapping[id(o)] for o in outputs]
-    return Region(index, list(members), sub, inputs, outputs)
+    part = copy_out(members, f"{graph.name}.region{index}")
+    return Region(index, list(members), part.body, part.inputs, part.outputs)
 
 
 def partition(graph: Graph, supported: Callable[[Node], bool]) -> list[Region]:

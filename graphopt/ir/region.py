@@ -3,9 +3,10 @@
 A ``region`` node's ``body`` attribute is a ``Graph`` whose inputs are the
 node's inputs and whose outputs are its outputs, one for one. Passes may treat
 the node as one op (cost it, cache it, lower it) or look inside it; the IR's
-checks recurse into the body (verify, hash, clone, print). ``outline`` makes a
-region of a convex set of nodes and ``inline`` splices one back, both in time
-linear in the region's size.
+checks recurse into the body (verify, hash, clone, print). ``extract`` copies
+a set of nodes out as a standalone graph (a backend's region), ``outline``
+replaces a convex set by a region node and ``inline`` splices one back, all in
+time linear in the set's size.
 
 State is the emitted torch module's, never a global: ``state_load`` reads a
 keyed slot (its input is the value while the slot is empty) and
@@ -19,6 +20,7 @@ inputs and stores keep nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,50 +79,70 @@ register_op(OpDef("state_store", state_store, category="opaque", pure=False, sta
 
 
 # ----------------------------------------------------------------- rewriting
-def outline(graph: Graph, nodes: Sequence[Node], label: str = "") -> Node:
-    """Replace ``nodes`` (a convex set of ``graph``'s nodes) by one ``region`` node holding them.
+@dataclass
+class Extraction:
+    """A set of nodes copied out as a standalone graph, and how it connects to the graph it came from."""
+
+    body: Graph
+    inputs: list[Value]
+    """The outer values the set reads (not constants), in the order of ``body.inputs``."""
+    outputs: list[Value]
+    """The set's values read outside or returned by the graph, in the order of ``body.outputs``."""
+    constants: list[Value]
+    """The outer constants the set reads; the body has its own, sharing their tensors."""
+
+
+def extract(nodes: Sequence[Node], name: str) -> Extraction:
+    """Copy ``nodes`` (in execution order) into a standalone graph; the original is left as it is.
 
     The body's inputs are the values the set reads from outside, in first-read
-    order (constants move into the body, sharing their tensors); its
-    outputs are the set's values read outside or returned by the graph. The
-    region sits where the last member sat.
+    order; its outputs are the set's values read outside or returned.
     """
     members = {id(n) for n in nodes}
-    moved: list[Value] = []
-    if len(members) != len(nodes) or not nodes:
-        raise ValueError("outline needs a non-empty list of distinct nodes")
-    order = {id(n): k for k, n in enumerate(graph)}
-    ordered = sorted(nodes, key=lambda n: order[id(n)])
-    body = Graph(label or f"{graph.name}_region")
+    body = Graph(name)
     mapping: dict[int, Value] = {}
-    outer_inputs: list[Value] = []
-    for node in ordered:
+    inputs: list[Value] = []
+    constants: list[Value] = []
+    for node in nodes:
         for v in node.inputs:
             if v is None or id(v) in mapping or (v.producer is not None and id(v.producer) in members):
                 continue
             if v.is_constant:
-                moved.append(v)
+                constants.append(v)
                 inner = body.add_constant(v.data, v.name, v.is_parameter)
                 inner.type, inner.meta = v.type, dict(v.meta)
             else:
                 inner = body.add_input(v.name, v.type)
-                outer_inputs.append(v)
+                inputs.append(v)
             mapping[id(v)] = inner
         copy = body.add_node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], node.attrs,
                              output_types=[o.type for o in node.outputs], name=node.name,
                              output_names=[o.name for o in node.outputs], meta=dict(node.meta))
         mapping.update((id(o), c) for o, c in zip(node.outputs, copy.outputs))
-    escaping = [o for n in ordered for o in n.outputs
-                if o.is_graph_output or any(id(u) not in members for u in o.users())]
-    body.outputs = [mapping[id(o)] for o in escaping]
-    region_node = graph.add_node("region", outer_inputs, {"body": body, "label": label},
-                                 output_types=[o.type for o in escaping], after=ordered[-1],
+    outputs = [o for n in nodes for o in n.outputs if o.is_graph_output or any(id(u) not in members for u in o.users())]
+    body.outputs = [mapping[id(o)] for o in outputs]
+    return Extraction(body, inputs, outputs, constants)
+
+
+def outline(graph: Graph, nodes: Sequence[Node], label: str = "") -> Node:
+    """Replace ``nodes`` (a convex set of ``graph``'s nodes) by one ``region`` node holding them.
+
+    The body is :func:`extract`'s, and the constants the set reads move into it
+    (those also read outside stay). The region sits where the last member sat.
+    """
+    if len({id(n) for n in nodes}) != len(nodes) or not nodes:
+        raise ValueError("outline needs a non-empty list of distinct nodes")
+    order = {id(n): k for k, n in enumerate(graph)}
+    ordered = sorted(nodes, key=lambda n: order[id(n)])
+    part = extract(ordered, label or f"{graph.name}_region")
+    region_node = graph.add_node("region", part.inputs, {"body": part.body, "label": label},
+                                 output_types=[o.type for o in part.outputs], after=ordered[-1],
                                  name=label or "region")
-    for old, new in zip(escaping, region_node.outputs):
+    for old, new in zip(part.outputs, region_node.outputs):
         old.replace_by(new)
     for node in reversed(ordered):
         graph.remove_node(node)
-    for v in moved:
+    for v in part.constants:
         graph.remove_constant(v)  # kept when read outside the region too
     _sort_if_needed(graph, region_node)
     return region_node
