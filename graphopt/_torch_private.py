@@ -214,3 +214,14 @@ def export_failure_kind(error: BaseException) -> str | None:
             return "export"
         error = error.__cause__ or error.__context__
     return None
+
+
+# ============================================================================
+# Step caching under torch.compile (owner: passes/step_cache/runtime.py)
+# ============================================================================
+
+
+def traced_around(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Dynamo runs ``fn`` itself eagerly (its host-side decisions never break a graph) but still traces
+    and compiles the modules it calls, each whole."""
+    return torch._dynamo.disable(fn, recursive=False)

@@ -9,7 +9,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .ir import Graph
-from .pass_manager import Instrument, Pass, PassManager, pipeline
+from .pass_manager import Instrument, Pass, PassManager, level_then_passes, pipeline
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict | None = None) -> Graph:
@@ -44,7 +44,7 @@ def optimize(graph: Graph, level: str = "O1", passes: Sequence[str | Pass] | Non
     pipeline(level)  # an unknown level is named as one, not as an unknown pass
     if isinstance(passes, str) or not isinstance(passes, (Sequence, type(None))):
         raise InvalidOptionError(f"passes must be a list of pass names or Pass instances, got {passes!r}")
-    manager = PassManager([level, *(passes or [])], options=options, verify=verify, instruments=instruments,
+    manager = PassManager(level_then_passes(level, passes or []), options=options, verify=verify, instruments=instruments,
                           dump_dir=dump_dir)
     result = manager.run(graph)
     result.graph.meta["report"] = manager.report

@@ -31,7 +31,7 @@ import torch
 
 from . import _torch_private
 from .errors import InvalidOptionError
-from .pass_manager import DumpAfter, Instrument, PassManager, TimePasses, pipeline
+from .pass_manager import DumpAfter, Instrument, PassManager, TimePasses, level_then_passes, pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class BackendOptions:
             watching.append(TimePasses(label=label))
         try:
             pipeline(self.level)  # PassManager would take an unknown level for a pass name
-            return PassManager([self.level, *self.passes], options=dict(self.pass_options),
+            return PassManager(level_then_passes(self.level, self.passes), options=dict(self.pass_options),
                                verify=self.verify, instruments=watching, dump_dir=folder)
         except (KeyError, ValueError) as e:  # unknown names; option values a pass rejects
             raise InvalidOptionError(e.args[0]) from None

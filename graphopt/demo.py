@@ -8,7 +8,8 @@ through ``torch.compile`` with inductor; and through onnxruntime (``torch.onnx.e
 onnxruntime's graph optimizations, as the benchmarks run it). The first table shows the IR before and
 after the rewrites, which passes fired, where the lowered regions went and each graphopt path's largest
 output difference from eager (relative to the largest eager magnitude); the second the median latencies
-and the compile times (the first call of each ``torch.compile``).
+and the compile times (the first call of each ``torch.compile``). The third is the lossy half: a trained
+digits diffusion transformer sampled with and without step caching (``demo_step_cache``).
 """
 from __future__ import annotations
 
@@ -182,9 +183,11 @@ def format_rows(rows: Sequence[DemoRow]) -> str:
 
 def run_demo(quick: bool = False) -> str:
     """The demo tables; ``quick`` runs only the first model with fewer timing runs."""
+    from .demo_step_cache import format_step_cache_row, run_step_cache_demo
+
     cases = demo_cases()[:1] if quick else demo_cases()
     rows = [run_case(case, repeats=5 if quick else 15) for case in cases]
-    return format_rows(rows)
+    return "\n\n".join([format_rows(rows), format_step_cache_row(run_step_cache_demo(quick=quick))])
 
 
 if __name__ == "__main__":

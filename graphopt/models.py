@@ -411,13 +411,14 @@ def _text_mask(tokens: int = 8, padding: int = 2) -> torch.Tensor:
     return mask
 
 
-def build_hunyuan_video() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build_hunyuan_video(layers: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``layers`` dual-stream and ``layers`` single-stream blocks."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(SEED)
     hunyuan = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        num_single_layers=layers, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
         rope_axes_dim=(4, 6, 6),
     )
     model = KwargsWrapper(hunyuan, ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
@@ -453,12 +454,13 @@ def build_ltx_video() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return _finish(model, torch.randn(1, 2 * 4 * 4, 8), torch.randn(1, 8, 32), torch.tensor([10]), _text_mask())
 
 
-def build_flux() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build_flux(layers: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``layers`` double-stream and ``layers`` single-stream blocks."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(SEED)
     flux = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
     )
@@ -480,6 +482,50 @@ def build_flux() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         img_ids.reshape(h * w, 3),
         torch.zeros(8, 3),
     )
+
+
+def build_sd3(layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Stable Diffusion 3's MMDiT: joint text/image blocks, the last one updating the image stream only."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(SEED)
+    sd3 = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=8,
+    )
+    model = KwargsWrapper(sd3, ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                          {"return_dict": False})
+    return _finish(model, torch.randn(1, 4, 8, 8), torch.randn(1, 8, 32), torch.randn(1, 32), torch.tensor([10]))
+
+
+def build_sana(layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Sana: linear self-attention, cross-attention to the text, a gated conv feed-forward."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(SEED)
+    sana = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=8, patch_size=1,
+    )
+    model = KwargsWrapper(sana, ("hidden_states", "encoder_hidden_states", "timestep"), {"return_dict": False})
+    return _finish(model, torch.randn(1, 4, 8, 8), torch.randn(1, 8, 32), torch.tensor([10]))
+
+
+def build_mochi(layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Mochi: asymmetric joint video/text blocks, the last one updating the video stream only."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(SEED)
+    mochi = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=layers, pooled_projection_dim=32,
+        in_channels=4, text_embed_dim=32, time_embed_dim=32, max_sequence_length=8,
+    )
+    model = KwargsWrapper(mochi, ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask"),
+                          {"return_dict": False})
+    # (batch, channels, frames, height, width); the text mask pads 2 of 8 tokens.
+    return _finish(model, torch.randn(1, 4, 2, 8, 8), torch.randn(1, 8, 32), torch.tensor([10]), _text_mask())
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +558,8 @@ def _make_registry() -> dict[str, ModelCase]:
         ("flux", build_flux),
     ]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn))
-    for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video)]:
+    for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video),
+                      ("sd3", build_sd3), ("sana", build_sana), ("mochi", build_mochi)]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn, slow=True))
     return {c.name: c for c in cases}
 

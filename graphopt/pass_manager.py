@@ -67,6 +67,10 @@ class Pass:
     With no such pass in the list, the property is the caller's to vouch for (a pass run on its own)."""
     ensures: ClassVar[tuple[str, ...]] = ()
     """Graph properties that hold once the pass has run."""
+    before_level: ClassVar[bool] = False
+    """Named after a level (``graphopt.optimize(g, "O2", passes=[...])``, the torch.compile backend's
+    ``passes``), the pass still runs first, on the graph as captured: it reads structure the level's
+    rewrites would blur (step caching finds repeated blocks, which fusion makes differ)."""
     analysis: ClassVar[bool] = False
     """The pass annotates and never rewrites: what it ensures describes the graph as it was, so any later
     rewriting pass makes it stale. It reports ``modified=False``: annotations are not changes."""
@@ -101,6 +105,14 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"a pass named {cls.name!r} is already registered ({PASSES[cls.name].__name__})")
     PASSES[cls.name] = cls
     return cls
+
+
+def level_then_passes(level: str, passes: Sequence[str | Pass]) -> list[str | Pass]:
+    """``[level, *passes]``, but passes that run ``before_level`` go first."""
+    def first(p: str | Pass) -> bool:
+        cls = p if isinstance(p, Pass) else PASSES.get(p)
+        return bool(cls is not None and cls.before_level)
+    return [*[p for p in passes if first(p)], level, *[p for p in passes if not first(p)]]
 
 
 def register_pipeline(level: str, pass_names: Sequence[str]) -> None:

@@ -216,7 +216,7 @@ class OnnxEmitter:
             self._emit_torch_opaque(node, outs)
         elif node.op == "region":
             self._emit_region(node, outs)
-        elif node.opdef.state_method is not None:
+        elif node.opdef.state_method is not None or (node.opdef.torch_module is not None and not node.is_pure):
             raise EmitError(f"node {node.name}: {node.op} keeps state across calls, which an ONNX model cannot; "
                             f"emit this graph to torch (graph.to_torch())")
         else:

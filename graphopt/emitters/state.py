@@ -13,8 +13,9 @@ prompt, a new seed), as a sampler resets its scheduler.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class GraphState(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.slots: dict[str, torch.Tensor] = {}
+        self.memories: dict[str, Any] = {}
         self.active = ""
 
     def load(self, key: str, default: torch.Tensor) -> torch.Tensor:
@@ -34,9 +36,25 @@ class GraphState(torch.nn.Module):
         self.slots[self._slot(key)] = value
         return value
 
+    def keep(self, key: str, make: Callable[[], Any]) -> Any:
+        """A structured memory (a step cache's residuals and counters) in slot ``key`` of the active
+        branch, made by ``make`` on first use; ``reset`` forgets it like any slot."""
+        slot = self._slot(key)
+        if slot not in self.memories:
+            self.memories[slot] = make()
+        return self.memories[slot]
+
+    def forget(self, prefix: str) -> None:
+        """Forget the active branch's slots whose keys start with ``prefix``."""
+        start = self._slot(prefix)
+        for table in (self.slots, self.memories):
+            for slot in [s for s in table if s.startswith(start)]:
+                del table[slot]
+
     def reset(self) -> None:
         """Forget every slot of every branch."""
         self.slots.clear()
+        self.memories.clear()
 
     @contextmanager
     def branch(self, name: str) -> Iterator[GraphState]:
@@ -51,4 +69,4 @@ class GraphState(torch.nn.Module):
         return f"{self.active}/{key}" if self.active else key
 
     def extra_repr(self) -> str:
-        return f"{len(self.slots)} slots" + (f", branch {self.active!r}" if self.active else "")
+        return f"{len(self.slots) + len(self.memories)} slots" + (f", branch {self.active!r}" if self.active else "")

@@ -173,8 +173,8 @@ class TorchEmitter:
     def _emit_node(self, node: Node) -> None:
         if node.op == "batch_norm" and self._emit_batch_norm_module(node):
             return
-        if node.op == "region":
-            self._emit_region(node)
+        if node.opdef.torch_module is not None:
+            self._emit_submodule(node)
             return
         inputs = tuple(None if v is None else self._node_for(v) for v in node.inputs)
         method = node.opdef.state_method
@@ -207,16 +207,23 @@ class TorchEmitter:
             if not self._install(STATE_ATTRIBUTE, self.state):
                 raise ValueError(f"the emitted module of {self.graph.name} has a constant at {STATE_ATTRIBUTE!r}")
 
-    def _emit_region(self, node: Node) -> None:
-        """The body as a submodule at the region's label; it shares this module's state."""
-        body = TorchEmitter(node.attrs["body"], self.state)
-        module = body.run()
-        if body.uses_state:
+    def _emit_submodule(self, node: Node) -> None:
+        """A region-like node as a submodule at its label; its bodies share this module's state."""
+        used_state = []
+
+        def emit_body(graph: Graph) -> fx.GraphModule:
+            body = TorchEmitter(graph, self.state)
+            module = body.run()
+            used_state.append(body.uses_state)
+            return module
+
+        module = node.opdef.torch_module(node, emit_body, self.state)
+        if any(used_state) or getattr(module, "uses_state", False):
             self._install_state()
         path = self._install_at(node.attrs["label"] or node.name, module)
         call = self.fx.create_node("call_module", path, tuple(self._node_for(v) for v in node.inputs),
                                    name=node.name)
-        for k, out in enumerate(node.outputs):  # a body module returns a tuple
+        for k, out in enumerate(node.outputs):  # a submodule returns a tuple
             self.pending_results[id(out)] = (call, k)
 
     def _emit_batch_norm_module(self, node: Node) -> bool:

@@ -70,8 +70,13 @@ def state_store(value: torch.Tensor, key: str) -> torch.Tensor:
     return value
 
 
+def _emit_region(node: Node, emit_body: Any, state: Any) -> torch.nn.Module:
+    return emit_body(node.attrs["body"])
+
+
 register_op(OpDef("region", region, category="opaque", infer=_region_types, pure_when=_region_is_pure,
-                  num_outputs=lambda attrs: len(attrs["body"].outputs), doc=region.__doc__))
+                  num_outputs=lambda attrs: len(attrs["body"].outputs), torch_module=_emit_region,
+                  doc=region.__doc__))
 register_op(OpDef("state_load", state_load, category="opaque", pure=False, state_method="load",
                   doc=state_load.__doc__))
 register_op(OpDef("state_store", state_store, category="opaque", pure=False, state_method="store",

@@ -112,6 +112,9 @@ class OpDef:
     doc: str = ""
     state_method: str | None = None
     """Reads or writes the emitted module's state: the ``GraphState`` method an emitted call goes to."""
+    torch_module: Callable[..., Any] | None = None
+    """Emitted as a submodule: ``torch_module(node, emit_body, state)`` builds it, where ``emit_body(graph)``
+    emits a body graph sharing the module's ``GraphState`` ``state`` (regions, step caches)."""
     attrs: tuple[AttrSpec, ...] | None = None
     dim_rank: Callable[[Sequence[Any], dict[str, Any]], int | None] = rank_of_first_input
     open_attrs: bool = False

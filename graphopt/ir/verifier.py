@@ -60,7 +60,7 @@ def verify(graph: Graph, check_types: bool = False) -> None:
             if out.producer is not node or out.index != k:
                 raise VerificationError(f"{where}: output {k} %{out.name} does not point back at its producer")
             define(out, where)
-        if node.op == "region":
+        if node.opdef.torch_module is not None and "body" in node.attrs:  # a region, or a region-like op
             _check_region(node, where, check_types)
         if check_types:
             _check_types(node, where)

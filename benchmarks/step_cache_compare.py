@@ -1,0 +1,353 @@
+"""Step caching on the trained digits DiT: graphopt's policies against diffusers' cache hooks and cache-dit.
+
+Same model, same seeds, same run: the uncached sampler, every graphopt policy at
+the settings calibration tries (curves fitted once on separate calibration
+samples), graphopt's ``auto`` plan for PSNR >= 30 dB, and every diffusers hook
+and cache-dit setting that runs on the model (``step_cache_anchors.py``). Per
+row: wall-clock speed-up of the sampling loop (median of ``--repeats``, spread),
+FLOPs ratio (torch's FlopCounterMode over one run), PSNR and SSIM against the
+uncached images, the digits classifier's accuracy on the generated class and
+the Fréchet distance of its features to real digits. Then the goals: the
+batch-of-4 and step-count transfer checks, and caching under ``torch.compile``.
+
+    python benchmarks/step_cache_compare.py [--samples 32] [--steps 50 20] [--threads 2]
+
+Writes ``benchmarks/results/step_cache_compare.{md,json}`` and ``step_cache_frontier.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import graphopt.diffusers as gd  # noqa: E402
+from graphopt.digits import digits_images, load_digits_classifier, load_digits_pipeline  # noqa: E402
+from graphopt.passes.step_cache.calibrate import SETTINGS  # noqa: E402
+from graphopt.quality import ClassifierScore, psnr, ssim  # noqa: E402
+from report import machine  # noqa: E402
+from step_cache_anchors import anchor_methods  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SEED = 1234
+CALIBRATION = {"class_labels": [0, 3, 5, 8], "seed": 7}
+BUDGET = {"psnr": 30.0}
+FLOP_SAMPLES = 4
+"""FLOPs are counted on the first few samples (FlopCounterMode is slow); the ratio is per sample."""
+STOP_PSNR = 24.0
+"""A policy's sweep stops at its first setting under this PSNR: heavier ones only lose more."""
+
+
+def sampler(pipe: Any, labels: list[int], steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    return lambda: pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(SEED), **kwargs)
+
+
+def timed(run: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, list[float]]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    assert out is not None
+    return out, times
+
+
+def flops(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = run()
+    return out, counter.get_total_flops()
+
+
+class Table:
+    """Rows of one step count, all measured against the same uncached run."""
+
+    def __init__(self, steps: int, reference: torch.Tensor, ref_times: list[float], ref_flops: int,
+                 score: ClassifierScore, labels: list[int], real: torch.Tensor):
+        self.steps, self.reference, self.ref_time, self.ref_flops = steps, reference, statistics.median(ref_times), ref_flops
+        self.score, self.labels, self.real = score, labels, real
+        self.rows: list[dict[str, Any]] = []
+        self.add("uncached", "-", "", reference, ref_times, ref_flops, 0.0)
+
+    def add(self, family: str, method: str, setting: str, images: torch.Tensor, times: list[float], n_flops: int,
+            skipped: float | None) -> dict[str, Any]:
+        row = {"family": family, "method": method, "setting": setting,
+               "speedup": self.ref_time / statistics.median(times),
+               "speedup_spread": [self.ref_time / max(times), self.ref_time / min(times)],
+               "seconds": statistics.median(times), "flops_ratio": n_flops / self.ref_flops,
+               "skipped": skipped,
+               "psnr": psnr(images, self.reference), "ssim": ssim(images, self.reference),
+               "accuracy": self.score.accuracy(images, torch.tensor(self.labels)),
+               "frechet": self.score.frechet_distance(images, self.real)}
+        self.rows.append(row)
+        return row
+
+
+def measure(table: Table, family: str, method: str, setting: str, run: Callable[[], torch.Tensor], repeats: int,
+            skipped: Callable[[], float | None], flop_run: Callable[[], torch.Tensor]) -> dict[str, Any]:
+    """``run`` (all samples) timed ``repeats`` times gives the images; ``flop_run`` (a few samples) the FLOPs."""
+    images, times = timed(run, repeats)
+    fraction = skipped()
+    _, n_flops = flops(flop_run)
+    return table.add(family, method, setting, images, times, n_flops, fraction)
+
+
+def graphopt_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeats: int, bar: tqdm) -> Any:
+    """Every policy at calibration's settings, lightest first, until PSNR falls under 20 dB; and ``auto``."""
+    run, flop_run = sampler(pipe, labels, steps), sampler(pipe, labels[:FLOP_SAMPLES], steps)
+    gd.optimize(pipe, step_cache="auto", quality=BUDGET, calibration={**CALIBRATION, "num_inference_steps": steps},
+                progress=False)
+    plan = pipe.graphopt.plan
+    curves = plan.curves.to_json()
+    measure(table, "graphopt", "auto", f"psnr>={BUDGET['psnr']:g}: {_setting(plan.spec)}", run, repeats,
+            pipe.graphopt.denoiser.skipped_fraction, flop_run)
+    bar.update(1)
+    for name, settings in SETTINGS.items():
+        for setting in settings:
+            gd.optimize(pipe, step_cache={"policy": name, **setting, "curves": curves})
+            row = measure(table, "graphopt", name, _setting(setting), run, repeats,
+                          pipe.graphopt.denoiser.skipped_fraction, flop_run)
+            bar.update(1)
+            if row["psnr"] < STOP_PSNR:
+                break
+    gd.restore(pipe)
+    return plan
+
+
+def anchor_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeats: int, bar: tqdm) -> None:
+    run, flop_run = sampler(pipe, labels, steps), sampler(pipe, labels[:FLOP_SAMPLES], steps)
+    calibration = {"class_labels": CALIBRATION["class_labels"], "generator": torch.Generator().manual_seed(7)}
+    for method in anchor_methods(num_inference_steps=steps, calibration_kwargs=calibration):
+        family = method.name.split(".")[0]
+        try:
+            method.apply(pipe)
+            measure(table, family, method.name, method.setting, run, repeats, lambda: method.skipped(pipe), flop_run)
+        except Exception as e:  # a tool that fails on a setting is a row that says so
+            table.rows.append({"family": family, "method": method.name, "setting": method.setting,
+                               "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+        finally:
+            method.remove(pipe)
+        bar.update(1)
+
+
+def _setting(spec: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("curves",))
+
+
+# ----------------------------------------------------------------- the goals
+def batch_check(pipe: Any, plan: Any, steps: int) -> dict[str, Any]:
+    """Four mixed classes in one batch against each alone, same noise: per-sample PSNR difference."""
+    labels = [1, 4, 7, 9]
+    noise = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(SEED))
+
+    def images(batch_labels: list[int], latents: torch.Tensor) -> torch.Tensor:
+        return pipe(batch_labels, num_inference_steps=steps, latents=latents)
+
+    reference = images(labels, noise)
+    alone_reference = torch.cat([images([c], noise[i:i + 1]) for i, c in enumerate(labels)])
+    gd.optimize(pipe, step_cache=plan)
+    batched = images(labels, noise)
+    alone = torch.cat([images([c], noise[i:i + 1]) for i, c in enumerate(labels)])
+    gd.restore(pipe)
+    in_batch = psnr(batched, reference, per_sample=True)
+    by_itself = psnr(alone, alone_reference, per_sample=True)
+    gaps = [abs(a - b) for a, b in zip(in_batch, by_itself)]
+    return {"psnr_in_batch": in_batch, "psnr_alone": by_itself, "max_gap_db": max(gaps), "goal_met": max(gaps) <= 0.5}
+
+
+def transfer_check(pipe: Any, plan_50: Any, labels: list[int]) -> dict[str, Any]:
+    """A plan calibrated at 50 steps, used at 30, against a plan calibrated at 30 (policy fixed to the 50-step
+    plan's, so only the calibration's step count differs)."""
+    run = sampler(pipe, labels, 30)
+    reference = run()
+    gd.optimize(pipe, step_cache=plan_50)
+    from_50 = run()
+    gd.optimize(pipe, step_cache=plan_50.spec["policy"], quality=BUDGET,
+                calibration={**CALIBRATION, "num_inference_steps": 30}, progress=False)
+    plan_30 = pipe.graphopt.plan
+    gd.optimize(pipe, step_cache=plan_30)
+    from_30 = run()
+    gd.restore(pipe)
+    a, b = psnr(from_50, reference), psnr(from_30, reference)
+    return {"policy": plan_50.spec, "psnr_plan_50_at_30": a, "psnr_plan_30_at_30": b, "gap_db": b - a,
+            "goal_met": b - a <= 1.0}
+
+
+def compile_check(pipe: Any, plan: Any, labels: list[int], steps: int, repeats: int) -> dict[str, Any]:
+    """torch.compile (inductor) over the cached transformer: graph breaks inside blocks, recompiles across
+    steps, and the cached speed-up compiled against eager."""
+    from torch._dynamo.utils import counters
+
+    run = sampler(pipe, labels, steps)
+    _, eager_plain = timed(run, repeats)
+    gd.optimize(pipe, step_cache=plan)
+    _, eager_cached = timed(run, repeats)
+    original = pipe.transformer
+    compiled = torch.compile(original)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.transformer = compiled
+    try:
+        run()  # compiles
+        frames_after_first = counters["stats"]["unique_graphs"]
+        _, compiled_cached = timed(run, repeats)
+        recompiles = counters["stats"]["unique_graphs"] - frames_after_first
+        breaks = dict(counters["graph_break"])
+    finally:
+        pipe.transformer = original
+    gd.restore(pipe)
+    pipe.transformer = torch.compile(original)
+    try:
+        run()
+        _, compiled_plain = timed(run, repeats)
+    finally:
+        pipe.transformer = original
+    eager_speedup = statistics.median(eager_plain) / statistics.median(eager_cached)
+    compiled_speedup = statistics.median(compiled_plain) / statistics.median(compiled_cached)
+    return {"graph_breaks": breaks, "graphs_compiled_after_the_first_run": recompiles,
+            "eager_speedup": eager_speedup, "compiled_speedup": compiled_speedup,
+            "goal_met": recompiles == 0 and compiled_speedup >= 0.9 * eager_speedup}
+
+
+def goal_checks(pipe: Any, plan: Any, labels: list[int], steps: int, args: argparse.Namespace) -> dict[str, Any]:
+    checks = {"batch_of_4": batch_check(pipe, plan, steps),
+              f"plan_{steps}_at_30": transfer_check(pipe, plan, labels[:8])}
+    if not args.skip_compile:
+        checks["torch_compile"] = compile_check(pipe, plan, labels, steps, max(args.repeats, 2))
+    return checks
+
+
+# -------------------------------------------------------------------- output
+def frontier(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(psnr, speed-up) points no other row beats on both."""
+    points = sorted(((r["psnr"], r["speedup"]) for r in rows), key=lambda p: -p[0])
+    best, out = 0.0, []
+    for q, s in points:
+        if s > best:
+            out.append((q, s))
+            best = s
+    return out
+
+
+def dominance(rows: list[dict[str, Any]]) -> list[str]:
+    """Each anchor row graphopt does not match: no graphopt row with at least its PSNR and its speed-up."""
+    ours = [r for r in rows if r["family"] == "graphopt"]
+    lines = []
+    for r in rows:
+        if r["family"] in ("graphopt", "uncached") or "error" in r:
+            continue
+        beaten = any(o["psnr"] >= r["psnr"] and o["speedup"] >= r["speedup"] for o in ours)
+        if not beaten:
+            lines.append(f"{r['method']} {r['setting']}: {r['speedup']:.2f}x at {r['psnr']:.1f} dB is not matched")
+    return lines
+
+
+def plot(tables: list[Table], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    colors = {"graphopt": "tab:blue", "diffusers": "tab:orange", "cache_dit": "tab:green", "cache-dit": "tab:green"}
+    for ax, table in zip(axes[0], tables):
+        for family in sorted({r["family"] for r in table.rows if "error" not in r} - {"uncached"}):
+            rows = [r for r in table.rows if r["family"] == family and "error" not in r and r["psnr"] < 100]
+            ax.scatter([r["speedup"] for r in rows], [r["psnr"] for r in rows], s=14, alpha=0.6,
+                       color=colors.get(family), label=family)
+            line = frontier(rows)
+            ax.plot([s for _, s in line], [q for q, _ in line], color=colors.get(family), lw=1.5)
+        ax.axhline(30, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="wall-clock speed-up vs uncached", ylabel="PSNR vs uncached (dB)",
+               title=f"digits DiT, {table.steps} steps", ylim=(15, 50))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = ["# Step caching: graphopt against diffusers' cache hooks and cache-dit", "",
+             f"Machine: {machine()}; torch threads: {args.threads}. Trained digits DiT (FLUX transformer, "
+             f"`graphopt.digits`), {args.samples} samples (classes 0-9 in turn) with classifier-free guidance "
+             f"batched, seed {SEED}. Speed-up: median of {args.repeats} sampling runs per row, of 3 for the uncached "
+             f"one (spread min-max); FLOPs "
+             f"ratio: torch FlopCounterMode over the first {FLOP_SAMPLES} samples; PSNR/SSIM against the uncached images of the same seed; "
+             "accuracy and Fréchet distance (to 512 real digits) from the digits classifier's features. "
+             "`skipped`: graphopt's block evaluations skipped; the anchors': attention evaluations skipped.", ""]
+    for table in tables:
+        lines += [f"## {table.steps} steps (uncached: {table.ref_time:.2f} s per run)", "",
+                  "| family | method | setting | speed-up | spread | FLOPs ratio | skipped | PSNR dB | SSIM | acc | FD |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in table.rows:
+            if "error" in r:
+                lines.append(f"| {r['family']} | {r['method']} | {r['setting']} | fails: {r['error']} |||||||||")
+                continue
+            skipped = "-" if r["skipped"] is None else f"{r['skipped']:.0%}"
+            lines.append(f"| {r['family']} | {r['method']} | {r['setting']} | {r['speedup']:.2f}x | "
+                         f"{r['speedup_spread'][0]:.2f}-{r['speedup_spread'][1]:.2f} | {r['flops_ratio']:.2f} | "
+                         f"{skipped} | {r['psnr']:.1f} | {r['ssim']:.3f} | {r['accuracy']:.2f} | {r['frechet']:.1f} |")
+        best = max((r for r in table.rows if r["family"] == "graphopt" and r["psnr"] >= 30 and r["ssim"] >= 0.92),
+                   key=lambda r: r["speedup"], default=None)
+        lines += ["", "Best graphopt row at PSNR >= 30 dB and SSIM >= 0.92: "
+                      + (f"{best['method']} ({best['setting']}), {best['speedup']:.2f}x" if best else "none"), ""]
+        unmatched = dominance(table.rows)
+        lines += ["Anchor rows graphopt's rows do not match (same or better PSNR and speed-up): "
+                  + ("none" if not unmatched else ""), *[f"- {u}" for u in unmatched], ""]
+    lines += ["## Goals", "", "```json", json.dumps(checks, indent=1, default=float), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 20])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (the uncached one: at least 3)")
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_digits_pipeline()
+    score = ClassifierScore(load_digits_classifier())
+    real, _ = digits_images()
+    real = (real[:512] + 1) / 2
+    labels = [k % 10 for k in range(args.samples)]
+    tables, checks = [], {}
+    n_graphopt = 1 + sum(len(s) for s in SETTINGS.values())
+    bar = tqdm(total=len(args.steps) * (n_graphopt + len(anchor_methods(50, {"class_labels": [0]}))),
+               desc="step_cache_compare", unit="row")
+    plans = {}
+    for steps in args.steps:
+        reference, times = timed(sampler(pipe, labels, steps), max(args.repeats, 3))
+        _, n_flops = flops(sampler(pipe, labels[:FLOP_SAMPLES], steps))
+        table = Table(steps, reference, times, n_flops, score, labels, real)
+        plans[steps] = graphopt_rows(pipe, table, labels, steps, args.repeats, bar)
+        if steps == args.steps[0]:  # before the anchors, whose hooks patch the transformer
+            checks.update(goal_checks(pipe, plans[steps], labels, steps, args))
+        anchor_rows(pipe, table, labels, steps, args.repeats, bar)
+        tables.append(table)
+        text = write(tables, checks, args)  # after each step count: a long run stopped early keeps its tables
+    bar.close()
+    print(text)
+
+
+def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace) -> str:
+    RESULTS.mkdir(exist_ok=True)
+    text = markdown(tables, checks, args)
+    (RESULTS / "step_cache_compare.md").write_text(text)
+    (RESULTS / "step_cache_compare.json").write_text(json.dumps(
+        {"tables": [{"steps": t.steps, "rows": t.rows} for t in tables], "checks": checks}, default=float, indent=1))
+    plot(tables, RESULTS / "step_cache_frontier.png")
+    return text
+
+
+if __name__ == "__main__":
+    main()

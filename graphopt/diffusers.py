@@ -1,0 +1,326 @@
+"""graphopt in diffusers pipelines: ``optimize(pipe, step_cache=..., quality=...)`` and ``restore(pipe)``.
+
+The one adapter over diffusers' pipeline conventions. ``optimize`` routes
+``pipe.transformer``'s calls through graphs captured per input signature
+(shapes, dtypes, non-tensor arguments), each rewritten by the ``step_cache``
+pass and emitted as a torch module that keeps its own cache memory; the
+scheduler's ``set_timesteps`` (called at the start of every sampling run)
+resets that memory. ``restore`` puts the transformer and scheduler back as
+they were.
+
+With ``step_cache="auto"`` (or a policy name) and ``quality={"psnr": 30}``,
+a few calibration samples (``calibration={...pipeline arguments, "seed": 0}``)
+choose the policy and its setting (``passes/step_cache/calibrate.py``); the
+plan (``pipe.graphopt.plan``) can be saved and given back as ``step_cache``.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._torch_private import traced_around
+from .errors import InvalidOptionError
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTE = "graphopt"
+
+
+def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None, quality: Mapping[str, float] | None = None,
+             calibration: Mapping[str, Any] | None = None, progress: bool = True) -> Any:
+    """Install step caching on ``pipe.transformer`` (in place) and return ``pipe``.
+
+    ``step_cache``: a policy name (``fora``, ``delta_dit``, ``first_block``, ``teacache``,
+    ``magcache``, ``taylorseer``, ``dbcache``, ``smoothcache``), ``"auto"``, a dict of a
+    policy and its options, or a saved plan (a ``Plan``, its JSON dict, or a path).
+    ``quality`` calibrates a name or ``"auto"`` to a budget on ``calibration``'s samples.
+    """
+    from graphopt.passes.step_cache.calibrate import check_quality
+
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise InvalidOptionError(f"graphopt.diffusers.optimize needs a pipeline with a transformer denoiser "
+                                 f"(pipe.transformer); {type(pipe).__name__} has none")
+    if step_cache is None:
+        raise InvalidOptionError("graphopt.diffusers.optimize: say what to do, e.g. step_cache='fora' or "
+                                 "step_cache='auto', quality={'psnr': 30}")
+    plan = _as_plan(step_cache)
+    if plan is not None:
+        _check_fingerprint(plan.fingerprint, pipe)
+        spec = {**plan.spec, "curves": plan.curves.to_json()}
+    elif quality is not None:
+        check_quality(quality)
+        if not isinstance(step_cache, str):
+            raise InvalidOptionError("with quality=..., step_cache is 'auto' or one policy name to calibrate")
+        spec = {"policy": "none"}
+    elif step_cache == "auto":
+        raise InvalidOptionError("step_cache='auto' calibrates to a budget: give quality={'psnr': 30} "
+                                 "(or 'ssim', 'rel_error') and calibration={...pipeline arguments}")
+    else:
+        spec = {"policy": step_cache} if isinstance(step_cache, str) else dict(step_cache)
+        _check_spec(spec)
+    installed = getattr(pipe, ATTRIBUTE, None)
+    if installed is not None and installed.transformer is transformer:
+        installed.set_policy(spec)  # the graphs captured so far serve the new policy
+    else:
+        restore(pipe)
+        installed = Installed.install(pipe, spec)
+    if plan is None and quality is not None:
+        try:
+            installed.plan = _calibrate(pipe, installed, step_cache, quality, calibration, progress)
+        except BaseException:
+            restore(pipe)
+            raise
+        installed.set_policy({**installed.plan.spec, "curves": installed.plan.curves.to_json()})
+    else:
+        installed.plan = plan
+    return pipe
+
+
+def restore(pipe: Any) -> Any:
+    """Undo ``optimize``: the transformer and scheduler run as before it."""
+    installed: Installed | None = getattr(pipe, ATTRIBUTE, None)
+    if installed is not None:
+        installed.uninstall(pipe)
+    return pipe
+
+
+def report(pipe: Any) -> dict[str, Any]:
+    """Per captured input signature: the policy and the block evaluations skipped per sampling run."""
+    installed: Installed | None = getattr(pipe, ATTRIBUTE, None)
+    if installed is None:
+        raise InvalidOptionError("this pipeline has no graphopt optimization; call graphopt.diffusers.optimize")
+    return {"policy": {k: v for k, v in installed.spec.items() if k != "curves"},
+            "graphs": [c.report() for c in installed.denoiser.step_caches()]}
+
+
+# -------------------------------------------------------------- installation
+@dataclass
+class Installed:
+    """What ``optimize`` changed on a pipeline, so ``restore`` can undo it."""
+
+    transformer: torch.nn.Module
+    scheduler: Any
+    denoiser: CachedDenoiser
+    spec: dict[str, Any]
+    plan: Any = None
+
+    @classmethod
+    def install(cls, pipe: Any, spec: dict[str, Any]) -> Installed:
+        transformer = pipe.transformer
+        denoiser = CachedDenoiser(transformer, spec)
+        transformer.forward = denoiser
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            original = scheduler.set_timesteps
+
+            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                denoiser.new_run()
+                return original(*args, **kwargs)
+
+            scheduler.set_timesteps = set_timesteps
+        installed = cls(transformer, scheduler, denoiser, spec)
+        setattr(pipe, ATTRIBUTE, installed)
+        return installed
+
+    def uninstall(self, pipe: Any) -> None:
+        if "forward" in vars(self.transformer):
+            del self.transformer.forward
+        if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
+            del self.scheduler.set_timesteps
+        setattr(pipe, ATTRIBUTE, None)
+
+    def set_policy(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.denoiser.set_policy(spec)
+
+
+class CachedDenoiser:
+    """Stands in for ``transformer.forward``: each input signature is captured once into the IR, the
+    ``step_cache`` pass runs, and the emitted module serves the calls."""
+
+    def __init__(self, transformer: torch.nn.Module, spec: dict[str, Any]):
+        self.transformer = transformer
+        self.original = type(transformer).forward.__get__(transformer)
+        self.signature = inspect.signature(self.original)
+        self.spec = spec
+        self.modules: dict[Any, torch.nn.Module] = {}
+
+    @traced_around
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self.signature.bind(*args, **kwargs)
+        tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+        fixed = {k: v for k, v in bound.arguments.items()
+                 if not isinstance(v, torch.Tensor) and v is not None and k != "return_dict"}
+        return_dict = bound.arguments.get("return_dict", True)
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in tensors.items()), repr(sorted(fixed.items())))
+        module = self.modules.get(key)
+        if module is None:
+            module = self.modules[key] = self._capture(tensors, fixed)
+        out = module(*tensors.values())
+        sample = out[0] if isinstance(out, (tuple, list)) else out
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)
+
+    def _capture(self, tensors: dict[str, torch.Tensor], fixed: dict[str, Any]) -> torch.nn.Module:
+        from graphopt.api import capture
+        from graphopt.api import optimize as optimize_graph
+        from graphopt.models import KwargsWrapper
+
+        wrapper = KwargsWrapper(self.transformer, tuple(tensors), {**fixed, "return_dict": False})
+        forward = self.transformer.__dict__.pop("forward")
+        try:
+            with torch.no_grad():
+                graph = capture(wrapper, tuple(tensors.values()))
+        finally:
+            self.transformer.forward = forward
+        optimize_graph(graph, level="O0", passes=["step_cache"], options={"step_cache": {"policy": self.spec}},
+                       verify=False)
+        return graph.to_torch()
+
+    def step_caches(self) -> list[Any]:
+        from graphopt.passes.step_cache.runtime import StepCache
+
+        return [m for module in self.modules.values() for m in module.modules() if isinstance(m, StepCache)]
+
+    def set_policy(self, spec: dict[str, Any]) -> None:
+        from graphopt.passes.step_cache.policies import Curves, make_policy
+
+        self.spec = spec
+        spec = dict(spec)
+        curves = spec.pop("curves", None)
+        for cache in self.step_caches():
+            cache.set_policy(make_policy(spec, Curves.from_json(curves) if curves else None))
+
+    def new_run(self) -> None:
+        for module in self.modules.values():
+            state = getattr(module, "graphopt_state", None)
+            if state is not None:
+                state.reset()
+
+    def skipped_fraction(self) -> float:
+        evaluated = skipped = 0
+        for cache in self.step_caches():
+            for run in cache.runs:
+                evaluated, skipped = evaluated + run.evaluated, skipped + run.skipped
+        return skipped / max(evaluated + skipped, 1)
+
+
+# --------------------------------------------------------------- calibration
+def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mapping[str, float],
+               calibration: Mapping[str, Any] | None, progress: bool) -> Any:
+    from graphopt.passes.step_cache.calibrate import AUTO, Plan, calibrate, check_quality, fit_curves
+    from graphopt.passes.step_cache.runtime import Recorder
+
+    if not isinstance(calibration, Mapping):
+        raise InvalidOptionError("calibrating needs the samples to run: calibration={...pipeline arguments, "
+                                 "'seed': 0}, e.g. a few prompts or class labels and num_inference_steps")
+    arguments = dict(calibration)
+    seed = int(arguments.pop("seed", 0))
+    policies = AUTO if step_cache == "auto" else (step_cache,)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return images_of(pipe(**arguments, generator=torch.Generator().manual_seed(seed)))
+
+    denoiser = installed.denoiser
+    run()  # captures every input signature the pipeline uses
+    recorders = [Recorder() for _ in denoiser.step_caches()]
+    for cache, recorder in zip(denoiser.step_caches(), recorders):
+        cache.recorder = recorder
+    reference = run()
+    blocks = len(denoiser.step_caches()[0].blocks)
+    for cache in denoiser.step_caches():
+        cache.recorder = None
+    curves = fit_curves(recorders, blocks)
+    bar = tqdm(desc="calibrating step_cache", unit="trial", disable=not progress)
+
+    def sample(policy: Any) -> tuple[torch.Tensor, float]:
+        for cache in denoiser.step_caches():
+            cache.set_policy(policy)
+        images = run()
+        bar.update(1)
+        return images, denoiser.skipped_fraction()
+
+    def note(line: str) -> None:
+        bar.set_postfix_str(line)
+
+    try:
+        best, trials = calibrate(sample, reference, curves, check_quality(quality), policies, note)
+    finally:
+        bar.close()
+    return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials)
+
+
+def images_of(output: Any) -> torch.Tensor:
+    """A pipeline's output as a float tensor in [0, 1] (``[B, C, H, W]``, video ``[B, F, C, H, W]``)."""
+    for name in ("images", "frames", "videos"):
+        if hasattr(output, name):
+            output = getattr(output, name)
+            break
+    if isinstance(output, (tuple, list)) and output and not isinstance(output[0], (int, float)):
+        output = output[0] if len(output) == 1 and isinstance(output[0], torch.Tensor) else output
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    array = np.asarray(output, dtype=np.float32)
+    if array.max() > 1.0:
+        array = array / 255.0
+    return torch.from_numpy(array).movedim(-1, -3)
+
+
+# -------------------------------------------------------------- fingerprints
+def fingerprint(pipe: Any) -> dict[str, str]:
+    """What a plan was calibrated on: the transformer (class, config, weights) and the scheduler."""
+    transformer = pipe.transformer
+    h = hashlib.sha256(type(transformer).__name__.encode())
+    config = {k: v for k, v in dict(getattr(transformer, "config", {})).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    # Parameters by content, not name: hooks that wrap blocks (cache tools) rename them.
+    for entry in sorted(f"{tuple(p.shape)}{float(p.detach().double().sum()):.6e}" for p in transformer.parameters()):
+        h.update(entry.encode())
+    scheduler = getattr(pipe, "scheduler", None)
+    return {"model": h.hexdigest()[:16], "scheduler": type(scheduler).__name__}
+
+
+def _check_fingerprint(recorded: Mapping[str, str], pipe: Any) -> None:
+    now = fingerprint(pipe)
+    if recorded.get("model") != now["model"]:
+        raise InvalidOptionError(f"this step-cache plan was calibrated on another model (fingerprint "
+                                 f"{recorded.get('model')}, this transformer's is {now['model']}); calibrate "
+                                 f"again with step_cache='auto', quality=...")
+    if recorded.get("scheduler") != now["scheduler"]:
+        logger.warning("step-cache plan calibrated with %s, used with %s: its decisions are keyed on the "
+                       "timestep, so it carries over; check the quality", recorded.get("scheduler"), now["scheduler"])
+
+
+def _as_plan(step_cache: Any) -> Any:
+    from graphopt.passes.step_cache.calibrate import Plan
+
+    if isinstance(step_cache, Plan):
+        return step_cache
+    if isinstance(step_cache, Mapping) and "plan" in step_cache:
+        return Plan.from_json(step_cache)
+    if isinstance(step_cache, Path) or (isinstance(step_cache, str) and step_cache.endswith(".json")):
+        return Plan.load(step_cache)
+    return None
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    from graphopt.passes.step_cache.policies import make_policy
+
+    spec = dict(spec)
+    spec.pop("curves", None)
+    make_policy(spec)

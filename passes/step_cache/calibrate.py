@@ -1,0 +1,176 @@
+"""Calibration of step caching to a quality budget, and the plan it writes.
+
+One uncached run of a few calibration samples is recorded (every block's
+residual at every step). From it come the curves the calibrated policies read,
+as rates per unit of timestep so they hold at another step count: each block's
+residual change (SmoothCache), the span residual's magnitude ratio (MagCache),
+and a polynomial from the span input's change to its residual's (TeaCache's
+rescaling, fitted instead of hand coefficients). Then each policy's settings
+are tried from light to aggressive against the budget (PSNR, SSIM or relative
+error against the uncached output of the same seeds), stopping at the first
+that misses it; the plan keeps the setting that skips the most block
+evaluations within it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphopt.errors import GraphoptError, InvalidOptionError
+
+from .policies import POLICIES, Curves, Policy, make_policy, relative_change
+from .runtime import Recorder
+
+QUALITY_METRICS = {"psnr": "min", "ssim": "min", "rel_error": "max"}
+"""Budget keys, and whether the budget is a floor or a ceiling."""
+
+SETTINGS: dict[str, list[dict[str, Any]]] = {
+    "fora": [{"interval": k, "max_reuse": k - 1} for k in (2, 3, 4, 5)],
+    "delta_dit": [{"interval": k, "max_reuse": k - 1} for k in (2, 3, 4, 6)],
+    "smoothcache": [{"alpha": a, "max_reuse": 8} for a in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.8)],
+    "first_block": [{"threshold": a, "max_reuse": 6} for a in (0.02, 0.04, 0.08, 0.12, 0.2, 0.3)],
+    "dbcache": [{"threshold": a, "max_reuse": 6} for a in (0.02, 0.04, 0.08, 0.12, 0.2, 0.3)],
+    "teacache": [{"threshold": a, "max_reuse": 6} for a in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2)],
+    "magcache": [{"threshold": a, "max_reuse": 6} for a in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)],
+    "taylorseer": [{"interval": k, "order": o} for k in (2, 3, 4, 5, 6) for o in (1, 2)],
+}
+"""Each policy's settings, lightest first."""
+
+AUTO = ("fora", "delta_dit", "smoothcache", "first_block", "teacache", "magcache", "taylorseer", "dbcache")
+
+
+def check_quality(quality: Any) -> dict[str, float]:
+    if not isinstance(quality, Mapping) or not quality or set(quality) - set(QUALITY_METRICS):
+        raise InvalidOptionError(f"quality must map one or more of {', '.join(QUALITY_METRICS)} to a bound, "
+                                 f"e.g. {{'psnr': 30}}; got {quality!r:.80}")
+    return {k: float(v) for k, v in quality.items()}
+
+
+def measure(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR, mean SSIM and relative L2 error of ``output`` against ``reference`` (images in [0, 1])."""
+    from graphopt.quality import psnr, ssim
+
+    rel = float((output - reference).norm() / reference.norm().clamp_min(1e-12))
+    return {"psnr": psnr(output, reference), "ssim": ssim(output, reference), "rel_error": rel}
+
+
+def meets(measured: Mapping[str, float], quality: Mapping[str, float]) -> bool:
+    return all(measured[k] >= v if QUALITY_METRICS[k] == "min" else measured[k] <= v for k, v in quality.items())
+
+
+# --------------------------------------------------------------------- curves
+def fit_curves(recorders: Sequence[Recorder], blocks: int) -> Curves:
+    """Rates per unit of timestep, averaged over samples and branches, on the recorded timesteps."""
+    block_rate: dict[float, list[list[float]]] = defaultdict(lambda: [[] for _ in range(blocks)])
+    log_ratio: dict[float, list[float]] = defaultdict(list)
+    x_change: list[float] = []
+    y_change: list[float] = []
+    for recorder in recorders:
+        last: dict[str, dict[str, Any]] = {}
+        for call in recorder.calls:
+            before = last.get(call["branch"])
+            last[call["branch"]] = call
+            if before is None or call["t"] == before["t"]:
+                continue
+            t, dt = call["t"], abs(call["t"] - before["t"])
+            for b in range(blocks):
+                change = relative_change(call["blocks"][b], before["blocks"][b])
+                block_rate[t][b].append(float(change.mean()) / dt)
+            now = sum(float(x.norm()) ** 2 for x in call["span"]) ** 0.5
+            then = sum(float(x.norm()) ** 2 for x in before["span"]) ** 0.5
+            log_ratio[t].append(math.log(max(now, 1e-12) / max(then, 1e-12)) / dt)
+            x_change += relative_change(call["input"], before["input"]).tolist()
+            y_change += relative_change(call["span"], before["span"]).tolist()
+    ts = sorted(block_rate)
+    if len(ts) < 2:
+        raise GraphoptError("step_cache calibration recorded fewer than 3 steps; calibrate with more steps")
+    rescale = np.polyfit(np.array(x_change), np.array(y_change), 2).tolist() if len(x_change) > 3 else []
+    return Curves(t=ts, block_rate=[[float(np.mean(block_rate[t][b])) for t in ts] for b in range(blocks)],
+                  span_log_ratio_rate=[float(np.mean(log_ratio[t])) for t in ts], rescale=rescale)
+
+
+# ----------------------------------------------------------------------- plans
+@dataclass
+class Trial:
+    spec: dict[str, Any]
+    measured: dict[str, float]
+    skipped: float
+
+
+@dataclass
+class Plan:
+    """A calibrated policy and what it was calibrated on; ``save``/``load`` as JSON."""
+
+    spec: dict[str, Any]
+    curves: Curves
+    fingerprint: dict[str, str]
+    quality: dict[str, float]
+    measured: dict[str, float]
+    skipped: float
+    trials: list[Trial] = field(default_factory=list)
+
+    def policy(self) -> Policy:
+        return make_policy(dict(self.spec), self.curves)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plan": "graphopt.step_cache/1", **self.spec, "curves": self.curves.to_json(),
+                "fingerprint": self.fingerprint, "quality": self.quality, "measured": self.measured,
+                "skipped_fraction": self.skipped,
+                "trials": [{"setting": t.spec, **t.measured, "skipped_fraction": t.skipped} for t in self.trials]}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        data = dict(data)
+        if data.pop("plan", None) != "graphopt.step_cache/1":
+            raise InvalidOptionError("not a graphopt step-cache plan (no 'plan': 'graphopt.step_cache/1' field); "
+                                     "make one with graphopt.diffusers.optimize(pipe, step_cache='auto', quality=...)")
+        spec = {k: data.pop(k) for k in list(data) if k not in ("curves", "fingerprint", "quality", "measured",
+                                                                  "skipped_fraction", "trials")}
+        return cls(spec, Curves.from_json(data["curves"]), data["fingerprint"], data["quality"], data["measured"],
+                   data["skipped_fraction"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidOptionError(f"cannot read step-cache plan {path}: {e}") from None
+
+
+def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], reference: torch.Tensor,
+              curves: Curves, quality: Mapping[str, float], policies: Sequence[str] = AUTO,
+              progress: Callable[[str], None] | None = None) -> tuple[Trial, list[Trial]]:
+    """Try each policy's settings, lightest first, until one misses the budget; the trial that skips most
+    within it. ``sample(policy)`` runs the calibration samples and gives (images, skipped fraction)."""
+    for name in policies:
+        if name not in POLICIES or name == "none":
+            raise InvalidOptionError(f"unknown step_cache policy {name!r}; policies: {', '.join(AUTO)}")
+    trials: list[Trial] = []
+    for name in policies:
+        for setting in SETTINGS[name]:
+            spec = {"policy": name, **setting}
+            images, skipped = sample(make_policy(dict(spec), curves))
+            trial = Trial(spec, measure(images, reference), skipped)
+            trials.append(trial)
+            if progress is not None:
+                progress(f"{name} {setting}: psnr {trial.measured['psnr']:.1f}, skipped {skipped:.0%}")
+            if not meets(trial.measured, quality):
+                break
+    good = [t for t in trials if meets(t.measured, quality)]
+    if not good:
+        best = max(trials, key=lambda t: t.measured["psnr"])
+        reached = ", ".join(f"{k} {best.measured[k]:.3g}" for k in quality)
+        raise GraphoptError(f"no step_cache policy meets {dict(quality)}: the closest, {best.spec}, reached "
+                            f"{reached}; loosen the budget")
+    return max(good, key=lambda t: (t.skipped, t.measured["psnr"])), trials

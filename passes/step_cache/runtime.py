@@ -1,0 +1,272 @@
+"""The module a ``step_cache`` node becomes: a denoiser's blocks run under a caching policy.
+
+Its memory (residuals, accumulated distances, counters) lives on the emitted
+module's ``GraphState``, never in a global, and is kept apart three ways:
+
+- **per sample**: every residual and distance is batch first and every span
+  decision is a per-sample mask, so a sample in a batch of four gets what it
+  would get alone (rows a skipped sample did not need are computed for the
+  others but not used for it);
+- **per guidance branch**: a pipeline that batches cond and uncond rows gets
+  that from the per-sample rule; one that calls the denoiser twice per step
+  (the same timestep twice) gets one memory per call in the step, and
+  ``graphopt_state.branch(name)`` names branches explicitly;
+- **per sampling run**: a timestep above the previous one starts a new run
+  and forgets the last (as does ``graphopt_state.reset()``).
+
+Decisions read the timestep once per call (one host sync, which also carries
+a span policy's per-sample mask). Under ``torch.compile`` every method here
+runs eagerly (its Python state would otherwise be guarded on and recompile
+each step) and each block module compiles whole.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graphopt._torch_private import traced_around
+from graphopt.emitters.state import GraphState
+
+from .policies import PerBlockPolicy, Policy, Residual, SpanMemory, SpanPolicy, StepInfo
+
+Source = tuple[str, int]
+"""Where a block input comes from: ("stream", slot) of the running stream or ("input", k) of the call."""
+
+
+@dataclass
+class BlockMemory:
+    """A per-block schedule's memory for one branch."""
+
+    residual: list[Residual | None]
+    reuses: list[int]
+    error: list[float]
+
+
+@dataclass
+class Clock:
+    """Which call of which run: the timestep of the last call, and how many calls it had."""
+
+    t: float | None = None
+    calls_at_t: int = 0
+    index: int = -1
+    t_first: float = 0.0
+    batch: int = -1
+
+
+@dataclass
+class RunCounts:
+    """Block evaluations of one sampling run, counted per sample."""
+
+    calls: int = 0
+    evaluated: int = 0
+    skipped: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        total = self.evaluated + self.skipped
+        return self.skipped / total if total else 0.0
+
+
+@dataclass
+class Recorder:
+    """What calibration needs from uncached runs: per call, the timestep, the span's input, every
+    block's residual and the span's residual (batch first, detached)."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, branch: str, step: StepInfo, span_input: Residual, block_residuals: list[Residual],
+               span_residual: Residual) -> None:
+        self.calls.append({"branch": branch, "index": step.index, "t": step.t,
+                           "input": [x.detach().clone() for x in span_input],
+                           "blocks": [[x.detach().clone() for x in r] for r in block_residuals],
+                           "span": [x.detach().clone() for x in span_residual]})
+
+
+class StepCache(torch.nn.Module):
+    """Blocks ``blocks[0..L)`` of a denoiser with their caching policy.
+
+    ``wiring[b]`` says where each input of block ``b`` comes from, and
+    ``slots[b][k]`` which of its outputs carries stream ``k``; the call
+    returns the last block's stream values, or a ``tail`` block's outputs.
+    """
+
+    uses_state = True
+    """Its memory is the emitted module's ``GraphState``: the emitter installs one on the top module."""
+
+    def __init__(self, blocks: Sequence[torch.nn.Module], wiring: Sequence[Sequence[Source]], streams: int,
+                 timestep: int | None, policy: Policy, state: GraphState, label: str = "step_cache",
+                 slots: Sequence[Sequence[int]] | None = None, tail: bool = False):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.wiring = [list(w) for w in wiring]
+        self.slots = [list(s) for s in slots] if slots is not None else [list(range(streams))] * len(blocks)
+        self.tail = tail
+        self.cached = len(blocks) - tail
+        """Blocks the policy decides on; a tail (a last block whose outputs are not the stream) always runs."""
+        self.streams = streams
+        self.timestep = timestep
+        self.label = label
+        self.state = [state]  # a list: the GraphState is registered once, on the top module
+        self.recorder: Recorder | None = None
+        self.runs: list[RunCounts] = []
+        self.set_policy(policy)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Swap the policy (calibration tries several); the memory of every branch is forgotten."""
+        policy.check(len(self.blocks) - self.tail)
+        self.policy = policy
+        self.state[0].reset()
+        self.runs = []
+
+    def extra_repr(self) -> str:
+        return f"{len(self.blocks)} blocks, policy {self.policy.options()}"
+
+    def report(self) -> dict[str, Any]:
+        """Block evaluations skipped per sampling run (per sample, every branch together)."""
+        runs = [{"calls": r.calls, "evaluated": r.evaluated, "skipped": r.skipped,
+                 "skipped_fraction": round(r.skipped_fraction, 4)} for r in self.runs]
+        return {"policy": self.policy.options(), "blocks": len(self.blocks), "tail": self.tail, "runs": runs}
+
+    # ------------------------------------------------------------------ calls
+    @traced_around
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        stream = list(inputs[:self.streams])
+        step, branch = self._begin(inputs, stream[0].shape[0])
+        if isinstance(self.policy, PerBlockPolicy) and self.recorder is None:
+            stream = self._per_block(step, branch, stream, inputs)
+        else:
+            stream = self._span(step, branch, stream, inputs)
+        if self.tail:
+            self.runs[-1].evaluated += stream[0].shape[0]
+            args = [stream[k] if kind == "stream" else inputs[k] for kind, k in self.wiring[-1]]
+            out = self.blocks[-1](*args)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return tuple(stream)
+
+    @traced_around
+    def _begin(self, inputs: Sequence[torch.Tensor], batch: int) -> tuple[StepInfo, str]:
+        """Place the call: which run, which call of the step (guidance branch), which step."""
+        state = self.state[0]
+        t = float(inputs[self.timestep].reshape(-1)[0]) if self.timestep is not None else None
+        clock: Clock = state.keep(f"clock:{self.label}", Clock)
+        if t is not None and t == clock.t and batch == clock.batch:
+            clock.calls_at_t += 1
+        else:
+            if clock.index < 0 or batch != clock.batch or (t is not None and clock.t is not None and t > clock.t):
+                state.forget(f"{self.label}/")
+                clock.index, clock.t_first, clock.batch = -1, t or 0.0, batch
+                self.runs.append(RunCounts())
+            clock.index += 1
+            clock.calls_at_t, clock.t = 0, t
+        branch = f"{self.label}/{clock.calls_at_t}"
+        last: Clock = state.keep(f"{branch}/clock", Clock)
+        t_now = t if t is not None else -float(clock.index)
+        dt = 0.0 if last.t is None else abs(t_now - last.t)
+        last.t = t_now
+        self.runs[-1].calls += 1
+        return StepInfo(clock.index, t_now, dt, clock.t_first), branch
+
+    @traced_around
+    def _run_blocks(self, which: range, stream: list[torch.Tensor], inputs: Sequence[torch.Tensor],
+                    residuals: list[Residual]) -> list[torch.Tensor]:
+        for b in which:
+            args = [stream[k] if kind == "stream" else inputs[k] for kind, k in self.wiring[b]]
+            out = self.blocks[b](*args)
+            out = [out[j] for j in self.slots[b]] if isinstance(out, (tuple, list)) else [out]
+            residuals.append(_minus(out, stream))
+            stream = out
+        return stream
+
+    @traced_around
+    def _per_block(self, step: StepInfo, branch: str, stream: list[torch.Tensor],
+                   inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        blocks, batch, policy = self.cached, stream[0].shape[0], self.policy
+        assert isinstance(policy, PerBlockPolicy)
+        memory: BlockMemory = self.state[0].keep(
+            f"{branch}/blocks", lambda: BlockMemory([None] * blocks, [0] * blocks, [0.0] * blocks))
+        counts = self.runs[-1]
+        for b in range(blocks):
+            error = memory.error[b] + policy.block_error(b, step.t) * step.dt
+            cached = memory.residual[b]
+            if cached is not None and policy.reuse(step, b, blocks, memory.reuses[b], error):
+                stream = _plus(stream, cached)
+                memory.reuses[b] += 1
+                memory.error[b] = error
+                counts.skipped += batch
+                continue
+            residuals: list[Residual] = []
+            stream = self._run_blocks(range(b, b + 1), stream, inputs, residuals)
+            memory.residual[b], memory.reuses[b], memory.error[b] = residuals[0], 0, 0.0
+            counts.evaluated += batch
+        return stream
+
+    @traced_around
+    def _span(self, step: StepInfo, branch: str, stream: list[torch.Tensor],
+              inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        policy, blocks, batch = self.policy, self.cached, stream[0].shape[0]
+        recording = self.recorder is not None
+        front, back = (0, 0) if recording else (policy.front, policy.back)  # type: ignore[attr-defined]
+        memory: SpanMemory = self.state[0].keep(f"{branch}/span", SpanMemory)
+        counts = self.runs[-1]
+        span_input, residuals = stream, []
+        stream = self._run_blocks(range(front), stream, inputs, residuals)
+        front_residual = _minus(stream, span_input)
+        decision = False if recording else self._decide(step, memory, front_residual, span_input)
+        middle = range(front, blocks - back)
+        if decision is True:
+            stream = _plus(stream, policy.estimate(step, memory))  # type: ignore[attr-defined]
+            memory.reuses = memory.reuses + 1
+            counts.skipped += batch * len(middle)
+        else:
+            middle_input = stream
+            stream = self._run_blocks(middle, stream, inputs, residuals)
+            computed = _minus(stream, middle_input)
+            counts.evaluated += batch * len(middle)
+            keep = getattr(policy, "order", 0) + 1
+            if recording:
+                pass
+            elif decision is False:
+                memory.remember(step.t, computed, keep)
+                memory.reference = front_residual
+                memory.reuses, memory.gamma, memory.error = 0, 1.0, 0.0
+            else:  # some samples reuse: each gets what it would get alone
+                rows = decision
+                kept = [_where(rows, e, c) for e, c in zip(policy.estimate(step, memory), computed)]  # type: ignore
+                stream = _plus(middle_input, kept)
+                memory.remember(step.t, kept, keep)
+                if memory.reference is not None:
+                    memory.reference = [_where(rows, r, f) for r, f in zip(memory.reference, front_residual)]
+                memory.reuses = torch.where(rows, torch.as_tensor(memory.reuses) + 1, 0)
+        stream = self._run_blocks(range(blocks - back, blocks), stream, inputs, residuals)
+        counts.evaluated += batch * (front + back)
+        if self.recorder is not None:
+            self.recorder.record(branch, step, span_input, residuals, _minus(stream, span_input))
+        return stream
+
+    @traced_around
+    def _decide(self, step: StepInfo, memory: SpanMemory, front_residual: Residual,
+                span_input: Residual) -> torch.Tensor | bool:
+        """True (every sample reuses), False (none does), or the per-sample mask."""
+        policy = self.policy
+        assert isinstance(policy, SpanPolicy)
+        signal = {"front": front_residual, "input": span_input}.get(policy.signal)
+        reuse = policy.decide(step, memory, signal)
+        if not isinstance(reuse, torch.Tensor):
+            return bool(reuse)
+        mask = reuse.tolist()  # the call's one host sync
+        return True if all(mask) else (reuse if any(mask) else False)
+
+
+def _minus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Residual:
+    return [x - y for x, y in zip(a, b)]
+
+
+def _plus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x + y for x, y in zip(a, b)]
+
+
+def _where(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)

@@ -1,0 +1,138 @@
+"""The step-cache runtime as a spec: what each policy computes, skips and keeps apart.
+
+The blocks here are tiny residual MLPs; the pass on real diffusers transformers
+is tested in test_step_cache_pass.py.
+"""
+import pytest
+import torch
+
+from graphopt.emitters.state import GraphState
+from graphopt.errors import InvalidOptionError
+from graphopt.passes.step_cache.policies import Curves, SpanMemory, make_policy
+from graphopt.passes.step_cache.runtime import StepCache
+
+BLOCKS = 4
+
+
+class Block(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, temb):
+        return (x + 0.1 * torch.tanh(self.lin(x) + temb),)
+
+
+def make_cache(policy, blocks=BLOCKS):
+    # inputs: (stream x, side temb, timestep t)
+    return StepCache([Block(b) for b in range(blocks)], [[("stream", 0), ("input", 1)]] * blocks, streams=1,
+                     timestep=2, policy=make_policy(policy), state=GraphState())
+
+
+def uncached(x, temb):
+    for b in range(BLOCKS):
+        x = Block(b)(x, temb)[0]
+    return x
+
+
+def sample(cache, x, steps=10, calls_per_step=1):
+    """A toy sampler: x moves a little each step; returns the outputs of every call."""
+    outs = []
+    for k in range(steps):
+        t = torch.full((x.shape[0],), 1.0 - k / steps)
+        temb = t[:, None].expand(-1, 8)
+        for _ in range(calls_per_step):
+            out = cache(x, temb, t)[0]
+            outs.append(out)
+        x = x + 0.05 * out
+    return outs
+
+
+def test_no_reuse_policies_equal_uncached_exactly():
+    x = torch.randn(3, 8)
+    for policy in ("none", {"policy": "first_block", "threshold": 0.0}, {"policy": "fora", "interval": 1}):
+        cache = make_cache(policy)
+        t = torch.ones(3)
+        temb = t[:, None].expand(-1, 8)
+        for _ in range(3):
+            assert torch.equal(cache(x, temb, t)[0], uncached(x, temb))
+        assert cache.report()["runs"][0]["skipped"] == 0
+
+
+def test_fora_interval_2_skips_half_after_warmup():
+    cache = make_cache({"policy": "fora", "interval": 2, "warmup": 0})
+    sample(cache, torch.randn(2, 8), steps=10)
+    run = cache.report()["runs"][0]
+    assert run["calls"] == 10 and run["evaluated"] == 5 * BLOCKS * 2 and run["skipped"] == 5 * BLOCKS * 2
+
+
+def test_a_new_run_starts_when_the_timestep_rises():
+    cache = make_cache({"policy": "fora", "interval": 2})
+    x = torch.randn(2, 8)
+    first = sample(cache, x)
+    second = sample(cache, x)
+    assert len(cache.report()["runs"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # nothing carried over
+
+
+def test_each_sample_of_a_batch_gets_what_it_gets_alone():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8) * torch.tensor([[0.1], [3.0], [0.1], [3.0]])  # two calm, two lively samples
+    policy = {"policy": "first_block", "threshold": 0.02, "warmup": 1}
+    batched = torch.stack(sample(make_cache(policy), x))
+    alone = torch.stack([torch.stack(sample(make_cache(policy), x[i:i + 1]))[:, 0] for i in range(4)], 1)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_two_calls_per_step_keep_separate_memories():
+    """Classifier-free guidance run as two calls per step (cond, then uncond) at the same timestep."""
+    x_cond, x_uncond = torch.randn(1, 8), torch.randn(1, 8) * 2
+    policy = {"policy": "first_block", "threshold": 0.05, "warmup": 1}
+    shared = make_cache(policy)
+    outs = []
+    for k in range(8):
+        t = torch.full((1,), 1.0 - k / 8)
+        temb = t[:, None].expand(-1, 8)
+        outs.append((shared(x_cond + 0.01 * k, temb, t)[0], shared(x_uncond - 0.01 * k, temb, t)[0]))
+    for branch, x in ((0, x_cond), (1, x_uncond)):
+        alone = make_cache(policy)
+        for k in range(8):
+            t = torch.full((1,), 1.0 - k / 8)
+            temb = t[:, None].expand(-1, 8)
+            assert torch.equal(alone(x + (0.01 if branch == 0 else -0.01) * k, temb, t)[0], outs[k][branch])
+
+
+def test_taylor_forecast_of_order_1_is_exact_on_a_residual_linear_in_t():
+    memory = SpanMemory()
+    for t in (1.0, 0.9):
+        memory.remember(t, [torch.full((1, 2), 3.0 * t + 1.0)], keep=2)
+    torch.testing.assert_close(memory.forecast(0.7, 1)[0], torch.full((1, 2), 3.0 * 0.7 + 1.0))
+    torch.testing.assert_close(memory.forecast(0.7, 0)[0], torch.full((1, 2), 3.0 * 0.9 + 1.0))
+
+
+def test_taylor_forecast_of_order_2_is_exact_on_a_quadratic():
+    memory = SpanMemory()
+    for t in (1.0, 0.8, 0.6):
+        memory.remember(t, [torch.tensor([[t * t - t]])], keep=3)
+    torch.testing.assert_close(memory.forecast(0.3, 2)[0], torch.tensor([[0.09 - 0.3]]))
+
+
+def test_calibrated_policies_need_their_curves():
+    with pytest.raises(InvalidOptionError, match="magcache reads calibrated span_log_ratio_rate"):
+        make_cache("magcache")
+    curves = Curves(t=[0.0, 1.0], span_log_ratio_rate=[0.1, 0.1], block_rate=[[0.1, 0.1]] * BLOCKS)
+    cache = StepCache([Block(b) for b in range(BLOCKS)], [[("stream", 0), ("input", 1)]] * BLOCKS, 1, 2,
+                      make_policy({"policy": "smoothcache", "alpha": 0.05}, curves), GraphState())
+    sample(cache, torch.randn(2, 8))
+    assert cache.report()["runs"][0]["skipped"] > 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fast", "unknown step_cache policy 'fast'; policies: none, fora"),
+    ({"policy": "fora", "threshold": 0.1}, "step_cache policy fora has no option threshold; its options: warmup"),
+    ({"policy": "dbcache", "front": 2, "back": 2}, "front \\+ back must leave a middle of the 4 blocks"),
+])
+def test_bad_policies_get_one_line(spec, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        make_cache(spec)
