@@ -558,8 +558,8 @@ def _make_registry() -> dict[str, ModelCase]:
         ("flux", build_flux),
     ]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn))
-    for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video),
-                      ("sd3", build_sd3), ("sana", build_sana), ("mochi", build_mochi)]:
+    # SD3, Sana and Mochi builders serve the step-cache tests only (Mochi's capture has data-dependent ops).
+    for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video)]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn, slow=True))
     return {c.name: c for c in cases}
 
