@@ -145,6 +145,24 @@ class Installed:
         self.denoiser.set_policy(spec)
 
 
+def _capture_batched(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
+    """The denoiser's graph with its batch dim symbolic where export finds one (so the samples of a batch
+    that recompute can run alone), else static: the batch is the first dim of the first tensor argument, and
+    export tells which other arguments share it (64 rotary rows beside 64 samples do not)."""
+    from graphopt.api import capture
+    from graphopt.errors import GraphoptError
+
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+    dynamic = {k: {0: "batch?"} for k, x in enumerate(tensors) if x.dim() and x.shape[0] == batch}
+    if batch is not None and batch > 1:
+        try:
+            return capture(model, tensors, dynamic=dynamic)
+        except (GraphoptError, RuntimeError, ValueError) as e:
+            logger.info("graphopt.diffusers: symbolic-batch capture failed (%s); capturing static shapes",
+                        str(e).splitlines()[0][:200])
+    return capture(model, tensors)
+
+
 class CachedDenoiser:
     """Stands in for ``transformer.forward``: each input signature is captured once into the IR, the
     ``step_cache`` pass runs, and the emitted module serves the calls."""
@@ -176,7 +194,6 @@ class CachedDenoiser:
         return (sample,)
 
     def _capture(self, tensors: dict[str, torch.Tensor], fixed: dict[str, Any]) -> torch.nn.Module:
-        from graphopt.api import capture
         from graphopt.api import optimize as optimize_graph
         from graphopt.models import KwargsWrapper
 
@@ -184,7 +201,7 @@ class CachedDenoiser:
         forward = self.transformer.__dict__.pop("forward")
         try:
             with torch.no_grad():
-                graph = capture(wrapper, tuple(tensors.values()))
+                graph = _capture_batched(wrapper, tuple(tensors.values()))
         finally:
             self.transformer.forward = forward
         optimize_graph(graph, level="O0", passes=["step_cache"], options={"step_cache": {"policy": self.spec}},
@@ -242,7 +259,7 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mappin
     for cache, recorder in zip(denoiser.step_caches(), recorders):
         cache.recorder = recorder
     reference = run()
-    blocks = len(denoiser.step_caches()[0].blocks)
+    blocks = denoiser.step_caches()[0].cached
     for cache in denoiser.step_caches():
         cache.recorder = None
     curves = fit_curves(recorders, blocks)

@@ -69,7 +69,10 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic: dict
 
     ``dynamic`` maps an input (its position, or its ``forward`` parameter name) to
     ``{dim: symbol name}``; one name used on several inputs is one symbol. Those
-    dims become symbolic (``"batch"``, ``"2*batch"``) in the IR types.
+    dims become symbolic (``"batch"``, ``"2*batch"``) in the IR types. A name
+    ending in ``?`` (``"batch?"``) asks for a dim that is symbolic where the
+    program allows it and static where it does not (``torch.export.Dim.AUTO``):
+    the dims export finds equal to the first such dim are named ``batch``.
     Parameters, buffers and lifted constants become graph constants that share the
     model's tensors. Buffer and input mutations are not part of the graph: capture
     is for inference.
@@ -160,9 +163,13 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, dynamic: dict) -> tuple
         if not all(0 <= d < rank for d in dims):
             raise InvalidOptionError(f"dynamic[{key!r}] names dims {sorted(dims)}, but that input has rank {rank}")
         by_position[position] = dict(dims)
-    symbols = {name: torch.export.Dim(name) for dims in by_position.values() for name in dims.values()}
+    symbols = {name: torch.export.Dim.AUTO if name.endswith("?") else torch.export.Dim(name)
+               for dims in by_position.values() for name in dims.values()}
     shapes = tuple({d: symbols[name] for d, name in by_position[k].items()} if k in by_position else None
                    for k in range(len(args)))
+    kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
+    if kinds and kinds[0] is inspect.Parameter.VAR_POSITIONAL:
+        shapes = (shapes,)  # forward(*args): torch.export wants the spec nested like the arguments
     return shapes, by_position
 
 
@@ -219,8 +226,9 @@ class _ExportImporter:
             for d, name in dims.items():
                 if isinstance(val, torch.Tensor) and isinstance(val.shape[d], torch.SymInt):
                     expr = _torch_private.sym_expr(val.shape[d])
-                    if isinstance(expr, sympy.Symbol):
-                        names[expr] = sympy.Symbol(name)
+                    named = sympy.Symbol(name.rstrip("?"))
+                    if isinstance(expr, sympy.Symbol) and expr not in names and named not in names.values():
+                        names[expr] = named  # an automatic dim export kept apart keeps export's name
         return names
 
 

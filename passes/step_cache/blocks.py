@@ -46,26 +46,78 @@ class BlockSpan:
 
 
 def find_blocks(graph: Graph, min_repeats: int = 2) -> BlockSpan | None:
-    """The longest stack of ``min_repeats`` or more repeated blocks in ``graph``, or None when it has none."""
-    nodes = graph.nodes
+    """The longest stack of ``min_repeats`` or more repeated blocks in ``graph``, or None when it has none.
+
+    Blocks are sought in ``conditioning_first(graph)`` order; a caller that outlines them puts the graph
+    in that order first."""
+    nodes = conditioning_first(graph)
     keys = _local_keys(nodes)
     crossing = _crossing_counts(graph, nodes)
     for start, period, extent in _tandem_repeats(keys, min_repeats, np.zeros(len(nodes), dtype=bool)):
+        best: BlockSpan | None = None
         for runs in _runs_with_tail(graph, nodes, keys, crossing, start, period, extent):
             if sum(len(c) - 1 for c in runs) < min_repeats:
                 continue
             span = _validated(graph, nodes, runs)
-            if span is None or sum(map(len, span.blocks)) < len(nodes) / 4:
+            if span is None or _covered(span) < len(nodes) / 4:
                 continue  # a few repeated ops (a reshape and a permute), not the model's stack of blocks
-            runs = _add_neighbour_runs(graph, nodes, keys, crossing, runs, min_repeats)
-            return _validated(graph, nodes, runs)
+            span = _validated(graph, nodes, _add_neighbour_runs(graph, nodes, keys, crossing, runs, min_repeats))
+            if span is not None and (best is None or _rank_of(span) > _rank_of(best)):
+                best = span  # the phase of fewest crossings may start a run mid-block and strand its neighbours
+        if best is not None:
+            return best
     return None
+
+
+def conditioning_first(graph: Graph) -> list[Node]:
+    """The nodes with the conditioning work first: pure nodes that read no token tensor (no graph input of
+    rank 3 or more, directly or through other nodes), such as timestep and class embeddings, per-block
+    modulation and rotary tables a capture computed lazily inside the first block. Each part keeps its
+    order. Repeated blocks then are repeated key sequences, and the work that moved is not part of any."""
+    conditioning = _conditioning(graph)
+    nodes = graph.nodes
+    return [n for n in nodes if id(n) in conditioning] + [n for n in nodes if id(n) not in conditioning]
+
+
+def _conditioning(graph: Graph) -> set[int]:
+    """ids of the pure nodes that read no token tensor (see ``conditioning_first``)."""
+    conditioning: set[int] = set()
+    for n in graph.nodes:
+        if n.is_pure and all(v is None or v.is_constant
+                             or (id(v.producer) in conditioning if v.producer is not None else _rank(v) < 3)
+                             for v in n.inputs):
+            conditioning.add(id(n))
+    return conditioning
+
+
+def _rank(v: Value) -> int:
+    shape = getattr(v.type, "shape", None)
+    return len(shape) if shape is not None else 0
+
+
+def _covered(span: BlockSpan) -> int:
+    return sum(map(len, span.blocks))
+
+
+def _rank_of(span: BlockSpan) -> tuple[int, int, int]:
+    """Most blocks, then most blocks that hand on the stream's types (FLUX's single blocks cut before their
+    joint norm carry text and image as the double blocks do, not the joined tokens and their norm), then
+    most nodes covered."""
+    kinds = sorted(str(v.type) for v in span.stream_in)
+    same = 0
+    for block in span.blocks:
+        members = {id(n) for n in block}
+        outs = [o for n in block for o in n.outputs if o.is_graph_output or any(id(u) not in members for u in o.users())]
+        same += sorted(str(o.type) for o in outs) == kinds
+    return len(span.blocks), same, _covered(span)
 
 
 def _runs_with_tail(graph: Graph, nodes: list[Node], keys: np.ndarray, crossing: np.ndarray, start: int,
                     period: int, extent: int) -> list[list[list[int]]]:
     """A repeat's candidate block boundaries, each with its last block when that one differs (``_add_tail``)."""
-    return [_add_tail(graph, nodes, crossing, [cuts]) for cuts in _phases(crossing, start, period, extent)]
+    end = start + extent
+    return [[cuts[:-1], cuts[-2:]] if cuts[-1] > end else _add_tail(graph, nodes, crossing, [cuts])
+            for cuts in _phases(crossing, start, period, extent)]
 
 
 # ------------------------------------------------------------------ keys and repeats
@@ -124,10 +176,14 @@ def _tandem_repeats(keys: np.ndarray, min_repeats: int, taken: np.ndarray,
 
 
 def _crossing_counts(graph: Graph, nodes: list[Node]) -> np.ndarray:
-    """``crossing[c]``: how many values computed by nodes ``< c`` are read at nodes ``>= c`` (or returned)."""
+    """``crossing[c]``: how many values computed by nodes ``< c`` are read at nodes ``>= c`` (or returned);
+    conditioning values (read by the blocks as side inputs wherever they are computed) do not count."""
     position = {id(n): k for k, n in enumerate(nodes)}
+    conditioning = _conditioning(graph)
     delta = np.zeros(len(nodes) + 2, dtype=np.int64)
     for k, n in enumerate(nodes):
+        if id(n) in conditioning:
+            continue
         for out in n.outputs:
             last = max((position[id(u)] for u in out.users()), default=k)
             if out.is_graph_output:
@@ -140,11 +196,14 @@ def _crossing_counts(graph: Graph, nodes: list[Node]) -> np.ndarray:
 
 def _phases(crossing: np.ndarray, start: int, period: int, extent: int) -> list[list[int]]:
     """A repeat's candidate block boundaries, best first: the offsets whose cuts the fewest values cross
-    (right after a residual add only the stream does), each with the whole periods after it that fit."""
+    (right after a residual add only the stream does), each with the whole periods after it that fit, and
+    one more where at least half of it repeats (a last block whose end differs: a run of its own)."""
     end = start + extent
     ranked = []
     for offset in range(period):
         cuts = list(range(start + offset, end + 1, period))
+        if cuts[-1] < end and cuts[-1] + period <= len(crossing) - 1 and end - cuts[-1] >= period // 2:
+            cuts.append(cuts[-1] + period)
         if len(cuts) >= 2:
             ranked.append(((float(crossing[cuts].mean()), -len(cuts), offset), cuts))
     ranked.sort(key=lambda r: r[0])
@@ -245,9 +304,11 @@ def _validated(graph: Graph, nodes: list[Node], runs: list[list[int]]) -> BlockS
     if len(bounds) < 2:
         return None
     second = {id(v) for k in range(*bounds[1]) for v in nodes[k].inputs}
+    conditioning = _conditioning(graph)  # per-block modulation is read by one block, yet no stream
     seeds = {id(v) for k in range(*bounds[0]) for v in nodes[k].inputs
              if v is not None and not v.is_constant and id(v) not in second
-             and (v.producer is None or id(v.producer) not in block_of)}
+             and (v.producer is None or id(v.producer) not in block_of)
+             and (id(v.producer) not in conditioning if v.producer is not None else _rank(v) >= 3)}
     streamed: set[int] = set()  # nodes of the span that depend on the stream
     for k in range(first, last):
         n = nodes[k]

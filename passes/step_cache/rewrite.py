@@ -21,22 +21,27 @@ import torch
 
 from graphopt.errors import InvalidOptionError, UnsupportedModelError
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.types import ScalarType
 from graphopt.ir.region import interpret, outline
 from graphopt.ir.registry import OpDef, register_op
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
 
-from .blocks import BlockSpan, find_blocks
+from .blocks import BlockSpan, conditioning_first, find_blocks
 from .policies import Curves, Policy, make_policy
 from .runtime import Source, StepCache
 
 
 # ------------------------------------------------------------------- the op
 def step_cache(*inputs: torch.Tensor, body: Graph, label: str = "step_cache", policy: str = "{}",
-               timestep: int = -1, streams: int = 1, slots: list | None = None, tail: bool = False) -> Any:
+               timestep: int = -1, streams: int = 1, slots: list | None = None, tail: bool = False,
+               batched: list | None = None) -> Any:
     """Run every block of the body: what the span computes with nothing cached.
 
     ``slots[b][k]`` is the output of block ``b`` that carries stream ``k``; the body's
     outputs are the last block's, in stream order, or a ``tail`` block's as they are.
+    ``batched`` lists the inputs whose first dim is the batch (a symbolic dim shared
+    with the stream), so a subset of the samples can run the blocks alone; empty when
+    the batch is not known to be separable.
     """
     results = interpret(body, inputs)
     return results[0] if len(results) == 1 else tuple(results)
@@ -76,7 +81,8 @@ def _emit(node: Node, emit_body: Any, state: Any) -> StepCache:
     timestep = node.attrs["timestep"]
     slots = node.attrs["slots"]
     return StepCache(blocks, wiring_of(body, streams, slots), streams, None if timestep < 0 else timestep,
-                     policy_of(node), state, node.attrs["label"], slots, node.attrs["tail"])
+                     policy_of(node), state, node.attrs["label"], slots, node.attrs["tail"],
+                     node.attrs.get("batched", []))
 
 
 register_op(OpDef("step_cache", step_cache, category="opaque", pure=False,
@@ -121,6 +127,7 @@ class StepCachePass(Pass):
         policy = self.make_policy()
         if graph.find("step_cache"):  # cached already (a pipeline that repeats its passes)
             return PassResult(graph, False)
+        graph.reorder(conditioning_first(graph))  # the order find_blocks reads blocks in
         span = find_blocks(graph)
         if span is None:
             raise UnsupportedModelError(
@@ -176,6 +183,7 @@ def find_timestep(graph: Graph) -> Value | None:
 
 def build_span(graph: Graph, span: BlockSpan, timestep: Value | None, policy: Policy, label: str) -> Node:
     """Outline each block, then gather the block regions into one ``step_cache`` node."""
+    _recompute_scalars(graph, span)
     _hoist(graph, span)
     regions = [outline(graph, nodes, f"{label}_block{b}") for b, nodes in enumerate(span.blocks)]
     streams, perms, tail = _stream_slots(regions)
@@ -201,7 +209,8 @@ def build_span(graph: Graph, span: BlockSpan, timestep: Value | None, policy: Po
     node = graph.add_node("step_cache", inputs, {
         "body": body, "label": label, "policy": json.dumps(_policy_json(policy)),
         "timestep": -1 if timestep is None else next(k for k, v in enumerate(inputs) if v is timestep),
-        "streams": len(streams), "slots": perms, "tail": tail}, output_types=[o.type for o in outputs], after=last, name=label)
+        "streams": len(streams), "slots": perms, "tail": tail, "batched": batched_inputs(inputs, len(streams))},
+        output_types=[o.type for o in outputs], after=last, name=label)
     for old, new in zip(outputs, node.outputs):
         old.replace_by(new)
     for r in reversed(regions):
@@ -209,11 +218,56 @@ def build_span(graph: Graph, span: BlockSpan, timestep: Value | None, policy: Po
     return node
 
 
+def batched_inputs(inputs: Sequence[Value], streams: int) -> list[int]:
+    """The inputs whose first dim is the streams' symbolic batch dim (captured with ``dynamic``), or none
+    where the batch is static: a static first dim may equal the batch by chance (64 rotary rows, 64 rows)."""
+    def first_dim(v: Value) -> Any:
+        shape = getattr(v.type, "shape", None)
+        return shape[0] if shape else None
+
+    batch = first_dim(inputs[0])
+    if isinstance(batch, int) or batch is None or any(first_dim(v) != batch for v in inputs[:streams]):
+        return []
+    return [k for k, v in enumerate(inputs) if first_dim(v) == batch]
+
+
 def _policy_json(policy: Policy) -> dict[str, Any]:
     spec = policy.options()
     if policy.curves is not None:
         spec["curves"] = policy.curves.to_json()
     return spec
+
+
+def _recompute_scalars(graph: Graph, span: BlockSpan) -> None:
+    """Give each block its own copy of the host scalars it reads (a symbolic batch size queried before the
+    span): the block then reads the tensor they are computed from, so a block run on some of the samples
+    sees their count, not the whole batch's."""
+    for block in span.blocks:
+        copies: dict[int, Value] = {}
+
+        def local(v: Value, before: Node) -> Value:
+            producer = v.producer
+            if (producer is None or producer in block or not producer.is_pure
+                    or not all(isinstance(o.type, ScalarType) for o in producer.outputs)):
+                return v
+            if id(v) not in copies:
+                inputs = [x if x is None else local(x, before) for x in producer.inputs]
+                copy = graph.add_node(producer.op, inputs, dict(producer.attrs),
+                                      output_types=[o.type for o in producer.outputs], before=before,
+                                      name=producer.name)
+                block.insert(block.index(before), copy)
+                copies.update((id(o), c) for o, c in zip(producer.outputs, copy.outputs))
+            return copies[id(v)]
+
+        for n in list(block):
+            for k, v in enumerate(n.inputs):
+                if v is not None and isinstance(v.type, ScalarType):
+                    n.replace_input(k, local(v, n))
+    for n in reversed(graph.nodes):
+        if n.is_pure and n.is_unused and all(isinstance(o.type, ScalarType) for o in n.outputs):
+            if n in span.hoisted:
+                span.hoisted.remove(n)
+            graph.remove_node(n)
 
 
 def _hoist(graph: Graph, span: BlockSpan) -> None:

@@ -5,8 +5,9 @@ module's ``GraphState``, never in a global, and is kept apart three ways:
 
 - **per sample**: every residual and distance is batch first and every span
   decision is a per-sample mask, so a sample in a batch of four gets what it
-  would get alone (rows a skipped sample did not need are computed for the
-  others but not used for it);
+  would get alone; only the samples that recompute run the cached blocks when
+  the graph was captured with a symbolic batch (the ``batched`` inputs),
+  otherwise every row runs and the reusing rows discard theirs;
 - **per guidance branch**: a pipeline that batches cond and uncond rows gets
   that from the per-sample rule; one that calls the denoiser twice per step
   (the same timestep twice) gets one memory per call in the step, and
@@ -98,7 +99,7 @@ class StepCache(torch.nn.Module):
 
     def __init__(self, blocks: Sequence[torch.nn.Module], wiring: Sequence[Sequence[Source]], streams: int,
                  timestep: int | None, policy: Policy, state: GraphState, label: str = "step_cache",
-                 slots: Sequence[Sequence[int]] | None = None, tail: bool = False):
+                 slots: Sequence[Sequence[int]] | None = None, tail: bool = False, batched: Sequence[int] = ()):
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
         self.wiring = [list(w) for w in wiring]
@@ -107,6 +108,8 @@ class StepCache(torch.nn.Module):
         self.cached = len(blocks) - tail
         """Blocks the policy decides on; a tail (a last block whose outputs are not the stream) always runs."""
         self.streams = streams
+        self.batched = frozenset(batched)
+        """Inputs whose first dim is the batch: with these known, the samples that recompute run alone."""
         self.timestep = timestep
         self.label = label
         self.state = [state]  # a list: the GraphState is registered once, on the top module
@@ -216,30 +219,31 @@ class StepCache(torch.nn.Module):
         front_residual = _minus(stream, span_input)
         decision = False if recording else self._decide(step, memory, front_residual, span_input)
         middle = range(front, blocks - back)
+        keep = getattr(policy, "order", 0) + 1
         if decision is True:
             stream = _plus(stream, policy.estimate(step, memory))  # type: ignore[attr-defined]
             memory.reuses = memory.reuses + 1
             counts.skipped += batch * len(middle)
-        else:
+        elif decision is False:
             middle_input = stream
             stream = self._run_blocks(middle, stream, inputs, residuals)
-            computed = _minus(stream, middle_input)
             counts.evaluated += batch * len(middle)
-            keep = getattr(policy, "order", 0) + 1
-            if recording:
-                pass
-            elif decision is False:
-                memory.remember(step.t, computed, keep)
+            if not recording:
+                memory.remember(step.t, _minus(stream, middle_input), keep)
                 memory.reference = front_residual
                 memory.reuses, memory.gamma, memory.error = 0, 1.0, 0.0
-            else:  # some samples reuse: each gets what it would get alone
-                rows = decision
-                kept = [_where(rows, e, c) for e, c in zip(policy.estimate(step, memory), computed)]  # type: ignore
-                stream = _plus(middle_input, kept)
-                memory.remember(step.t, kept, keep)
-                if memory.reference is not None:
-                    memory.reference = [_where(rows, r, f) for r, f in zip(memory.reference, front_residual)]
-                memory.reuses = torch.where(rows, torch.as_tensor(memory.reuses) + 1, 0)
+        else:  # some samples reuse: each gets what it would get alone
+            rows = torch.tensor(decision, device=stream[0].device)
+            estimate = policy.estimate(step, memory)  # type: ignore[attr-defined]
+            computing = [k for k, reuse in enumerate(decision) if not reuse]
+            kept = self._computed_rows(middle, stream, inputs, rows, computing, estimate)
+            counts.evaluated += len(computing) * len(middle)
+            counts.skipped += (batch - len(computing)) * len(middle)
+            stream = _plus(stream, kept)
+            memory.remember(step.t, kept, keep)
+            if memory.reference is not None:
+                memory.reference = [_where(rows, r, f) for r, f in zip(memory.reference, front_residual)]
+            memory.reuses = torch.where(rows, torch.as_tensor(memory.reuses) + 1, 0)
         stream = self._run_blocks(range(blocks - back, blocks), stream, inputs, residuals)
         counts.evaluated += batch * (front + back)
         if self.recorder is not None:
@@ -247,9 +251,23 @@ class StepCache(torch.nn.Module):
         return stream
 
     @traced_around
+    def _computed_rows(self, middle: range, stream: list[torch.Tensor], inputs: Sequence[torch.Tensor],
+                       rows: torch.Tensor, computing: list[int], estimate: Residual) -> Residual:
+        """The middle's residual per sample: the estimate where ``rows`` reuse, computed elsewhere. With the
+        batched inputs known only the computing samples run the blocks; otherwise every sample runs."""
+        if not self.batched:
+            computed = _minus(self._run_blocks(middle, stream, inputs, []), stream)
+            return [_where(rows, e, c) for e, c in zip(estimate, computed)]
+        index = torch.tensor(computing, device=rows.device)
+        part = [x.index_select(0, index) for x in stream]
+        part_inputs = [x.index_select(0, index) if k in self.batched else x for k, x in enumerate(inputs)]
+        computed = _minus(self._run_blocks(middle, part, part_inputs, []), part)
+        return [e.index_copy(0, index, c) for e, c in zip(estimate, computed)]
+
+    @traced_around
     def _decide(self, step: StepInfo, memory: SpanMemory, front_residual: Residual,
-                span_input: Residual) -> torch.Tensor | bool:
-        """True (every sample reuses), False (none does), or the per-sample mask."""
+                span_input: Residual) -> list[bool] | bool:
+        """True (every sample reuses), False (none does), or per sample whether it reuses."""
         policy = self.policy
         assert isinstance(policy, SpanPolicy)
         signal = {"front": front_residual, "input": span_input}.get(policy.signal)
@@ -257,7 +275,7 @@ class StepCache(torch.nn.Module):
         if not isinstance(reuse, torch.Tensor):
             return bool(reuse)
         mask = reuse.tolist()  # the call's one host sync
-        return True if all(mask) else (reuse if any(mask) else False)
+        return True if all(mask) else (mask if any(mask) else False)
 
 
 def _minus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Residual:

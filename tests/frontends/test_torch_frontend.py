@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from graphopt import _torch_private
 from graphopt.frontends.torch import capture, from_fx
 from graphopt.ir import ScalarType, TensorType
+from graphopt.models import KwargsWrapper
 from graphopt.testing import max_rel_error
 
 
@@ -295,6 +296,21 @@ def test_dynamic_shapes_become_named_symbols():
     assert "aten.view.default" not in opaque_targets(graph)
     assert all(n.attrs["shape"].count(-1) == 1 for n in graph.find("reshape"))
     assert graph.find("sdpa")[0].output.type.shape == ("batch", 2, 5, 8)
+
+
+def test_an_automatic_dim_is_symbolic_where_the_program_allows_it():
+    """``"batch?"`` (``Dim.AUTO``) through a ``forward(*args)`` wrapper: the table's rows stay static, since
+    they are added to every sample, while the samples' dim becomes ``batch``."""
+    class M(nn.Module):
+        def forward(self, x, table):
+            return x + table
+
+    model = KwargsWrapper(M(), ("x", "table"))
+    x, table = torch.randn(2, 5, 16), torch.randn(5, 16)
+    graph = round_trip(model, (x, table), dynamic={0: {0: "batch?"}, 1: {0: "batch?"}},
+                       other_inputs=(torch.randn(3, 5, 16), table))
+    assert graph.inputs[0].type.shape == ("batch", 5, 16)
+    assert graph.inputs[1].type.shape == (5, 16)
 
 
 def test_host_integer_arithmetic_is_opaque_scalars():

@@ -18,7 +18,7 @@ from torch import nn
 import graphopt
 from graphopt import models
 from graphopt.ir.region import outline
-from graphopt.passes.step_cache.blocks import BlockSpan, find_blocks
+from graphopt.passes.step_cache.blocks import BlockSpan, conditioning_first, find_blocks
 
 # builder, its layers argument (None: the builder's own 2 layers), blocks expected, runs expected
 CASES = {
@@ -48,7 +48,13 @@ def _captured(name: str):
     builder, layers, _ = CASES[name]
     torch.manual_seed(0)
     model, inputs = getattr(models, builder)(*([] if layers is None else [layers]))
-    return model, inputs, graphopt.capture(model, inputs)
+    return model, inputs, _in_conditioning_first(graphopt.capture(model, inputs))
+
+
+def _in_conditioning_first(graph: graphopt.ir.Graph) -> graphopt.ir.Graph:
+    """Blocks are found (and outlined by the pass) with the conditioning work first."""
+    graph.reorder(conditioning_first(graph))
+    return graph
 
 
 def _check_invariants(graph: graphopt.ir.Graph, span: BlockSpan) -> None:
@@ -121,3 +127,21 @@ def test_single_layer_model_has_none():
     model = models.KwargsWrapper(dit, ("hidden_states", "timestep", "class_labels"), {"return_dict": False}).eval()
     graph = graphopt.capture(model, (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.tensor([3])))
     assert find_blocks(graph) is None
+
+
+def test_runs_of_unequal_length():
+    """FLUX with 2 double-stream and 4 single-stream blocks (the trained digits model's shape): every block
+    is found, not just the longest run; the last single block returns the image stream only (a tail)."""
+    from graphopt.digits import TRANSFORMER_CONFIG, image_ids
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+    model = models.KwargsWrapper(flux, ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                        "timestep", "img_ids", "txt_ids"), {"return_dict": False})
+    inputs = (torch.randn(2, 64, 16), torch.randn(2, 2, 64), torch.randn(2, 64), torch.tensor([0.5, 0.5]),
+              image_ids(32, 32), torch.zeros(2, 3))
+    graph = _in_conditioning_first(graphopt.capture(model, inputs))
+    span = find_blocks(graph)
+    assert span.runs == [(0, 2), (2, 5), (5, 6)]
+    _check_invariants(graph, span)

@@ -92,6 +92,25 @@ def test_the_timestep_is_found_by_dataflow():
     assert node.inputs[node.attrs["timestep"]] is graph.inputs[model.arg_names.index("timestep")]
 
 
+def test_a_symbolic_batch_marks_the_inputs_a_subset_of_samples_can_run_on():
+    """Captured with the batch symbolic, the node lists the inputs with a row per sample (the streams, the
+    pooled text and timestep it reads), not the rotary tables; captured static, it lists none."""
+    model, inputs = models.build_flux(2)
+    inputs = tuple(x.expand(2, *x.shape[1:]).clone() if k < 4 else x for k, x in enumerate(inputs))
+    for dynamic in ({k: {0: "batch?"} for k in range(4)}, None):
+        graph = graphopt.capture(model, inputs, dynamic=dynamic)
+        graphopt.optimize(graph, level="O0", passes=["step_cache"], options={"step_cache": {"policy": "none"}})
+        node = graph.find("step_cache")[0]
+        batched = set(node.attrs["batched"])
+        if dynamic is None:
+            assert batched == set()
+            continue
+        read = {model.arg_names[graph.inputs.index(v)] for k, v in enumerate(node.inputs) if k in batched
+                and v in graph.inputs}
+        assert set(range(node.attrs["streams"])) <= batched and read == {"pooled_projections", "timestep"}
+        assert len(batched) < len(node.inputs)  # the rotary cos/sin tables are shared by every sample
+
+
 def test_a_model_without_repeated_blocks_gets_one_line():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
     graph = graphopt.capture(model, (torch.randn(1, 3, 16, 16),))

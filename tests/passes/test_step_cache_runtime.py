@@ -24,10 +24,10 @@ class Block(torch.nn.Module):
         return (x + 0.1 * torch.tanh(self.lin(x) + temb),)
 
 
-def make_cache(policy, blocks=BLOCKS):
-    # inputs: (stream x, side temb, timestep t)
+def make_cache(policy, blocks=BLOCKS, batched=()):
+    # inputs: (stream x, side temb, timestep t); ``batched``: the inputs with a row per sample
     return StepCache([Block(b) for b in range(blocks)], [[("stream", 0), ("input", 1)]] * blocks, streams=1,
-                     timestep=2, policy=make_policy(policy), state=GraphState())
+                     timestep=2, policy=make_policy(policy), state=GraphState(), batched=batched)
 
 
 def uncached(x, temb):
@@ -83,6 +83,21 @@ def test_each_sample_of_a_batch_gets_what_it_gets_alone():
     batched = torch.stack(sample(make_cache(policy), x))
     alone = torch.stack([torch.stack(sample(make_cache(policy), x[i:i + 1]))[:, 0] for i in range(4)], 1)
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_with_the_batched_inputs_known_only_recomputing_samples_run_the_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8) * torch.tensor([[0.1], [3.0], [0.1], [3.0]])
+    policy = {"policy": "first_block", "threshold": 0.02, "warmup": 1}
+    cache = make_cache(policy, batched=(1, 2))
+    rows = []
+    for block in cache.blocks:
+        block.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    batched = torch.stack(sample(cache, x))
+    alone = torch.stack([torch.stack(sample(make_cache(policy), x[i:i + 1]))[:, 0] for i in range(4)], 1)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    assert any(0 < r < 4 for r in rows)  # some steps ran part of the batch
+    assert sum(rows) == cache.report()["runs"][0]["evaluated"] < 4 * BLOCKS * 10
 
 
 def test_two_calls_per_step_keep_separate_memories():

@@ -3,7 +3,9 @@
 The node keeps the original callable (an ATen overload, a Python function) and an
 argument template in which ``Arg(i)`` stands for the node's i-th input, so any
 torch op survives capture, passes and emission unchanged. Passes treat it as a
-black box: not pure (never deduplicated or folded), never fused.
+black box: not pure (never deduplicated or folded), never fused; but a call
+whose results are all host scalars (a size query, SymInt arithmetic) is pure,
+so it may be recomputed where its value is needed.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import OpDef, register_op
+from ..types import ScalarType
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,11 @@ def torch_opaque(*inputs: Any, target: Any, args: tuple = (), kwargs: dict | Non
     return tuple(result) if num_outputs != 1 else result
 
 
-register_op(OpDef("torch.opaque", torch_opaque, category="opaque", pure=False,
+def _host_scalars_only(node: Any) -> bool:
+    return bool(node.outputs) and all(isinstance(o.type, ScalarType) for o in node.outputs)
+
+
+register_op(OpDef("torch.opaque", torch_opaque, category="opaque", pure=False, pure_when=_host_scalars_only,
                   num_outputs=lambda attrs: attrs.get("num_outputs", 1), doc=torch_opaque.__doc__))
 
 
