@@ -48,6 +48,11 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
 AUTO = ("fora", "delta_dit", "smoothcache", "first_block", "teacache", "magcache", "taylorseer", "dbcache")
 
 
+def chain_of(setting: Mapping[str, Any]) -> str:
+    """The chain of ``SETTINGS`` a setting belongs to: its options but the strength and ``max_reuse``."""
+    return repr({k: v for k, v in list(setting.items())[1:] if k != "max_reuse"})
+
+
 def check_quality(quality: Any) -> dict[str, float]:
     if not isinstance(quality, Mapping) or not quality or set(quality) - set(QUALITY_METRICS):
         raise InvalidOptionError(f"quality must map one or more of {', '.join(QUALITY_METRICS)} to a bound, "
@@ -173,8 +178,7 @@ def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], ref
     for name in policies:
         missed: set[str] = set()  # chains that missed the budget
         for setting in SETTINGS[name]:
-            chain = repr({k: v for k, v in list(setting.items())[1:] if k != "max_reuse"})
-            if chain in missed:
+            if chain_of(setting) in missed:
                 continue
             spec = {"policy": name, **setting}
             images, skipped = sample(make_policy(dict(spec), curves))
@@ -183,7 +187,7 @@ def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], ref
             if progress is not None:
                 progress(f"{name} {setting}: psnr {trial.measured['psnr']:.1f}, skipped {skipped:.0%}")
             if not meets(trial.measured, quality):
-                missed.add(chain)
+                missed.add(chain_of(setting))
     good = [t for t in trials if meets(t.measured, quality)]
     if not good:
         best = max(trials, key=lambda t: t.measured["psnr"])
