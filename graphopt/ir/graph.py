@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .types import TensorType, Type
+from .types import ScalarType, TensorType, Type
 
 if TYPE_CHECKING:
     import networkx
@@ -189,6 +189,11 @@ class Node:
         may depend on the node's attributes)."""
         opdef = self.opdef
         return opdef.pure_when(self) if opdef.pure_when is not None else opdef.pure
+
+    @property
+    def yields_host_scalars(self) -> bool:
+        """Every output is a host scalar (a size query, SymInt arithmetic), none a tensor."""
+        return bool(self.outputs) and all(isinstance(out.type, ScalarType) for out in self.outputs)
 
     @property
     def is_unused(self) -> bool:

@@ -91,8 +91,7 @@ def _conditioning(graph: Graph) -> set[int]:
 
 
 def _rank(v: Value) -> int:
-    shape = getattr(v.type, "shape", None)
-    return len(shape) if shape is not None else 0
+    return getattr(v.type, "rank", None) or 0
 
 
 def _covered(span: BlockSpan) -> int:

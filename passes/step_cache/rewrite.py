@@ -82,7 +82,7 @@ def _emit(node: Node, emit_body: Any, state: Any) -> StepCache:
     slots = node.attrs["slots"]
     return StepCache(blocks, wiring_of(body, streams, slots), streams, None if timestep < 0 else timestep,
                      policy_of(node), state, node.attrs["label"], slots, node.attrs["tail"],
-                     node.attrs.get("batched", []))
+                     node.attrs["batched"] or ())
 
 
 register_op(OpDef("step_cache", step_cache, category="opaque", pure=False,
@@ -247,8 +247,7 @@ def _recompute_scalars(graph: Graph, span: BlockSpan) -> None:
 
         def local(v: Value, before: Node) -> Value:
             producer = v.producer
-            if (producer is None or producer in block or not producer.is_pure
-                    or not all(isinstance(o.type, ScalarType) for o in producer.outputs)):
+            if producer is None or producer in block or not producer.is_pure or not producer.yields_host_scalars:
                 return v
             if id(v) not in copies:
                 inputs = [x if x is None else local(x, before) for x in producer.inputs]
@@ -264,7 +263,7 @@ def _recompute_scalars(graph: Graph, span: BlockSpan) -> None:
                 if v is not None and isinstance(v.type, ScalarType):
                     n.replace_input(k, local(v, n))
     for n in reversed(graph.nodes):
-        if n.is_pure and n.is_unused and all(isinstance(o.type, ScalarType) for o in n.outputs):
+        if n.is_pure and n.is_unused and n.yields_host_scalars:
             if n in span.hoisted:
                 span.hoisted.remove(n)
             graph.remove_node(n)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import OpDef, register_op
-from ..types import ScalarType
 
 
 @dataclass(frozen=True)
@@ -42,11 +41,7 @@ def torch_opaque(*inputs: Any, target: Any, args: tuple = (), kwargs: dict | Non
     return tuple(result) if num_outputs != 1 else result
 
 
-def _host_scalars_only(node: Any) -> bool:
-    return bool(node.outputs) and all(isinstance(o.type, ScalarType) for o in node.outputs)
-
-
-register_op(OpDef("torch.opaque", torch_opaque, category="opaque", pure=False, pure_when=_host_scalars_only,
+register_op(OpDef("torch.opaque", torch_opaque, category="opaque", pure=False, pure_when=lambda node: node.yields_host_scalars,
                   num_outputs=lambda attrs: attrs.get("num_outputs", 1), doc=torch_opaque.__doc__))
 
 
