@@ -212,6 +212,8 @@ def export_failure_kind(error: BaseException) -> str | None:
             return "data-dependent"
         if isinstance(error, UserError):
             return "export"
+        if isinstance(error, TypeError) and "SymInt" in str(error):
+            return "data-dependent"  # a size read from tensor values used as a Python value (hashed, in a set)
         error = error.__cause__ or error.__context__
     return None
 

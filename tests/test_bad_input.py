@@ -378,7 +378,15 @@ class NonzeroCount(nn.Module):
         return torch.zeros(int((x > 0).sum()))
 
 
-@pytest.mark.parametrize("model", [DataDependentBranch(), NonzeroCount()])
+class DistinctMaskLengths(nn.Module):
+    """Lumina2's pattern: lengths read from a mask, then put in a Python set (torch.export raises TypeError)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = [n + 4 for n in (x.reshape(2, -1) > 0).sum(dim=1).tolist()]
+        return x * max(lengths) * len(set(lengths))
+
+
+@pytest.mark.parametrize("model", [DataDependentBranch(), NonzeroCount(), DistinctMaskLengths()])
 def test_capture_of_data_dependent_control_flow_says_to_use_torch_compile(model):
     with pytest.raises(UnsupportedModelError) as info:
         graphopt.capture(model, (torch.randn(8),))
