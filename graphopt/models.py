@@ -528,6 +528,35 @@ def build_mochi(layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return _finish(model, torch.randn(1, 4, 2, 8, 8), torch.randn(1, 8, 32), torch.tensor([10]), _text_mask())
 
 
+def build_auraflow(mmdit: int = 2, single: int = 3) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """AuraFlow: joint text/image blocks, then the two streams joined into one for single-stream blocks."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(SEED)
+    aura = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=mmdit, num_single_dit_layers=single,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        out_channels=4, pos_embed_max_size=16,
+    )
+    model = KwargsWrapper(aura, ("hidden_states", "encoder_hidden_states", "timestep"), {"return_dict": False})
+    return _finish(model, torch.randn(1, 4, 8, 8), torch.randn(1, 8, 32), torch.tensor([0.5]))
+
+
+def build_allegro(layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Allegro: a video DiT with 3D rotary embeddings and cross-attention to the text."""
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(SEED)
+    allegro = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=layers, cross_attention_dim=32, sample_height=8, sample_width=8, sample_frames=2,
+        caption_channels=32,
+    )
+    model = KwargsWrapper(allegro, ("hidden_states", "encoder_hidden_states", "timestep"), {"return_dict": False})
+    # (batch, channels, frames, height, width)
+    return _finish(model, torch.randn(1, 4, 2, 8, 8), torch.randn(1, 8, 32), torch.tensor([10]))
+
+
 # ---------------------------------------------------------------------------
 # Registry.
 # ---------------------------------------------------------------------------
@@ -558,7 +587,7 @@ def _make_registry() -> dict[str, ModelCase]:
         ("flux", build_flux),
     ]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn))
-    # SD3, Sana and Mochi builders serve the step-cache tests only (Mochi's capture has data-dependent ops).
+    # SD3, Sana, Mochi, AuraFlow and Allegro builders serve the step-cache tests only (Mochi's capture has data-dependent ops).
     for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video)]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn, slow=True))
     return {c.name: c for c in cases}

@@ -21,7 +21,9 @@ Every decision is keyed on the scheduler's timestep, read from the denoiser's
 timestep input, never on the step index alone where a rate is meant: calibrated
 curves are rates per unit of timestep, so a plan fitted at 50 steps holds at 30.
 Every policy keeps ``warmup`` first steps computed and allows at most
-``max_reuse`` consecutive reuses.
+``max_reuse`` consecutive reuses; with calibrated curves these counts, and
+intervals, are the calibration run's steps, measured in timestep, so they
+mean the same stretch of the trajectory at another step count.
 """
 from __future__ import annotations
 
@@ -53,6 +55,17 @@ class Curves:
 
     def at(self, curve: list[float], t: float) -> float:
         return float(np.interp(t, self.t, curve))
+
+    def step_size(self, t: float) -> float:
+        """The calibration run's step into ``t``, from the timestep before it (exact at calibrated ``t``)."""
+        if len(self.t) < 2:
+            return 0.0
+        return float(np.interp(t, self.t[:-1], np.diff(self.t)))
+
+    def timestep_after(self, steps: int) -> float:
+        """The calibration run's timestep ``steps`` steps in (``t`` starts at its second step)."""
+        descending = self.t[::-1]
+        return descending[min(steps, len(descending)) - 1] if steps > 0 else math.inf
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +109,27 @@ class Policy:
                 f"graphopt.diffusers.optimize(pipe, step_cache='{self.name}', quality={{'psnr': 30}}) "
                 f"or load a saved plan")
 
+    def warm(self, step: StepInfo) -> bool:
+        """Whether ``step`` is in the warm-up, where everything is computed."""
+        if self.curves is None or len(self.curves.t) < 2:
+            return step.index < self.warmup
+        end = self.curves.timestep_after(self.warmup)
+        return step.index == 0 or step.t > end + 1e-6 * max(1.0, abs(end))
+
+    def steps(self, count: int, step: StepInfo) -> int:
+        """``count`` steps of the calibration run in this run's steps near ``step`` (itself without curves)."""
+        if count == 0 or self.curves is None or step.dt <= 0:
+            return count
+        size = self.curves.step_size(step.t)
+        return max(1, round(count * size / step.dt)) if size > 0 else count
+
+    def reuse_limit(self, step: StepInfo) -> int:
+        return self.steps(self.max_reuse, step)
+
+    def off_beat(self, step: StepInfo, interval: int) -> bool:
+        """Whether ``step`` falls between the computed steps of a fixed ``interval`` after the warm-up."""
+        return (step.index - self.warmup) % self.steps(interval, step) != 0
+
     def block_error(self, block: int, t: float) -> float:
         """Estimated error per unit of timestep of reusing ``block``'s residual (per-block schedules)."""
         return 0.0
@@ -138,8 +172,7 @@ class Fora(PerBlockPolicy):
             raise InvalidOptionError(f"step_cache policy fora: interval must be >= 1, got {self.interval}")
 
     def reuse(self, step: StepInfo, block: int, blocks: int, reuses: int, since: float) -> bool:
-        return step.index >= self.warmup and (step.index - self.warmup) % self.interval != 0 \
-            and reuses < self.max_reuse
+        return not self.warm(step) and self.off_beat(step, self.interval) and reuses < self.reuse_limit(step)
 
 
 @dataclass
@@ -165,8 +198,8 @@ class DeltaDit(PerBlockPolicy):
         group = self.blocks or blocks // 2
         early = step.t > self.boundary * step.t_first
         in_group = block >= blocks - group if early else block < group
-        return in_group and step.index >= self.warmup and (step.index - self.warmup) % self.interval != 0 \
-            and reuses < self.max_reuse
+        return in_group and not self.warm(step) and self.off_beat(step, self.interval) \
+            and reuses < self.reuse_limit(step)
 
 
 @dataclass
@@ -178,7 +211,7 @@ class SmoothCache(PerBlockPolicy):
     alpha: float = 0.1
 
     def reuse(self, step: StepInfo, block: int, blocks: int, reuses: int, since: float) -> bool:
-        return step.index >= self.warmup and since < self.alpha and reuses < self.max_reuse
+        return not self.warm(step) and since < self.alpha and reuses < self.reuse_limit(step)
 
     def block_error(self, block: int, t: float) -> float:
         assert self.curves is not None
@@ -206,9 +239,9 @@ class SpanPolicy(Policy):
         raise NotImplementedError
 
     def allowed(self, step: StepInfo, memory: SpanMemory) -> torch.Tensor | bool:
-        if step.index < self.warmup or memory.residual is None:
+        if self.warm(step) or memory.residual is None:
             return False
-        return memory.reuses < self.max_reuse
+        return memory.reuses < self.reuse_limit(step)
 
     order: int = 0
     """Taylor order of the estimate: 0 copies the last residual."""
@@ -359,7 +392,7 @@ class TaylorSeer(SpanPolicy):
 
     def decide(self, step: StepInfo, memory: SpanMemory, signal: Residual | None) -> torch.Tensor | bool:
         allowed = self.allowed(step, memory)
-        if allowed is False or (step.index - self.warmup) % self.interval == 0:
+        if allowed is False or not self.off_beat(step, self.interval):
             return False
         return allowed
 

@@ -20,7 +20,7 @@ from graphopt import models
 from graphopt.ir.region import outline
 from graphopt.passes.step_cache.blocks import BlockSpan, conditioning_first, find_blocks
 
-# builder, its layers argument (None: the builder's own 2 layers), blocks expected, runs expected
+# builder, its layers arguments (None: the builder's own 2 layers), blocks expected, runs expected
 CASES = {
     "dit": ("build_dit", None, [(0, 2)]),
     "pixart": ("build_pixart", None, [(0, 2)]),
@@ -35,8 +35,15 @@ CASES = {
     "flux": ("build_flux", 2, [(0, 2), (2, 3), (3, 4)]),
     "hunyuan_video": ("build_hunyuan_video", 2, [(0, 2), (2, 3), (3, 4)]),
     "mochi": ("build_mochi", 3, [(0, 2), (2, 3)]),
+    # AuraFlow joins its text and image streams into one between its joint and single blocks: no residual
+    # spans the join, so the span is the run of more nodes, the joint blocks (2 of 59 nodes) or the single
+    # blocks (6 of 30).
+    "auraflow": ("build_auraflow", (2, 3), [(0, 2)]),
+    "auraflow_single": ("build_auraflow", (2, 6), [(0, 6)]),
+    "allegro": ("build_allegro", None, [(0, 2)]),
 }
-SLOW = {"pixart", "sd3", "cogvideox", "wan", "ltx_video", "flux", "hunyuan_video", "mochi"}
+SLOW = {"pixart", "sd3", "cogvideox", "wan", "ltx_video", "flux", "hunyuan_video", "mochi", "auraflow_single",
+        "allegro"}
 
 
 def _params(names=CASES):
@@ -47,7 +54,8 @@ def _params(names=CASES):
 def _captured(name: str):
     builder, layers, _ = CASES[name]
     torch.manual_seed(0)
-    model, inputs = getattr(models, builder)(*([] if layers is None else [layers]))
+    layers = () if layers is None else layers if isinstance(layers, tuple) else (layers,)
+    model, inputs = getattr(models, builder)(*layers)
     return model, inputs, _in_conditioning_first(graphopt.capture(model, inputs))
 
 

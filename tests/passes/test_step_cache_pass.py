@@ -26,6 +26,8 @@ ARCHITECTURES = {
     "hunyuan_video": (lambda: models.build_hunyuan_video(2), True),
     "ltx_video": (models.build_ltx_video, True),
     "mochi": (lambda: models.build_mochi(3), True),
+    "auraflow": (lambda: models.build_auraflow(2, 6), True),
+    "allegro": (models.build_allegro, True),
 }
 
 

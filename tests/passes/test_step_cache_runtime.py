@@ -136,11 +136,34 @@ def test_taylor_forecast_of_order_2_is_exact_on_a_quadratic():
 def test_calibrated_policies_need_their_curves():
     with pytest.raises(InvalidOptionError, match="magcache reads calibrated span_log_ratio_rate"):
         make_cache("magcache")
-    curves = Curves(t=[0.0, 1.0], span_log_ratio_rate=[0.1, 0.1], block_rate=[[0.1, 0.1]] * BLOCKS)
+    ts = [k / 10 for k in range(1, 10)]  # the toy sampler's timesteps after its first
+    curves = Curves(t=ts, span_log_ratio_rate=[0.1] * 9, block_rate=[[0.1] * 9] * BLOCKS)
     cache = StepCache([Block(b) for b in range(BLOCKS)], [[("stream", 0), ("input", 1)]] * BLOCKS, 1, 2,
                       make_policy({"policy": "smoothcache", "alpha": 0.05}, curves), GraphState())
     sample(cache, torch.randn(2, 8))
     assert cache.report()["runs"][0]["skipped"] > 0
+
+
+def test_a_plans_step_counts_are_stretches_of_timestep_so_they_hold_at_another_step_count():
+    # before: warm-up 2 and at most 2 reuses, calibrated on a 10-step run (t = 1.0, 0.9, ..., 0.1)
+    curves = Curves(t=[round(1.0 - k / 10, 2) for k in range(9, 0, -1)])
+    policy = {"policy": "first_block", "threshold": 1e9, "warmup": 2, "max_reuse": 2}
+
+    def computed(steps):
+        cache = StepCache([Block(b) for b in range(BLOCKS)], [[("stream", 0), ("input", 1)]] * BLOCKS, 1, 2,
+                          make_policy(policy, curves), GraphState())
+        ts = []
+        cache.blocks[1].register_forward_hook(lambda *_: ts.append(round(t, 2)))
+        x = torch.randn(1, 8)
+        for k in range(steps):
+            t = 1.0 - k / steps
+            x = x + 0.05 * cache(x, torch.full((1, 8), t), torch.full((1,), t))[0]
+        return ts
+
+    # expected: at 10 steps, steps 0-1 warm and every third computed; at 20 steps the same stretches of t:
+    # warm while t > 0.8 (4 steps), then at most 0.2 of t (4 steps) reused in a row
+    assert computed(10) == [1.0, 0.9, 0.6, 0.3]
+    assert computed(20) == [1.0, 0.95, 0.9, 0.85, 0.6, 0.35, 0.1]
 
 
 @pytest.mark.parametrize("spec, message", [
