@@ -122,9 +122,8 @@ class _SchedulerCacheContext:
 
 def _diffusers_method(name: str, setting: str, make_config: Callable[[object, _SchedulerCacheContext], object]) -> AnchorMethod:
     def apply(pipe):
-        context = _SchedulerCacheContext(pipe)
-        pipe.transformer.enable_cache(make_config(pipe, context))
-        pipe._anchor_context = context
+        pipe._anchor_context = _SchedulerCacheContext(pipe)  # first, so remove() undoes a failed enable_cache
+        pipe.transformer.enable_cache(make_config(pipe, pipe._anchor_context))
 
     def remove(pipe):
         pipe.transformer.disable_cache()
