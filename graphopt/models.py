@@ -587,7 +587,8 @@ def _make_registry() -> dict[str, ModelCase]:
         ("flux", build_flux),
     ]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn))
-    # SD3, Sana, Mochi, AuraFlow and Allegro builders serve the step-cache tests only (Mochi's capture has data-dependent ops).
+    # SD3, Sana, Mochi, AuraFlow and Allegro builders serve the step-cache tests only
+    # (Mochi's capture has data-dependent ops).
     for short, fn in [("hunyuan_video", build_hunyuan_video), ("wan", build_wan), ("ltx_video", build_ltx_video)]:
         cases.append(ModelCase(f"diffusers.{short}", "diffusers", fn, slow=True))
     return {c.name: c for c in cases}

@@ -347,15 +347,17 @@ def _validated(graph: Graph, nodes: list[Node], runs: list[list[int]]) -> BlockS
             return None  # the previous block's stream leaks past this block
     if any(len(i) != len(o) for i, o in zip(ins[:-1], outs[:-1])) or len(outs[-1]) > len(ins[-1]):
         return None  # the stream's width changes inside the span
+    # A block that turns the stream into other values (AuraFlow joins text and image between its runs, or a
+    # cut inside a block hands on its norm) has no residual across it: each side is a span alone.
     if any(_kinds(i) != _kinds(o) for i, o in zip(ins[:-1], outs[:-1])):
-        return None  # a block turns the stream into other values (AuraFlow joins text and image between its
-        # runs, or a cut inside a block hands on its norm): no residual spans it, so each side is a span alone
+        return None
     ordered_in = sorted(ins[0], key=lambda v: _first_read(blocks[0], v))
     return BlockSpan(blocks=blocks, runs=_run_ranges(runs), hoisted=hoisted, stream_in=ordered_in,
                      stream_out=outs[-1])
 
 
 def _kinds(values: list[Value]) -> list[str]:
+    """The stream's value types, order aside."""
     return sorted(_type_kind(v) for v in values)
 
 
