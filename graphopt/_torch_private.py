@@ -227,3 +227,9 @@ def traced_around(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Dynamo runs ``fn`` itself eagerly (its host-side decisions never break a graph) but still traces
     and compiles the modules it calls, each whole."""
     return torch._dynamo.disable(fn, recursive=False)
+
+
+def host_side(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Dynamo runs ``fn`` and everything it calls eagerly, tracing none of it: host-side decisions that
+    call no module (numpy interpolation, Python bookkeeping) would only break graphs there."""
+    return torch._dynamo.disable(fn, recursive=True)

@@ -129,11 +129,24 @@ def test_a_pipeline_without_a_transformer_is_refused():
         gd.optimize(object(), step_cache="fora")
 
 
-def test_under_torch_compile_blocks_compile_whole_and_steps_do_not_recompile(pipe, reference):
-    """The policy's decisions run outside the compiled graphs (their one break); the blocks compile whole, once."""
+def calibrated(pipe, spec):
+    """A plan whose curves span the schedule, so decisions read calibrated curves (numpy interpolation)."""
+    t = [float(x) for x in torch.linspace(0.01, 1.0, STEPS)]
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    curves = {"t": t, "block_rate": [[1e-4] * len(t)] * blocks}
+    return {"plan": "graphopt.step_cache/1", **spec, "curves": curves, "fingerprint": gd.fingerprint(pipe),
+            "quality": {"psnr": 30}, "measured": {"psnr": 31}, "skipped_fraction": 0.5}
+
+
+@pytest.mark.parametrize("spec", [{"policy": "fora", "interval": 2},
+                                  {"policy": "smoothcache", "alpha": 0.05},
+                                  {"policy": "first_block", "threshold": 0.1}], ids=lambda s: s["policy"])
+def test_under_torch_compile_blocks_compile_whole_and_steps_do_not_recompile(pipe, spec):
+    """The policy's decisions run on the host, outside the compiled graphs (their one break, at the cached
+    span's entry), even where they read calibrated curves; the blocks compile whole, once."""
     from torch._dynamo.utils import counters
 
-    gd.optimize(pipe, step_cache={"policy": "fora", "interval": 2})
+    gd.optimize(pipe, step_cache=calibrated(pipe, spec))
     eager = sample(pipe)
     original = pipe.transformer
     torch._dynamo.reset()

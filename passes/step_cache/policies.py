@@ -84,6 +84,8 @@ class StepInfo:
     dt: float
     """|t - t of the previous call of the run|; 0 at the first."""
     t_first: float
+    scale: float = 1.0
+    """The calibration run's steps per step of this run near ``t`` (1 without calibrated curves)."""
 
 
 @dataclass
@@ -116,12 +118,16 @@ class Policy:
         end = self.curves.timestep_after(self.warmup)
         return step.index == 0 or step.t > end + 1e-6 * max(1.0, abs(end))
 
+    def scale(self, t: float, dt: float) -> float:
+        """The calibration run's steps per step of this run at ``t``, for a step of ``dt`` into it."""
+        if self.curves is None or dt <= 0:
+            return 1.0
+        size = self.curves.step_size(t)
+        return dt / size if size > 0 else 1.0
+
     def steps(self, count: int, step: StepInfo) -> int:
         """``count`` steps of the calibration run in this run's steps near ``step`` (itself without curves)."""
-        if count == 0 or self.curves is None or step.dt <= 0:
-            return count
-        size = self.curves.step_size(step.t)
-        return max(1, round(count * size / step.dt)) if size > 0 else count
+        return max(1, round(count / step.scale)) if count else 0
 
     def reuse_limit(self, step: StepInfo) -> int:
         return self.steps(self.max_reuse, step)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from graphopt._torch_private import traced_around
+from graphopt._torch_private import host_side, traced_around
 from graphopt.emitters.state import GraphState
 
 from .policies import PerBlockPolicy, Policy, Residual, SpanMemory, SpanPolicy, StepInfo
@@ -149,7 +149,7 @@ class StepCache(torch.nn.Module):
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return tuple(stream)
 
-    @traced_around
+    @host_side
     def _begin(self, inputs: Sequence[torch.Tensor], batch: int) -> tuple[StepInfo, str]:
         """Place the call: which run, which call of the step (guidance branch), which step."""
         state = self.state[0]
@@ -170,7 +170,7 @@ class StepCache(torch.nn.Module):
         dt = 0.0 if last.t is None else abs(t_now - last.t)
         last.t = t_now
         self.runs[-1].calls += 1
-        return StepInfo(clock.index, t_now, dt, clock.t_first), branch
+        return StepInfo(clock.index, t_now, dt, clock.t_first, self.policy.scale(t_now, dt)), branch
 
     @traced_around
     def _run_blocks(self, which: range, stream: list[torch.Tensor], inputs: Sequence[torch.Tensor],
@@ -186,25 +186,34 @@ class StepCache(torch.nn.Module):
     @traced_around
     def _per_block(self, step: StepInfo, branch: str, stream: list[torch.Tensor],
                    inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        blocks, batch, policy = self.cached, stream[0].shape[0], self.policy
-        assert isinstance(policy, PerBlockPolicy)
+        blocks, batch = self.cached, stream[0].shape[0]
         memory: BlockMemory = self.state[0].keep(
             f"{branch}/blocks", lambda: BlockMemory([None] * blocks, [0] * blocks, [0.0] * blocks))
         counts = self.runs[-1]
-        for b in range(blocks):
-            error = memory.error[b] + policy.block_error(b, step.t) * step.dt
-            cached = memory.residual[b]
-            if cached is not None and policy.reuse(step, b, blocks, memory.reuses[b], error):
-                stream = _plus(stream, cached)
-                memory.reuses[b] += 1
-                memory.error[b] = error
+        for b, reuse in enumerate(self._block_schedule(step, memory)):
+            if reuse:
+                stream = _plus(stream, memory.residual[b])
                 counts.skipped += batch
                 continue
             residuals: list[Residual] = []
             stream = self._run_blocks(range(b, b + 1), stream, inputs, residuals)
-            memory.residual[b], memory.reuses[b], memory.error[b] = residuals[0], 0, 0.0
+            memory.residual[b] = residuals[0]
             counts.evaluated += batch
         return stream
+
+    @host_side
+    def _block_schedule(self, step: StepInfo, memory: BlockMemory) -> list[bool]:
+        """Which blocks reuse at ``step``: per-block policies read no data, so every block is decided at once,
+        on the host, and its reuse count and error estimate move on."""
+        policy, blocks = self.policy, self.cached
+        assert isinstance(policy, PerBlockPolicy)
+        schedule = []
+        for b in range(blocks):
+            error = memory.error[b] + policy.block_error(b, step.t) * step.dt
+            reuse = memory.residual[b] is not None and policy.reuse(step, b, blocks, memory.reuses[b], error)
+            memory.reuses[b], memory.error[b] = (memory.reuses[b] + 1, error) if reuse else (0, 0.0)
+            schedule.append(reuse)
+        return schedule
 
     @traced_around
     def _span(self, step: StepInfo, branch: str, stream: list[torch.Tensor],
@@ -264,7 +273,7 @@ class StepCache(torch.nn.Module):
         computed = _minus(self._run_blocks(middle, part, part_inputs, []), part)
         return [e.index_copy(0, index, c) for e, c in zip(estimate, computed)]
 
-    @traced_around
+    @host_side
     def _decide(self, step: StepInfo, memory: SpanMemory, front_residual: Residual,
                 span_input: Residual) -> list[bool] | bool:
         """True (every sample reuses), False (none does), or per sample whether it reuses."""
