@@ -1,12 +1,12 @@
 """Third-party step caches to compare graphopt's step cache against: diffusers' cache hooks and cache-dit.
 
-``anchor_methods()`` lists every method that runs on a ``FluxTransformer2DModel``
-inside a custom ``DiffusionPipeline`` (the digits pipeline), each at settings from
-light to aggressive. ``apply(pipe)`` installs it on ``pipe.transformer`` (or ``pipe``
+``anchor_methods()`` lists every method that runs on a ``FluxTransformer2DModel`` or a
+``WanTransformer3DModel`` inside a custom ``DiffusionPipeline`` (the digits and
+moving-digits pipelines), each at settings from light to aggressive. ``apply(pipe)`` installs it on ``pipe.transformer`` (or ``pipe``
 for cache-dit), ``remove(pipe)`` restores the uncached model exactly, ``skipped(pipe)``
 is the fraction of attention evaluations the last sampling run skipped, counted the
-same way for every tool (calls of each attention's ``to_q`` against an uncached
-run's), so block-skipping caches (FirstBlockCache, MagCache, DBCache) and
+same way for every tool (calls of each attention's ``to_q``, cross-attention
+included, against an uncached run's), so block-skipping caches (FirstBlockCache, MagCache, DBCache) and
 attention-skipping ones (PAB, TaylorSeer) are on one scale.
 
 diffusers' stateful hooks (FirstBlockCache, MagCache, TaylorSeer, SeaCache) key their
@@ -25,6 +25,7 @@ import ast
 import contextlib
 import dataclasses
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class _SchedulerCacheContext:
         self._open_context = None
         self.transformer_calls = 0  # in the current sampling run
         self.attention_calls = 0
-        queries = [m for n, m in self.transformer.named_modules() if n.endswith("attn.to_q")]
+        queries = [m for n, m in self.transformer.named_modules() if re.search(r"attn\d*\.to_q$", n)]
         self.attentions_per_call = len(queries)
         self._handles = [
             self.transformer.register_forward_pre_hook(self._enter, with_kwargs=True),
@@ -186,6 +187,11 @@ def _mag_cache_method(threshold: float, num_inference_steps: int, calibration_kw
     return dataclasses.replace(method, apply=apply)
 
 
+def _raw_vision_latents(pipe):
+    """SeaCache's view of the latents: FLUX needs ``_flux_raw_vision_latents``; diffusers ships Wan's."""
+    return _flux_raw_vision_latents if hasattr(pipe.transformer, "single_transformer_blocks") else None
+
+
 def _flux_raw_vision_latents(module, args, kwargs) -> list[torch.Tensor]:
     """SeaCache's view of a FLUX call: each sample's latent tokens as a (C, 1, H, W) image, positions from ``img_ids``.
 
@@ -202,17 +208,22 @@ def _flux_raw_vision_latents(module, args, kwargs) -> list[torch.Tensor]:
 
 
 def _cache_dit_adapter(pipe):
-    """cache-dit's own FLUX set-up (its ``FluxPipeline`` adapter), named for a custom pipeline.
+    """cache-dit's own set-up for the transformer's family (its ``FluxPipeline`` or ``WanPipeline``
+    adapter), named for a custom pipeline.
 
-    Both block lists form one cache unit: the FLUX patch functor makes the single-stream
+    FLUX: both block lists form one cache unit: the FLUX patch functor makes the single-stream
     blocks take and return (hidden, encoder_hidden) like the double-stream ones, so
     ``Fn_compute_blocks`` counts from the first double-stream block. Passing the two
     lists separately instead makes two units, each computing its own first Fn blocks.
+    Wan: one list of blocks that return the hidden state alone (cache-dit's pattern 2).
     """
     from cache_dit import BlockAdapter, ForwardPattern
     from cache_dit.caching.patch_functors import FluxPatchFunctor
 
     transformer = pipe.transformer
+    if not hasattr(transformer, "single_transformer_blocks"):
+        return BlockAdapter(pipe=pipe, transformer=transformer, blocks=transformer.blocks,
+                            forward_pattern=ForwardPattern.Pattern_2)
     return BlockAdapter(
         pipe=pipe,
         transformer=transformer,
@@ -314,7 +325,7 @@ def anchor_methods(
         _diffusers_method(
             "diffusers.sea_cache",
             f"threshold={t}",
-            lambda pipe, ctx, t=t: SeaCacheConfig(threshold=t, raw_vision_callback=_flux_raw_vision_latents),
+            lambda pipe, ctx, t=t: SeaCacheConfig(threshold=t, raw_vision_callback=_raw_vision_latents(pipe)),
         )
         for t in (0.1, 0.25, 0.5, 1.0)
     ]

@@ -91,22 +91,23 @@ def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torc
 
 
 class DigitsClassEmbedding(nn.Module):
-    """Digit label → the transformer's text inputs: ``CLASS_TOKENS`` encoder tokens and a pooled vector.
+    """Digit label → the transformer's text inputs: ``CLASS_TOKENS`` encoder tokens and a pooled vector
+    (none for transformers without one, ``pooled_projection_dim=None``).
 
     Row ``NO_CLASS`` is the learned "no class" used for the unconditional branch
     of classifier-free guidance (Ho & Salimans 2022).
     """
 
-    def __init__(self, joint_attention_dim: int, pooled_projection_dim: int, tokens: int = CLASS_TOKENS):
+    def __init__(self, joint_attention_dim: int, pooled_projection_dim: int | None, tokens: int = CLASS_TOKENS):
         super().__init__()
         self.tokens = tokens
         self.joint_attention_dim = joint_attention_dim
         self.token_embedding = nn.Embedding(NUM_CLASSES + 1, tokens * joint_attention_dim)
-        self.pooled_embedding = nn.Embedding(NUM_CLASSES + 1, pooled_projection_dim)
+        self.pooled_embedding = nn.Embedding(NUM_CLASSES + 1, pooled_projection_dim) if pooled_projection_dim else None
 
-    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = self.token_embedding(labels).reshape(labels.shape[0], self.tokens, self.joint_attention_dim)
-        return tokens, self.pooled_embedding(labels)
+        return tokens, self.pooled_embedding(labels) if self.pooled_embedding is not None else None
 
 
 def build_modules(config: dict | None = None):
@@ -118,7 +119,7 @@ def build_modules(config: dict | None = None):
     return transformer, class_embedding
 
 
-def _labels_tensor(class_labels) -> torch.Tensor:
+def labels_tensor(class_labels) -> torch.Tensor:
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise InvalidOptionError(f"class_labels must be a non-empty list of digits 0-{NUM_CLASSES - 1}, got {class_labels!r}")
@@ -153,7 +154,7 @@ class DigitsPipeline(DiffusionPipeline):
             raise InvalidOptionError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device = self.transformer.device
         dtype = self.transformer.dtype
-        labels = _labels_tensor(class_labels).to(device)
+        labels = labels_tensor(class_labels).to(device)
         batch = labels.shape[0]
         use_cfg = guidance_scale != 1.0
 
@@ -208,7 +209,7 @@ def make_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
-def _missing(path: Path, script: str) -> GraphoptError:
+def missing_weights(path: Path, script: str) -> GraphoptError:
     return GraphoptError(f"{path} is missing; run `python examples/{script}` to train and write it")
 
 
@@ -227,7 +228,7 @@ def load_digits_pipeline(dtype: torch.dtype = torch.float32):
     from safetensors import safe_open
 
     if not PIPELINE_WEIGHTS.exists():
-        raise _missing(PIPELINE_WEIGHTS, "train_digits_dit.py")
+        raise missing_weights(PIPELINE_WEIGHTS, "train_digits_dit.py")
     with safe_open(str(PIPELINE_WEIGHTS), framework="pt") as f:
         config = json.loads(f.metadata()["transformer_config"])
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -270,7 +271,7 @@ def load_digits_classifier() -> DigitsClassifier:
     from safetensors.torch import load_file
 
     if not CLASSIFIER_WEIGHTS.exists():
-        raise _missing(CLASSIFIER_WEIGHTS, "train_digits_classifier.py")
+        raise missing_weights(CLASSIFIER_WEIGHTS, "train_digits_classifier.py")
     classifier = DigitsClassifier()
     classifier.load_state_dict({k: v.float() for k, v in load_file(str(CLASSIFIER_WEIGHTS)).items()})
     return classifier.eval()

@@ -1,6 +1,6 @@
 """Spec for benchmarks/step_cache_anchors.py: every third-party step cache applies to a custom
-FLUX pipeline, changes its output at the most aggressive setting, and ``remove`` gives back
-the exact uncached output."""
+FLUX pipeline and to the moving-digits Wan pipeline, changes its output at the most aggressive
+setting, and ``remove`` gives back the exact uncached output."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.step_cache_anchors import anchor_methods  # noqa: E402
+from graphopt.moving_digits import load_moving_digits_pipeline  # noqa: E402
 
 STEPS = 10
 LATENT_SIDE = 8  # 8x8 tokens of 4 channels (the digits model packs 2x2 pixels of a 1-channel image)
@@ -96,12 +97,16 @@ def test_every_tool_has_several_settings():
     assert all(names.count(name) >= 3 for name in expected)
 
 
+PIPELINES = {"flux": build_stand_in_pipeline, "wan": load_moving_digits_pipeline}
+
+
+@pytest.mark.parametrize("model", PIPELINES)
 @pytest.mark.parametrize("batch_cfg", [True, False], ids=["batch_cfg", "separate_cfg"])
 @pytest.mark.parametrize("name", NAMES)
-def test_aggressive_setting_changes_output_and_remove_restores_it(name, batch_cfg):
+def test_aggressive_setting_changes_output_and_remove_restores_it(name, batch_cfg, model):
     torch.set_num_threads(1)
     method = [m for m in methods(batch_cfg) if m.name == name][-1]  # settings are listed light to aggressive
-    pipe = build_stand_in_pipeline()
+    pipe = PIPELINES[model]()
     before = sample(pipe, batch_cfg)
 
     method.apply(pipe)

@@ -516,8 +516,11 @@ def _slice_scatter(cx, a):
     """``x[start:end:step] = src`` along ``dim`` (static size), in canonical ops.
 
     Step 1 is x's slices around ``src``, concatenated; a larger step spreads ``src`` over
-    the dim with a constant ``index_select`` and picks it with a constant mask. Swin writes
-    its shifted-window mask this way; in canonical ops the mask folds to a constant.
+    the dim and picks it with a constant mask. Swin writes its shifted-window mask this way;
+    in canonical ops the mask folds to a constant. The spread repeats each element of ``src``
+    ``step`` times (a copy; Wan's and HunyuanVideo's rotary embeddings interleave two halves
+    this way, where a gather cost a third of the transformer) when ``start < step``, and
+    is a constant ``index_select`` otherwise.
     """
     x, src = cx.tensor(a["self"]), cx.tensor(a["src"])
     dim = a["dim"] % x.type.rank
@@ -539,8 +542,24 @@ def _slice_scatter(cx, a):
     spread = ((torch.arange(n) - positions.start) // step).clamp(0, len(positions) - 1)
     view = [n if d == dim else 1 for d in range(x.type.rank)]
     mask = cx.graph.add_constant(written.reshape(view), f"{cx.node.name}_written")
-    index = cx.graph.add_constant(spread, f"{cx.node.name}_spread")
-    return cx.emit("where", [mask, cx.inner("index_select", [src, index], dim=dim), x])
+    return cx.emit("where", [mask, _spread(cx, x, src, dim, positions, spread), x])
+
+
+def _spread(cx, x, src, dim: int, positions: range, spread: torch.Tensor):
+    """``src`` along ``dim`` at x's size, element ``k`` at least at ``positions[k]`` (the rest is masked)."""
+    m, step, n = len(positions), positions.step, x.type.shape[dim]
+    shape = [m * step if d == dim else size for d, size in enumerate(src.type.shape)]
+    if positions.start >= step or sum(not isinstance(size, int) for size in shape) > 1:
+        return cx.inner("index_select", [src, cx.graph.add_constant(spread, f"{cx.node.name}_spread")], dim=dim)
+    repeated = cx.inner("unsqueeze", [src], dims=[dim + 1])
+    repeated = cx.inner("concat", [repeated] * step, dim=dim + 1)
+    repeated = cx.inner("reshape", [repeated], shape=[size if isinstance(size, int) else -1 for size in shape])
+    if m * step > n:
+        return cx.inner("slice", [repeated], dim=dim, start=0, end=n, step=1)
+    if m * step < n:
+        filler = cx.inner("slice", [x], dim=dim, start=m * step, end=n, step=1)
+        return cx.inner("concat", [repeated, filler], dim=dim)
+    return repeated
 
 
 @converts("copy.default")

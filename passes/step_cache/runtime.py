@@ -174,12 +174,14 @@ class StepCache(torch.nn.Module):
 
     @traced_around
     def _run_blocks(self, which: range, stream: list[torch.Tensor], inputs: Sequence[torch.Tensor],
-                    residuals: list[Residual]) -> list[torch.Tensor]:
+                    residuals: list[Residual] | None) -> list[torch.Tensor]:
+        """Run blocks ``which`` on ``stream``; each block's residual is appended to ``residuals`` (if given)."""
         for b in which:
             args = [stream[k] if kind == "stream" else inputs[k] for kind, k in self.wiring[b]]
             out = self.blocks[b](*args)
             out = [out[j] for j in self.slots[b]] if isinstance(out, (tuple, list)) else [out]
-            residuals.append(_minus(out, stream))
+            if residuals is not None:
+                residuals.append(_minus(out, stream))
             stream = out
         return stream
 
@@ -223,7 +225,8 @@ class StepCache(torch.nn.Module):
         front, back = (0, 0) if recording else (policy.front, policy.back)  # type: ignore[attr-defined]
         memory: SpanMemory = self.state[0].keep(f"{branch}/span", SpanMemory)
         counts = self.runs[-1]
-        span_input, residuals = stream, []
+        span_input = stream
+        residuals: list[Residual] | None = [] if recording else None  # per block: only calibration reads them
         stream = self._run_blocks(range(front), stream, inputs, residuals)
         front_residual = _minus(stream, span_input)
         decision = False if recording else self._decide(step, memory, front_residual, span_input)
@@ -256,6 +259,7 @@ class StepCache(torch.nn.Module):
         stream = self._run_blocks(range(blocks - back, blocks), stream, inputs, residuals)
         counts.evaluated += batch * (front + back)
         if self.recorder is not None:
+            assert residuals is not None
             self.recorder.record(branch, step, span_input, residuals, _minus(stream, span_input))
         return stream
 
@@ -265,12 +269,12 @@ class StepCache(torch.nn.Module):
         """The middle's residual per sample: the estimate where ``rows`` reuse, computed elsewhere. With the
         batched inputs known only the computing samples run the blocks; otherwise every sample runs."""
         if not self.batched:
-            computed = _minus(self._run_blocks(middle, stream, inputs, []), stream)
+            computed = _minus(self._run_blocks(middle, stream, inputs, None), stream)
             return [_where(rows, e, c) for e, c in zip(estimate, computed)]
         index = torch.tensor(computing, device=rows.device)
         part = [x.index_select(0, index) for x in stream]
         part_inputs = [x.index_select(0, index) if k in self.batched else x for k, x in enumerate(inputs)]
-        computed = _minus(self._run_blocks(middle, part, part_inputs, []), part)
+        computed = _minus(self._run_blocks(middle, part, part_inputs, None), part)
         return [e.index_copy(0, index, c) for e, c in zip(estimate, computed)]
 
     @host_side

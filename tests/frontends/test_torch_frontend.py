@@ -138,6 +138,30 @@ def test_shape_ops_are_canonical():
     assert_types_agree_with_registry(graph)
 
 
+class StridedWrites(nn.Module):
+    """``out[..., start::step] = src``: Wan's rotary embedding interleaves two halves so, plus odd starts."""
+
+    def forward(self, x):
+        half = x[..., ::2]
+        out = torch.zeros_like(x)
+        out[..., 0::2] = half * 2
+        out[..., 1::2] = half - 1
+        other = x.clone()
+        other[..., 1:6:3] = x[..., :2]  # step 3 from 1: the spread is cut short of the dim's end
+        late = x.clone()
+        late[..., 5::2] = x[..., :2]  # start >= step: a gather
+        return out, other, late
+
+
+def test_strided_writes_repeat_the_source_instead_of_gathering_it():
+    # before: slice_scatter with step > 1; expected: where(mask, src repeated step times, x), a gather only when
+    # the write starts at or past one step
+    graph = round_trip(StridedWrites(), (torch.randn(2, 3, 8),))
+    assert opaque_targets(graph) == []
+    assert len(graph.find("where")) == 4
+    assert len(graph.find("index_select")) == 1
+
+
 class MultiIndex(nn.Module):
     """HF mask builders' ``mask[batch_idx, kv_idx]`` with broadcast index tensors, plus torch's other layouts."""
 

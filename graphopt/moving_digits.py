@@ -1,0 +1,207 @@
+"""A trained, CPU-sized class-conditional *video* diffusion transformer: sklearn's digits moving on a canvas.
+
+Why: step caching and sparse attention are lossy, and only a trained video
+model shows whether the loss matters (random weights give no structure across
+steps, and no spatial or temporal attention heads). This module ships a small
+``WanTransformer3DModel`` trained with rectified flow (as ``graphopt.digits``)
+on clips of ``FRAMES`` frames in which one digit, upscaled to 12×12, moves in a
+straight line across a 24×24 canvas and bounces off its edges. The pipeline
+follows ``WanPipeline``'s calling convention, so diffusers' own cache hooks
+(``transformer.enable_cache(...)``) and graphopt's passes both apply to it.
+
+Weights: ``python examples/train_moving_digits_dit.py`` writes
+``graphopt/data/moving_digits_dit.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffusers import DiffusionPipeline, WanTransformer3DModel
+
+from .digits import (DATA_DIR, NO_CLASS, DigitsClassEmbedding, digits_images, labels_tensor,
+                     make_scheduler, missing_weights)
+from .errors import InvalidOptionError
+
+PIPELINE_WEIGHTS = DATA_DIR / "moving_digits_dit.safetensors"
+
+FRAMES = 6
+CANVAS = 24
+DIGIT = 12
+MAX_SPEED = 2
+"""Pixels per frame, per axis."""
+PATCH = 4
+"""4×4 pixel patches packed into channels: a frame is 6×6 tokens of 16 channels."""
+
+# Small WanTransformer3DModel: 6 frames × 6×6 tokens = 216 tokens, width 64.
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 1, 1),
+    num_attention_heads=4,
+    attention_head_dim=16,
+    in_channels=PATCH * PATCH,
+    out_channels=PATCH * PATCH,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=128,
+    num_layers=6,
+    rope_max_seq_len=64,
+)
+CLASS_TOKENS = 2
+
+
+def moving_clips(digits: torch.Tensor, generator: torch.Generator | None = None,
+                 frames: int = FRAMES) -> torch.Tensor:
+    """Each ``digits`` image ([N, 1, DIGIT, DIGIT] in [-1, 1]) moving on a blank canvas along a random straight
+    line, bouncing off the edges: clips [N, frames, 1, CANVAS, CANVAS] in [-1, 1]."""
+    n = digits.shape[0]
+    room = CANVAS - DIGIT
+    start = torch.randint(0, room + 1, (n, 2), generator=generator)
+    velocity = torch.randint(-MAX_SPEED, MAX_SPEED + 1, (n, 2), generator=generator)
+    clips = torch.full((n, frames, 1, CANVAS, CANVAS), -1.0)
+    for f in range(frames):
+        travelled = (start + f * velocity) % (2 * room)
+        position = torch.where(travelled > room, 2 * room - travelled, travelled)  # reflected at the edges
+        for k in range(n):
+            y, x = position[k].tolist()
+            clips[k, f, :, y:y + DIGIT, x:x + DIGIT] = digits[k]
+    return clips
+
+
+def moving_digits_clips(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` clips of sklearn's digits (in order, repeating) with seeded trajectories, and their labels."""
+    images, labels = digits_images(DIGIT)
+    index = torch.arange(count) % images.shape[0]
+    return moving_clips(images[index], torch.Generator().manual_seed(seed)), labels[index]
+
+
+def pack_video(clips: torch.Tensor) -> torch.Tensor:
+    """[B, F, 1, H, W] clips → [B, 16, F, H/4, W/4] latents (4×4 pixel patches packed into channels)."""
+    b, f, c, h, w = clips.shape
+    x = clips.reshape(b, f, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 6, 1, 3, 5)
+    return x.reshape(b, c * PATCH * PATCH, f, h // PATCH, w // PATCH)
+
+
+def unpack_video(latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_video``."""
+    b, d, f, h, w = latents.shape
+    c = d // (PATCH * PATCH)
+    x = latents.reshape(b, c, PATCH, PATCH, f, h, w).permute(0, 4, 1, 5, 2, 6, 3)
+    return x.reshape(b, f, c, h * PATCH, w * PATCH)
+
+
+def build_modules(config: dict | None = None) -> tuple[WanTransformer3DModel, DigitsClassEmbedding]:
+    """Untrained (transformer, class_embedding) for ``config`` (default ``TRANSFORMER_CONFIG``)."""
+    config = dict(config or TRANSFORMER_CONFIG)
+    config["patch_size"] = tuple(config["patch_size"])
+    return WanTransformer3DModel(**config), DigitsClassEmbedding(config["text_dim"], None, CLASS_TOKENS)
+
+
+class MovingDigitsPipeline(DiffusionPipeline):
+    """Class-conditional moving-digit clips with WanPipeline's transformer calling convention.
+
+    Each step calls ``transformer(hidden_states, timestep=t, encoder_hidden_states, return_dict=False)``;
+    with ``batch_cfg`` the conditional rows (first) and unconditional rows (second) share one call,
+    otherwise the transformer runs twice per step (conditional first).
+    """
+
+    model_cpu_offload_seq = "class_embedding->transformer"
+
+    def __init__(self, transformer, scheduler, class_embedding):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, class_embedding=class_embedding)
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 50, guidance_scale: float = 2.0,
+                 generator: torch.Generator | None = None, batch_cfg: bool = True, output_type: str = "pt",
+                 latents: torch.Tensor | None = None):
+        """Clips [B, FRAMES, 1, CANVAS, CANVAS] in [0, 1], one per entry of ``class_labels``; ``latents`` gives the
+        initial noise ([B, FRAMES, 1, CANVAS, CANVAS]) instead of drawing it."""
+        if output_type != "pt":
+            raise InvalidOptionError(f"output_type={output_type!r} is not supported; use output_type='pt'")
+        if num_inference_steps < 1:
+            raise InvalidOptionError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        device, dtype = self.transformer.device, self.transformer.dtype
+        labels = labels_tensor(class_labels).to(device)
+        batch = labels.shape[0]
+        shape = (batch, FRAMES, 1, CANVAS, CANVAS)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise InvalidOptionError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        noise = latents if latents is not None else torch.randn(
+            shape, generator=generator, device=generator.device if generator is not None else "cpu")
+        latents = pack_video(noise).to(device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        cond, _ = self.class_embedding(labels)
+        uncond, _ = self.class_embedding(torch.full_like(labels, NO_CLASS))
+        cond, uncond = cond.to(dtype), uncond.to(dtype)
+        use_cfg = guidance_scale != 1.0
+
+        def velocity(hidden, tokens, t):
+            return self.transformer(hidden_states=hidden, timestep=t.expand(hidden.shape[0]),
+                                    encoder_hidden_states=tokens, return_dict=False)[0]
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            # diffusers' cache hooks keep one state per context name, as WanPipeline names its calls
+            if not use_cfg:
+                with self.transformer.cache_context("cond"):
+                    v = velocity(latents, cond, t)
+            elif batch_cfg:
+                with self.transformer.cache_context("cond_uncond"):
+                    v_cond, v_uncond = velocity(torch.cat([latents, latents]), torch.cat([cond, uncond]), t).chunk(2)
+                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            else:
+                with self.transformer.cache_context("cond"):
+                    v_cond = velocity(latents, cond, t)
+                with self.transformer.cache_context("uncond"):
+                    v_uncond = velocity(latents, uncond, t)
+                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+
+        clips = unpack_video(latents.float())
+        self.maybe_free_model_hooks()
+        return (clips / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def save_moving_digits_pipeline(transformer, class_embedding, config: dict, path: Path = PIPELINE_WEIGHTS) -> None:
+    """Both modules' weights in fp16 in one safetensors file, the transformer config in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"transformer.{k}": v.detach().half().contiguous() for k, v in transformer.state_dict().items()}
+    tensors.update({f"class_embedding.{k}": v.detach().half().contiguous()
+                    for k, v in class_embedding.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"transformer_config": json.dumps(config)})
+
+
+def load_moving_digits_pipeline() -> MovingDigitsPipeline:
+    """The trained ``MovingDigitsPipeline`` from ``graphopt/data/moving_digits_dit.safetensors``."""
+    from safetensors import safe_open
+
+    if not PIPELINE_WEIGHTS.exists():
+        raise missing_weights(PIPELINE_WEIGHTS, "train_moving_digits_dit.py")
+    with safe_open(str(PIPELINE_WEIGHTS), framework="pt") as f:
+        config = json.loads(f.metadata()["transformer_config"])
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    transformer, class_embedding = build_modules(config)
+    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
+    class_embedding.load_state_dict({k[len("class_embedding."):]: v for k, v in state.items()
+                                     if k.startswith("class_embedding.")})
+    pipe = MovingDigitsPipeline(transformer.eval(), make_scheduler(), class_embedding.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+
+def centered_digits(clips: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Each frame's digit, cut out around the frame's brightness centroid and scaled to ``size``×``size``:
+    clips [B, F, 1, CANVAS, CANVAS] in [0, 1] → [B·F, 1, size, size], the digits classifier's input."""
+    frames = clips.reshape(-1, *clips.shape[-2:]).float()
+    rows, cols = torch.arange(CANVAS, dtype=torch.float32), torch.arange(CANVAS, dtype=torch.float32)
+    mass = frames.sum(dim=(1, 2)).clamp_min(1e-6)
+    centre = torch.stack([(frames.sum(2) * rows).sum(1) / mass, (frames.sum(1) * cols).sum(1) / mass], dim=1)
+    corner = (centre - DIGIT / 2 + 0.5).round().clamp(0, CANVAS - DIGIT).long()
+    crops = torch.stack([frame[y:y + DIGIT, x:x + DIGIT] for frame, (y, x) in zip(frames, corner.tolist())])
+    return F.interpolate(crops[:, None], size=(size, size), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
