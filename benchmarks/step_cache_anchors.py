@@ -127,9 +127,11 @@ def _diffusers_method(name: str, setting: str, make_config: Callable[[object, _S
         pipe.transformer.enable_cache(make_config(pipe, pipe._anchor_context))
 
     def remove(pipe):
+        context = pipe.__dict__.pop("_anchor_context", None)
+        if context is None:  # apply failed before installing anything (MagCache's calibration run)
+            return
         pipe.transformer.disable_cache()
-        pipe._anchor_context.close()
-        del pipe._anchor_context
+        context.close()
 
     return AnchorMethod(name, setting, apply, remove, _skipped_attention_fraction)
 

@@ -235,14 +235,14 @@ def transfer_check(pipe: Any, plan_50: Any, labels: list[int]) -> dict[str, Any]
                     calibration={**CALIBRATION, "num_inference_steps": 30}, progress=False)
     except GraphoptError as e:  # the policy meets the budget at the plan's step count, not at 30
         gd.restore(pipe)
-        return {"policy": plan_50.spec, "psnr_plan_50_at_30": psnr(from_50, reference), "error": str(e),
+        return {"policy": plan_50.spec, "psnr_plan_at_30": psnr(from_50, reference), "error": str(e),
                 "goal_met": False}
     plan_30 = pipe.graphopt.plan
     gd.optimize(pipe, step_cache=plan_30)
     from_30 = run()
     gd.restore(pipe)
     a, b = psnr(from_50, reference), psnr(from_30, reference)
-    return {"policy": plan_50.spec, "psnr_plan_50_at_30": a, "psnr_plan_30_at_30": b, "gap_db": b - a,
+    return {"policy": plan_50.spec, "psnr_plan_at_30": a, "psnr_plan_30_at_30": b, "gap_db": b - a,
             "goal_met": b - a <= 1.0}
 
 
@@ -254,6 +254,7 @@ def compile_check(pipe: Any, plan: Any, labels: list[int], steps: int, repeats: 
     run = sampler(pipe, labels, steps)
     _, eager_plain = timed(run, repeats)
     gd.optimize(pipe, step_cache=plan)
+    run()  # captures, untimed
     _, eager_cached = timed(run, repeats)
     original = pipe.transformer
     compiled = torch.compile(original)
@@ -380,6 +381,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (the uncached one: at least 3)")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--tag", default="", help="appended to the result files' names")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     measured = subject(args.model)
@@ -407,7 +409,7 @@ def main() -> None:
 def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace) -> str:
     RESULTS.mkdir(exist_ok=True)
     text = markdown(tables, checks, args)
-    suffix = tables[0].subject.suffix
+    suffix = tables[0].subject.suffix + args.tag
     (RESULTS / f"step_cache_compare{suffix}.md").write_text(text)
     (RESULTS / f"step_cache_compare{suffix}.json").write_text(json.dumps(
         {"tables": [{"steps": t.steps, "rows": t.rows} for t in tables], "checks": checks}, default=float, indent=1))
