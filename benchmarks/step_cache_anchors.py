@@ -189,6 +189,12 @@ def _mag_cache_method(threshold: float, num_inference_steps: int, calibration_kw
     return dataclasses.replace(method, apply=apply)
 
 
+def _taylorseer_identifiers(pipe) -> list[str] | None:
+    """diffusers' TaylorSeer hooks the modules whose names fullmatch ``^blocks.*attn`` (and FLUX's block
+    lists); Wan names its attentions ``attn1`` and ``attn2``, so by default nothing is hooked there."""
+    return None if hasattr(pipe.transformer, "single_transformer_blocks") else [r"^blocks\.\d+\.attn\d"]
+
+
 def _raw_vision_latents(pipe):
     """SeaCache's view of the latents: FLUX needs ``_flux_raw_vision_latents``; diffusers ships Wan's."""
     return _flux_raw_vision_latents if hasattr(pipe.transformer, "single_transformer_blocks") else None
@@ -303,7 +309,8 @@ def anchor_methods(
             "diffusers.taylorseer",
             f"interval={i},order={o}",
             lambda pipe, ctx, i=i, o=o: TaylorSeerCacheConfig(
-                cache_interval=i, disable_cache_before_step=3, max_order=o, taylor_factors_dtype=torch.float32
+                cache_interval=i, disable_cache_before_step=3, max_order=o, taylor_factors_dtype=torch.float32,
+                cache_identifiers=_taylorseer_identifiers(pipe),
             ),
         )
         for i, o in ((2, 1), (3, 1), (5, 1), (5, 2))
