@@ -128,10 +128,11 @@ class TrialSample:
 def one_thread_wins(rounds: Sequence[tuple[TrialSample, TrialSample]], threads: int) -> bool:
     """Whether the thread trial's rounds (the ``threads``-thread sample, the one-thread sample) show one
     thread faster by ``THREAD_TRIAL_MARGIN``, counting only rounds where the session on all threads ran on
-    its cores (``MIN_CORE_SHARE``)."""
+    its cores (``MIN_CORE_SHARE``), and only when they are at least half the rounds: a round or two with
+    the cores amid rounds without them are the other process's pauses, not an idle machine."""
     needed = 1 + MIN_CORE_SHARE * (threads - 1)
     counted = [(every, one) for every, one in rounds if every.cores >= needed]
-    if not counted:
+    if 2 * len(counted) < len(rounds):
         return False
     every = statistics.median(s.seconds for s, _ in counted)
     one = statistics.median(s.seconds for _, s in counted)
