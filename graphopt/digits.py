@@ -126,6 +126,27 @@ def labels_tensor(class_labels) -> torch.Tensor:
     return labels
 
 
+def guided_velocity(transformer, velocity, latents: torch.Tensor, t: torch.Tensor, cond: tuple, uncond: tuple,
+                    guidance_scale: float, batch_cfg: bool) -> torch.Tensor:
+    """One step's classifier-free-guided velocity (Ho & Salimans 2022); ``velocity(hidden, condition, t)`` calls
+    the transformer, ``cond`` and ``uncond`` are its conditioning tensors. Each call runs inside
+    ``transformer.cache_context`` named as diffusers' pipelines name theirs (``cond``, ``uncond``, or
+    ``cond_uncond`` for both in one batch), since diffusers' cache hooks keep one state per name."""
+    if guidance_scale == 1.0:
+        with transformer.cache_context("cond"):
+            return velocity(latents, cond, t)
+    if batch_cfg:
+        both = tuple(torch.cat([c, u]) for c, u in zip(cond, uncond))
+        with transformer.cache_context("cond_uncond"):
+            v_cond, v_uncond = velocity(torch.cat([latents, latents]), both, t).chunk(2)
+    else:
+        with transformer.cache_context("cond"):
+            v_cond = velocity(latents, cond, t)
+        with transformer.cache_context("uncond"):
+            v_uncond = velocity(latents, uncond, t)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional digits sampler with FluxPipeline's transformer calling convention.
 
@@ -156,7 +177,6 @@ class DigitsPipeline(DiffusionPipeline):
         dtype = self.transformer.dtype
         labels = labels_tensor(class_labels).to(device)
         batch = labels.shape[0]
-        use_cfg = guidance_scale != 1.0
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is not None and tuple(latents.shape) != (batch, 1, IMAGE_SIZE, IMAGE_SIZE):
@@ -173,30 +193,16 @@ class DigitsPipeline(DiffusionPipeline):
         uncond_tokens, uncond_pooled = self.class_embedding(torch.full_like(labels, NO_CLASS))
         cond_tokens, cond_pooled = cond_tokens.to(dtype), cond_pooled.to(dtype)
         uncond_tokens, uncond_pooled = uncond_tokens.to(dtype), uncond_pooled.to(dtype)
-        if use_cfg and batch_cfg:
-            both_tokens = torch.cat([cond_tokens, uncond_tokens])
-            both_pooled = torch.cat([cond_pooled, uncond_pooled])
 
-        def velocity(hidden, tokens, pooled, t):
+        def velocity(hidden, condition, t):
+            tokens, pooled = condition
             timestep = (t / 1000).expand(hidden.shape[0]).to(dtype)
             return self.transformer(hidden_states=hidden, encoder_hidden_states=tokens, pooled_projections=pooled,
                                     timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            # diffusers' cache hooks keep one state per context name, as FluxPipeline names its calls
-            if not use_cfg:
-                with self.transformer.cache_context("cond"):
-                    v = velocity(latents, cond_tokens, cond_pooled, t)
-            elif batch_cfg:
-                with self.transformer.cache_context("cond_uncond"):
-                    v_cond, v_uncond = velocity(torch.cat([latents, latents]), both_tokens, both_pooled, t).chunk(2)
-                v = v_uncond + guidance_scale * (v_cond - v_uncond)
-            else:
-                with self.transformer.cache_context("cond"):
-                    v_cond = velocity(latents, cond_tokens, cond_pooled, t)
-                with self.transformer.cache_context("uncond"):
-                    v_uncond = velocity(latents, uncond_tokens, uncond_pooled, t)
-                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v = guided_velocity(self.transformer, velocity, latents, t, (cond_tokens, cond_pooled),
+                                (uncond_tokens, uncond_pooled), guidance_scale, batch_cfg)
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
 
         images = unpack_latents(latents.float(), IMAGE_SIZE, IMAGE_SIZE)
@@ -214,6 +220,10 @@ def missing_weights(path: Path, script: str) -> GraphoptError:
 
 
 def save_digits_pipeline(transformer, class_embedding, config: dict, path: Path = PIPELINE_WEIGHTS) -> None:
+    save_weights(transformer, class_embedding, config, path)
+
+
+def save_weights(transformer, class_embedding, config: dict, path: Path) -> None:
     """Write both modules' weights in fp16 to one safetensors file, the transformer config in its metadata."""
     from safetensors.torch import save_file
 
@@ -225,22 +235,28 @@ def save_digits_pipeline(transformer, class_embedding, config: dict, path: Path 
 
 def load_digits_pipeline(dtype: torch.dtype = torch.float32):
     """The trained ``DigitsPipeline`` from ``graphopt/data/digits_dit.safetensors``."""
-    from safetensors import safe_open
-
-    if not PIPELINE_WEIGHTS.exists():
-        raise missing_weights(PIPELINE_WEIGHTS, "train_digits_dit.py")
-    with safe_open(str(PIPELINE_WEIGHTS), framework="pt") as f:
-        config = json.loads(f.metadata()["transformer_config"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    transformer, class_embedding = build_modules(config)
-    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
-    class_embedding.load_state_dict({k[len("class_embedding."):]: v for k, v in state.items()
-                                     if k.startswith("class_embedding.")})
+    transformer, class_embedding = load_weights(PIPELINE_WEIGHTS, "train_digits_dit.py", build_modules)
     if dtype != torch.float32:  # the modules are built in float32; skip a no-op cast that diffusers warns about
         transformer, class_embedding = transformer.to(dtype), class_embedding.to(dtype)
     pipe = DigitsPipeline(transformer.eval(), make_scheduler(), class_embedding.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_weights(path: Path, script: str, build) -> tuple[nn.Module, nn.Module]:
+    """(transformer, class_embedding) from ``save_weights``' file, built by ``build(config)``; a missing file
+    names the ``examples/`` script that writes it."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise missing_weights(path, script)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["transformer_config"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    transformer, class_embedding = build(config)
+    for prefix, module in (("transformer.", transformer), ("class_embedding.", class_embedding)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return transformer, class_embedding
 
 
 class DigitsClassifier(nn.Module):

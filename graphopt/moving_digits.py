@@ -14,7 +14,6 @@ Weights: ``python examples/train_moving_digits_dit.py`` writes
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 from diffusers import DiffusionPipeline, WanTransformer3DModel
 
-from .digits import (DATA_DIR, NO_CLASS, DigitsClassEmbedding, digits_images, labels_tensor,
-                     make_scheduler, missing_weights)
+from .digits import (DATA_DIR, NO_CLASS, DigitsClassEmbedding, digits_images, guided_velocity, labels_tensor,
+                     load_weights, make_scheduler, save_weights)
 from .errors import InvalidOptionError
 
 PIPELINE_WEIGHTS = DATA_DIR / "moving_digits_dit.safetensors"
@@ -137,27 +136,13 @@ class MovingDigitsPipeline(DiffusionPipeline):
         cond, _ = self.class_embedding(labels)
         uncond, _ = self.class_embedding(torch.full_like(labels, NO_CLASS))
         cond, uncond = cond.to(dtype), uncond.to(dtype)
-        use_cfg = guidance_scale != 1.0
 
-        def velocity(hidden, tokens, t):
+        def velocity(hidden, condition, t):
             return self.transformer(hidden_states=hidden, timestep=t.expand(hidden.shape[0]),
-                                    encoder_hidden_states=tokens, return_dict=False)[0]
+                                    encoder_hidden_states=condition[0], return_dict=False)[0]
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            # diffusers' cache hooks keep one state per context name, as WanPipeline names its calls
-            if not use_cfg:
-                with self.transformer.cache_context("cond"):
-                    v = velocity(latents, cond, t)
-            elif batch_cfg:
-                with self.transformer.cache_context("cond_uncond"):
-                    v_cond, v_uncond = velocity(torch.cat([latents, latents]), torch.cat([cond, uncond]), t).chunk(2)
-                v = v_uncond + guidance_scale * (v_cond - v_uncond)
-            else:
-                with self.transformer.cache_context("cond"):
-                    v_cond = velocity(latents, cond, t)
-                with self.transformer.cache_context("uncond"):
-                    v_uncond = velocity(latents, uncond, t)
-                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v = guided_velocity(self.transformer, velocity, latents, t, (cond,), (uncond,), guidance_scale, batch_cfg)
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
 
         clips = unpack_video(latents.float())
@@ -166,33 +151,15 @@ class MovingDigitsPipeline(DiffusionPipeline):
 
 
 def save_moving_digits_pipeline(transformer, class_embedding, config: dict, path: Path = PIPELINE_WEIGHTS) -> None:
-    """Both modules' weights in fp16 in one safetensors file, the transformer config in its metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {f"transformer.{k}": v.detach().half().contiguous() for k, v in transformer.state_dict().items()}
-    tensors.update({f"class_embedding.{k}": v.detach().half().contiguous()
-                    for k, v in class_embedding.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"transformer_config": json.dumps(config)})
+    save_weights(transformer, class_embedding, config, path)
 
 
 def load_moving_digits_pipeline() -> MovingDigitsPipeline:
     """The trained ``MovingDigitsPipeline`` from ``graphopt/data/moving_digits_dit.safetensors``."""
-    from safetensors import safe_open
-
-    if not PIPELINE_WEIGHTS.exists():
-        raise missing_weights(PIPELINE_WEIGHTS, "train_moving_digits_dit.py")
-    with safe_open(str(PIPELINE_WEIGHTS), framework="pt") as f:
-        config = json.loads(f.metadata()["transformer_config"])
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
-    transformer, class_embedding = build_modules(config)
-    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
-    class_embedding.load_state_dict({k[len("class_embedding."):]: v for k, v in state.items()
-                                     if k.startswith("class_embedding.")})
+    transformer, class_embedding = load_weights(PIPELINE_WEIGHTS, "train_moving_digits_dit.py", build_modules)
     pipe = MovingDigitsPipeline(transformer.eval(), make_scheduler(), class_embedding.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
 
 
 def centered_digits(clips: torch.Tensor, size: int = 32) -> torch.Tensor:
