@@ -96,14 +96,18 @@ def test_macs_target():
 def test_latency_target_prunes_to_a_plan_its_own_timer_accepted(monkeypatch):
     """The real timer drives the search; no assertion depends on how fast this machine is at the moment
     (the speed itself is shown in benchmarks/prune_speed.py): the graph shrinks, and the plan kept is
-    one whose timing the search saw under the target."""
+    one whose timing the search saw under the target.
+
+    The target is 0.6x the dense time. When a load spike slowed the timings that set it so much that the
+    search then times the dense graph under it, keeping the dense graph is right; the target is set
+    again from that timing and the search rerun (at most three tries)."""
     from graphopt.passes.pruning import count_macs, measure_latency, plan as plan_module
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 64, 64)
-    graph = graphopt.optimize(graphopt.capture(Net().eval(), (x,)), "O1")
-    dense_macs = count_macs(graph)
-    limit = 0.6 * min(measure_latency(graph, (x,)) for _ in range(3))  # a load spike cannot lift the target
+    dense = graphopt.optimize(graphopt.capture(Net().eval(), (x,)), "O1")
+    dense_macs = count_macs(dense)
+    dense_ms = min(measure_latency(dense, (x,)) for _ in range(3))
     timed: list[tuple[int, float]] = []
 
     def recording_timer(g: graphopt.Graph, *args, **kwargs) -> float:
@@ -112,7 +116,14 @@ def test_latency_target_prunes_to_a_plan_its_own_timer_accepted(monkeypatch):
         return ms
 
     monkeypatch.setattr(plan_module, "measure_latency", recording_timer)
-    graphopt.prune(graph, (x,), target={"latency_ms": limit})
+    for _ in range(3):
+        limit, graph = 0.6 * dense_ms, dense.clone()
+        timed.clear()
+        graphopt.prune(graph, (x,), target={"latency_ms": limit})
+        if timed[0][1] > limit:
+            break
+        assert count_macs(graph) == dense_macs  # a dense graph under the target is kept whole
+        dense_ms = timed[0][1]
     assert count_macs(graph) < dense_macs
     assert len(timed) > 2  # the dense graph, the largest ratio, and bisection steps were timed
     assert any(macs == count_macs(graph) and ms <= limit for macs, ms in timed)
