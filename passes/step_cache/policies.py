@@ -261,8 +261,9 @@ class SpanMemory:
     """What a span policy keeps between the calls of one branch, per sample (batch first)."""
 
     residual: Residual | None = None
-    history: list[tuple[float, Residual]] = field(default_factory=list)
-    """(t, residual) of the last computed steps, newest last (TaylorSeer)."""
+    history: list[tuple[torch.Tensor, Residual]] = field(default_factory=list)
+    """(t per sample, residual) of each sample's last computed steps, newest last (TaylorSeer). Only
+    computed residuals enter it: a forecast through an earlier forecast would fit its error as a slope."""
     reference: Residual | None = None
     """The signal at the last computed step."""
     previous: Residual | None = None
@@ -272,23 +273,37 @@ class SpanMemory:
     gamma: float = 1.0
     error: float = 0.0
 
-    def remember(self, t: float, residual: Residual, keep: int) -> None:
-        self.residual = residual
-        self.history = [*self.history, (t, residual)][-max(keep, 1):]
+    def remember(self, t: float, residual: Residual, keep: int, reused: torch.Tensor | None = None) -> None:
+        """Add the residual computed at ``t``; the samples ``reused`` marks (their rows of ``residual`` are
+        estimates) keep their history as it was."""
+        keep = max(keep, 1)
+        entry = (torch.full((residual[0].shape[0],), t, dtype=residual[0].dtype, device=residual[0].device),
+                 residual)
+        if reused is None or not self.history:
+            self.history = [*self.history, entry][-keep:]
+        else:
+            shifted = [*self.history, entry][-keep:]
+            # a reusing sample's history, padded in front with its oldest point (a repeated point adds no order)
+            stay = [self.history[0]] * (len(shifted) - len(self.history)) + self.history[-len(shifted):]
+            self.history = [(torch.where(reused, a_t, b_t), [where_rows(reused, a, b) for a, b in zip(a_r, b_r)])
+                            for (a_t, a_r), (b_t, b_r) in zip(stay, shifted)]
+        self.residual = self.history[-1][1]
 
     def forecast(self, t: float, order: int) -> Residual:
-        """Newton's divided differences over the last ``order + 1`` computed steps, evaluated at ``t``."""
+        """Per sample, Newton's divided differences over its last ``order + 1`` computed steps, at ``t``;
+        a repeated point contributes no slope."""
         points = self.history[-(order + 1):]
         if len(points) == 1 or order == 0:
             return points[-1][1]
-        ts = [p[0] for p in points]
         result = []
         for k in range(len(points[0][1])):
+            rank = points[0][1][k].dim()
+            ts = [p[0].view(-1, *[1] * (rank - 1)) for p in points]
             table = [p[1][k] for p in points]
             coefficients = [table[-1]]
             level = table
             for j in range(1, len(points)):
-                level = [(level[i + 1] - level[i]) / (ts[i + j] - ts[i]) for i in range(len(level) - 1)]
+                level = [_divided(level[i + 1] - level[i], ts[i + j] - ts[i]) for i in range(len(level) - 1)]
                 coefficients.append(level[-1])
             # Newton form anchored at the newest points: r(t) = c0 + c1 (t - t_n) + c2 (t - t_n)(t - t_{n-1})
             value, product = coefficients[0], 1.0
@@ -297,6 +312,15 @@ class SpanMemory:
                 value = value + coefficients[j] * product
             result.append(value)
         return result
+
+
+def where_rows(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample (batch first): ``a`` where ``rows``, else ``b``."""
+    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def _divided(difference: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    return torch.where(gap == 0, torch.zeros_like(difference), difference / torch.where(gap == 0, 1.0, gap))
 
 
 def relative_change(now: Residual, before: Residual) -> torch.Tensor:

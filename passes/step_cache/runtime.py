@@ -31,7 +31,7 @@ import torch
 from graphopt._torch_private import host_side, traced_around
 from graphopt.emitters.state import GraphState
 
-from .policies import PerBlockPolicy, Policy, Residual, SpanMemory, SpanPolicy, StepInfo
+from .policies import PerBlockPolicy, Policy, Residual, SpanMemory, SpanPolicy, StepInfo, where_rows
 
 Source = tuple[str, int]
 """Where a block input comes from: ("stream", slot) of the running stream or ("input", k) of the call."""
@@ -252,9 +252,9 @@ class StepCache(torch.nn.Module):
             counts.evaluated += len(computing) * len(middle)
             counts.skipped += (batch - len(computing)) * len(middle)
             stream = _plus(stream, kept)
-            memory.remember(step.t, kept, keep)
+            memory.remember(step.t, kept, keep, reused=rows)
             if memory.reference is not None:
-                memory.reference = [_where(rows, r, f) for r, f in zip(memory.reference, front_residual)]
+                memory.reference = [where_rows(rows, r, f) for r, f in zip(memory.reference, front_residual)]
             memory.reuses = torch.where(rows, torch.as_tensor(memory.reuses) + 1, 0)
         stream = self._run_blocks(range(blocks - back, blocks), stream, inputs, residuals)
         counts.evaluated += batch * (front + back)
@@ -270,7 +270,7 @@ class StepCache(torch.nn.Module):
         batched inputs known only the computing samples run the blocks; otherwise every sample runs."""
         if not self.batched:
             computed = _minus(self._run_blocks(middle, stream, inputs, None), stream)
-            return [_where(rows, e, c) for e, c in zip(estimate, computed)]
+            return [where_rows(rows, e, c) for e, c in zip(estimate, computed)]
         index = torch.tensor(computing, device=rows.device)
         part = [x.index_select(0, index) for x in stream]
         part_inputs = [x.index_select(0, index) if k in self.batched else x for k, x in enumerate(inputs)]
@@ -297,7 +297,3 @@ def _minus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Residual:
 
 def _plus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [x + y for x, y in zip(a, b)]
-
-
-def _where(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)

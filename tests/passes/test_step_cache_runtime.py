@@ -133,6 +133,27 @@ def test_taylor_forecast_of_order_2_is_exact_on_a_quadratic():
     torch.testing.assert_close(memory.forecast(0.3, 2)[0], torch.tensor([[0.09 - 0.3]]))
 
 
+def test_a_forecast_per_sample_extrapolates_only_that_samples_computed_residuals():
+    """Two samples on different lines; at t=0.8 sample 0 reused (its row holds a wrong estimate) while
+    sample 1 computed. Sample 0's forecast still runs through its own computed points (1.0 and 0.9):
+    an estimate taken as a point would turn its error into a slope."""
+    line = [lambda t: 3.0 * t + 1.0, lambda t: -2.0 * t]
+    memory = SpanMemory()
+    for t in (1.0, 0.9):
+        memory.remember(t, [torch.tensor([[line[0](t)], [line[1](t)]])], keep=2)
+    reused = torch.tensor([True, False])
+    memory.remember(0.8, [torch.tensor([[100.0], [line[1](0.8)]])], keep=2, reused=reused)
+    expected = torch.tensor([[line[0](0.6)], [line[1](0.6)]])
+    torch.testing.assert_close(memory.forecast(0.6, 1)[0], expected)
+
+
+def test_a_sample_with_one_computed_step_forecasts_its_residual_unchanged():
+    memory = SpanMemory()
+    memory.remember(1.0, [torch.tensor([[5.0], [7.0]])], keep=2)
+    memory.remember(0.9, [torch.tensor([[0.0], [6.0]])], keep=2, reused=torch.tensor([True, False]))
+    torch.testing.assert_close(memory.forecast(0.5, 1)[0], torch.tensor([[5.0], [2.0]]))
+
+
 def test_calibrated_policies_need_their_curves():
     with pytest.raises(InvalidOptionError, match="magcache reads calibrated span_log_ratio_rate"):
         make_cache("magcache")
