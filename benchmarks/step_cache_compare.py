@@ -113,7 +113,18 @@ class Table:
         self.steps, self.reference, self.ref_time, self.ref_flops = steps, reference, statistics.median(ref_times), ref_flops
         self.subject, self.labels = subject, labels
         self.rows: list[dict[str, Any]] = []
+        self.ref_time_end: float | None = None
+        """The uncached run timed again after the last row: the machine's drift over the table."""
         self.add("uncached", "-", "", reference, ref_times, ref_flops, 0.0)
+
+    @classmethod
+    def saved(cls, data: dict[str, Any], subject: Subject) -> Table:
+        """A table as ``write`` saved it (rows measured, nothing rerun)."""
+        table = cls.__new__(cls)
+        table.steps, table.rows, table.subject = data["steps"], data["rows"], subject
+        table.ref_time = next(r["seconds"] for r in data["rows"] if r["family"] == "uncached")
+        table.ref_time_end = data.get("uncached_seconds_at_end")
+        return table
 
     def add(self, family: str, method: str, setting: str, images: torch.Tensor, times: list[float], n_flops: int,
             skipped: float | None) -> dict[str, Any]:
@@ -354,7 +365,7 @@ def markdown(tables: list[Table], checks: dict[str, Any], args: argparse.Namespa
              "accuracy and Fréchet distance (to 512 real digits) from the digits classifier's features. "
              "`skipped`: graphopt's block evaluations skipped; the anchors': attention evaluations skipped.", ""]
     for table in tables:
-        end = getattr(table, "ref_time_end", None)
+        end = table.ref_time_end
         drift = "" if end is None else f"; timed again after the last row: {end:.2f} s" + (
             f", so the machine's speed drifted {table.ref_time / end:.2f}x over the table and its speed-ups with "
             f"it: compare FLOPs ratios" if abs(table.ref_time / end - 1) > 0.1 else "")
@@ -414,7 +425,7 @@ def main() -> None:
             checks.update(goal_checks(measured, plans[steps], labels, steps, args))
         anchor_rows(pipe, table, labels, steps, args.repeats, bar)
         _, end_times = timed(sampler(pipe, labels, steps), max(args.repeats, 3))
-        table.ref_time_end = statistics.median(end_times)  # the machine's drift over the table
+        table.ref_time_end = statistics.median(end_times)
         tables.append(table)
         text = write(tables, checks, args)  # after each step count: a long run stopped early keeps its tables
     bar.close()
@@ -427,7 +438,7 @@ def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace)
     suffix = tables[0].subject.suffix + args.tag
     (RESULTS / f"step_cache_compare{suffix}.md").write_text(text)
     (RESULTS / f"step_cache_compare{suffix}.json").write_text(json.dumps(
-        {"tables": [{"steps": t.steps, "rows": t.rows, "uncached_seconds_at_end": getattr(t, "ref_time_end", None)}
+        {"tables": [{"steps": t.steps, "rows": t.rows, "uncached_seconds_at_end": t.ref_time_end}
                     for t in tables], "checks": checks}, default=float, indent=1))
     plot(tables, tables[0].subject.title.split(" (")[0], RESULTS / f"step_cache_frontier{suffix}.png")
     return text
@@ -436,15 +447,7 @@ def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace)
 def render(args: argparse.Namespace) -> None:
     measured = subject(args.model)
     saved = json.loads((RESULTS / f"step_cache_compare{measured.suffix + args.tag}.json").read_text())
-    tables = []
-    for t in saved["tables"]:
-        table = Table.__new__(Table)
-        table.steps, table.rows, table.subject = t["steps"], t["rows"], measured
-        table.ref_time = next(r["seconds"] for r in t["rows"] if r["family"] == "uncached")
-        if t.get("uncached_seconds_at_end") is not None:
-            table.ref_time_end = t["uncached_seconds_at_end"]
-        tables.append(table)
-    print(write(tables, saved["checks"], args))
+    print(write([Table.saved(t, measured) for t in saved["tables"]], saved["checks"], args))
 
 
 if __name__ == "__main__":

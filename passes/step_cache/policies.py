@@ -260,7 +260,6 @@ class SpanPolicy(Policy):
 class SpanMemory:
     """What a span policy keeps between the calls of one branch, per sample (batch first)."""
 
-    residual: Residual | None = None
     history: list[tuple[torch.Tensor, Residual]] = field(default_factory=list)
     """(t per sample, residual) of each sample's last computed steps, newest last (TaylorSeer). Only
     computed residuals enter it: a forecast through an earlier forecast would fit its error as a slope."""
@@ -272,6 +271,11 @@ class SpanMemory:
     reuses: torch.Tensor | int = 0
     gamma: float = 1.0
     error: float = 0.0
+
+    @property
+    def residual(self) -> Residual | None:
+        """The newest remembered residual, per sample."""
+        return self.history[-1][1] if self.history else None
 
     def remember(self, t: float, residual: Residual, keep: int, reused: torch.Tensor | None = None) -> None:
         """Add the residual computed at ``t``; the samples ``reused`` marks (their rows of ``residual`` are
@@ -285,9 +289,8 @@ class SpanMemory:
             shifted = [*self.history, entry][-keep:]
             # a reusing sample's history, padded in front with its oldest point (a repeated point adds no order)
             stay = [self.history[0]] * (len(shifted) - len(self.history)) + self.history[-len(shifted):]
-            self.history = [(torch.where(reused, a_t, b_t), [where_rows(reused, a, b) for a, b in zip(a_r, b_r)])
+            self.history = [(where_rows(reused, a_t, b_t), [where_rows(reused, a, b) for a, b in zip(a_r, b_r)])
                             for (a_t, a_r), (b_t, b_r) in zip(stay, shifted)]
-        self.residual = self.history[-1][1]
 
     def forecast(self, t: float, order: int) -> Residual:
         """Per sample, Newton's divided differences over its last ``order + 1`` computed steps, at ``t``;
