@@ -446,7 +446,10 @@ def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace)
 
 def render(args: argparse.Namespace) -> None:
     measured = subject(args.model)
-    saved = json.loads((RESULTS / f"step_cache_compare{measured.suffix + args.tag}.json").read_text())
+    path = RESULTS / f"step_cache_compare{measured.suffix + args.tag}.json"
+    if not path.exists():
+        sys.exit(f"error: --render reads {path}, which no run has written; run without --render first")
+    saved = json.loads(path.read_text())
     print(write([Table.saved(t, measured) for t in saved["tables"]], saved["checks"], args))
 
 
