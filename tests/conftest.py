@@ -10,6 +10,11 @@ import os
 os.environ.setdefault("GRAPHOPT_DEBUG", "1")
 
 # Tuning records, timings and device profiles go to a fresh folder, never the user's cache.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("GRAPHOPT_CACHE_DIR", tempfile.mkdtemp(prefix="graphopt-cache-"))
+if "GRAPHOPT_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="graphopt-cache-")
+    os.environ["GRAPHOPT_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
