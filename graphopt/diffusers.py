@@ -276,10 +276,10 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mappin
         bar.set_postfix_str(line)
 
     try:
-        best, trials = calibrate(sample, reference, curves, check_quality(quality), policies, note)
+        best, trials, fragile = calibrate(sample, reference, curves, check_quality(quality), policies, note)
     finally:
         bar.close()
-    return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials)
+    return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials, fragile)
 
 
 def images_of(output: Any) -> torch.Tensor:

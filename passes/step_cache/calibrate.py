@@ -10,6 +10,13 @@ are tried from light to aggressive against the budget (PSNR, SSIM or relative
 error against the uncached output of the same seeds), stopping at the first
 that misses it for any calibration sample; the plan keeps the setting that
 skips the most block evaluations within it.
+
+Before the sweep, probes find where the trajectory is still fragile: one reuse
+of the whole span at one step, for a few steps of the first half. Where one
+reuse already costs more than a tenth of the error budget, a sample can turn
+into another (a video model fixes its layout early), and samples the
+calibration never saw turn more easily; every setting's warm-up is stretched
+past the last such step.
 """
 from __future__ import annotations
 
@@ -19,14 +26,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from graphopt.errors import GraphoptError, InvalidOptionError
 
-from .policies import POLICIES, Curves, Policy, make_policy, relative_change
+from .policies import POLICIES, Curves, Policy, SpanMemory, SpanPolicy, StepInfo, make_policy, relative_change
 from .runtime import Recorder
 
 QUALITY_METRICS = {"psnr": "min", "ssim": "min", "rel_error": "max"}
@@ -51,7 +58,14 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
 TaylorSeer's) is a chain of its own, as taylorseer's order 1 and order 2 are, and so is a longer warm-up
 (6 or 12 of the calibration run's steps: a video model fixes its layout in the first quarter of its steps,
 where one reused step can turn a sample into another: on the moving-digits Wan model, one reuse at step 2
-of 50 left a sample at 18 dB PSNR, one at step 20 or later left every sample above 59 dB)."""
+of 50 left a sample at 18 dB PSNR, one at step 20 or later left every sample above 59 dB). Calibration
+stretches every warm-up to the probed onset (``fragile_steps``)."""
+
+PROBES = (0.02, 0.04, 0.06, 0.1, 0.16, 0.24, 0.32, 0.4, 0.5)
+"""Where one reuse is probed, as fractions of the calibration run's steps."""
+PROBE_SHARE = 10.0
+"""A probed step is fragile when one reuse there costs more than 1/PROBE_SHARE of the budget's error
+(PSNR: the budget + 20 dB; SSIM: a tenth of 1 - budget; relative error: a tenth)."""
 
 AUTO = ("fora", "delta_dit", "smoothcache", "first_block", "teacache", "magcache", "taylorseer", "dbcache")
 
@@ -89,6 +103,13 @@ def meets(measured: Mapping[str, float], quality: Mapping[str, float]) -> bool:
         return measured.get(f"worst_{k}", measured[k])
 
     return all(value(k) >= v if QUALITY_METRICS[k] == "min" else value(k) <= v for k, v in quality.items())
+
+
+def tightened(quality: Mapping[str, float], share: float = PROBE_SHARE) -> dict[str, float]:
+    """The budget with ``1/share`` of its error: what one reuse alone may cost."""
+    bounds = {"psnr": lambda v: v + 20.0 * math.log10(share), "ssim": lambda v: 1.0 - (1.0 - v) / share,
+              "rel_error": lambda v: v / share}
+    return {k: bounds[k](v) for k, v in quality.items()}
 
 
 # --------------------------------------------------------------------- curves
@@ -141,6 +162,8 @@ class Plan:
     measured: dict[str, float]
     skipped: float
     trials: list[Trial] = field(default_factory=list)
+    fragile_steps: int = 0
+    """The calibration run's first steps that one reuse already hurt (every setting's warm-up covers them)."""
 
     def policy(self) -> Policy:
         return make_policy(dict(self.spec), self.curves)
@@ -148,7 +171,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"plan": "graphopt.step_cache/1", **self.spec, "curves": self.curves.to_json(),
                 "fingerprint": self.fingerprint, "quality": self.quality, "measured": self.measured,
-                "skipped_fraction": self.skipped,
+                "skipped_fraction": self.skipped, "fragile_steps": self.fragile_steps,
                 "trials": [{"setting": t.spec, **t.measured, "skipped_fraction": t.skipped} for t in self.trials]}
 
     def save(self, path: str | Path) -> None:
@@ -161,9 +184,9 @@ class Plan:
             raise InvalidOptionError("not a graphopt step-cache plan (no 'plan': 'graphopt.step_cache/1' field); "
                                      "make one with graphopt.diffusers.optimize(pipe, step_cache='auto', quality=...)")
         spec = {k: data.pop(k) for k in list(data) if k not in ("curves", "fingerprint", "quality", "measured",
-                                                                  "skipped_fraction", "trials")}
+                                                                  "skipped_fraction", "trials", "fragile_steps")}
         return cls(spec, Curves.from_json(data["curves"]), data["fingerprint"], data["quality"], data["measured"],
-                   data["skipped_fraction"])
+                   data["skipped_fraction"], fragile_steps=data.get("fragile_steps", 0))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -173,20 +196,60 @@ class Plan:
             raise InvalidOptionError(f"cannot read step-cache plan {path}: {e}") from None
 
 
+@dataclass
+class OneReuse(SpanPolicy):
+    """Calibration's probe: the whole span reused at step ``at`` of the run and computed at every other."""
+
+    name: ClassVar[str] = "one_reuse"
+    at: int = 1
+    warmup: int = 0
+
+    def decide(self, step: StepInfo, memory: SpanMemory, signal: Any) -> bool:
+        return step.index == self.at and memory.residual is not None
+
+
+def fragile_steps(sample: Callable[[Policy], tuple[torch.Tensor, float]], reference: torch.Tensor, steps: int,
+                  quality: Mapping[str, float], progress: Callable[[str], None] | None = None) -> int:
+    """How many first steps of a ``steps``-step run to keep computed: up to the probe after the last probed
+    step where one reuse misses the ``tightened`` budget on some calibration sample (0 if none does)."""
+    probes = sorted({max(1, round(f * steps)) for f in PROBES if round(f * steps) < steps - 1})
+    bar = tightened(quality)
+    onset = 0
+    for k, at in enumerate(probes):
+        images, _ = sample(OneReuse(at=at))
+        measured = measure(images, reference)
+        if progress is not None:
+            progress(f"one reuse at step {at}: worst psnr {measured['worst_psnr']:.1f}")
+        if not meets(measured, bar):
+            onset = probes[k + 1] if k + 1 < len(probes) else at + 1
+    return onset
+
+
+def with_warmup(name: str, setting: Mapping[str, Any], warmup: int) -> dict[str, Any]:
+    """``setting`` with its warm-up (the policy's default if unset) at least ``warmup`` steps."""
+    own = setting.get("warmup", POLICIES[name].warmup)
+    return {**setting, "warmup": max(own, warmup)} if warmup > own else dict(setting)
+
+
 def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], reference: torch.Tensor,
               curves: Curves, quality: Mapping[str, float], policies: Sequence[str] = AUTO,
-              progress: Callable[[str], None] | None = None) -> tuple[Trial, list[Trial]]:
+              progress: Callable[[str], None] | None = None) -> tuple[Trial, list[Trial], int]:
     """Try each policy's settings, lightest first, until one misses the budget (per chain); the trial that
-    skips most within it. ``sample(policy)`` runs the calibration samples and gives (images, skipped fraction)."""
+    skips most within it, and the ``fragile_steps`` every warm-up was stretched to. ``sample(policy)`` runs
+    the calibration samples and gives (images, skipped fraction)."""
     for name in policies:
         if name not in POLICIES or name == "none":
             raise InvalidOptionError(f"unknown step_cache policy {name!r}; policies: {', '.join(AUTO)}")
+    onset = fragile_steps(sample, reference, len(curves.t) + 1, quality, progress)
     trials: list[Trial] = []
     for name in policies:
         missed: set[str] = set()  # chains that missed the budget
+        tried: set[str] = set()  # stretched warm-ups make some settings alike
         for setting in SETTINGS[name]:
-            if chain_of(setting) in missed:
+            setting = with_warmup(name, setting, onset)
+            if chain_of(setting) in missed or repr(setting) in tried:
                 continue
+            tried.add(repr(setting))
             spec = {"policy": name, **setting}
             images, skipped = sample(make_policy(dict(spec), curves))
             trial = Trial(spec, measure(images, reference), skipped)
@@ -201,4 +264,4 @@ def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], ref
         reached = ", ".join(f"{k} {best.measured[k]:.3g}" for k in quality)
         raise GraphoptError(f"no step_cache policy meets {dict(quality)}: the closest, {best.spec}, reached "
                             f"{reached}; loosen the budget")
-    return max(good, key=lambda t: (t.skipped, t.measured["psnr"])), trials
+    return max(good, key=lambda t: (t.skipped, t.measured["psnr"])), trials, onset
