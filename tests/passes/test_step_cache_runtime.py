@@ -185,6 +185,8 @@ def test_a_plans_step_counts_are_stretches_of_timestep_so_they_hold_at_another_s
     # warm while t > 0.8 (4 steps), then at most 0.2 of t (4 steps) reused in a row
     assert computed(10) == [1.0, 0.9, 0.6, 0.3]
     assert computed(20) == [1.0, 0.95, 0.9, 0.85, 0.6, 0.35, 0.1]
+    # at 5 steps the warm-up still spans 2 of this run's steps (t > 0.8 alone would be 1), then one reuse (0.2 of t)
+    assert computed(5) == [1.0, 0.8, 0.4]
 
 
 @pytest.mark.parametrize("spec, message", [
