@@ -69,6 +69,8 @@ class Subject:
     """Real digits the classifier's Fréchet distance compares with."""
     digits_of: Callable[[torch.Tensor], torch.Tensor] = lambda samples: samples
     """Samples → the digits the classifier reads, in sample order."""
+    load: Callable[[], Any] = load_digits_pipeline
+    """Loads the pipeline again (a twin, for checks that run uncached and cached side by side)."""
 
 
 def subject(model: str) -> Subject:
@@ -81,7 +83,7 @@ def subject(model: str) -> Subject:
     return Subject(f"moving-digits video DiT (Wan transformer, `graphopt.moving_digits`, {moving_digits.FRAMES} "
                    f"frames of {size}x{size}; PSNR and SSIM per frame, the classifier on each frame's digit)",
                    "_video", moving_digits.load_moving_digits_pipeline(), (moving_digits.FRAMES, 1, size, size),
-                   score, real, moving_digits.centered_digits)
+                   score, real, moving_digits.centered_digits, moving_digits.load_moving_digits_pipeline)
 
 
 def sampler(pipe: Any, labels: list[int], steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
@@ -257,39 +259,45 @@ def transfer_check(pipe: Any, plan_50: Any, labels: list[int]) -> dict[str, Any]
             "goal_met": b - a <= 1.0}
 
 
-def compile_check(pipe: Any, plan: Any, labels: list[int], steps: int, repeats: int) -> dict[str, Any]:
+def compile_check(pipe: Any, twin: Any, plan: Any, labels: list[int], steps: int, repeats: int) -> dict[str, Any]:
     """torch.compile (inductor) over the cached transformer: graph breaks inside blocks, recompiles across
-    steps, and the cached speed-up compiled against eager."""
+    steps, and the cached speed-up compiled against eager. ``twin`` (the same model, loaded again) runs
+    cached beside ``pipe`` uncached, so the four are timed in turns, one run each per round, and the
+    machine's drift hits them alike."""
     from torch._dynamo.utils import counters
 
-    run = sampler(pipe, labels, steps)
-    _, eager_plain = timed(run, repeats)
-    gd.optimize(pipe, step_cache=plan)
-    run()  # captures, untimed
-    _, eager_cached = timed(run, repeats)
-    original = pipe.transformer
-    compiled = torch.compile(original)
+    gd.optimize(twin, step_cache=plan)
+    sampler(twin, labels, steps)()  # captures, eager
+    eager = {"uncached": pipe.transformer, "cached": twin.transformer}
     torch._dynamo.reset()
+    compiled = {"uncached": torch.compile(eager["uncached"]), "cached": torch.compile(eager["cached"])}
+    owners = {"uncached": pipe, "cached": twin}
+    runs: dict[str, Callable[[], torch.Tensor]] = {}
+    for kind, owner in owners.items():
+        for mode, modules in (("eager", eager), ("compiled", compiled)):
+            def run(owner: Any = owner, module: Any = modules[kind], kind: str = kind) -> torch.Tensor:
+                owner.transformer = module
+                try:
+                    return sampler(owner, labels, steps)()
+                finally:
+                    owner.transformer = eager[kind]
+            runs[f"{mode}_{kind}"] = run
+    runs["compiled_uncached"]()  # compiles
     counters.clear()
-    pipe.transformer = compiled
-    try:
-        run()  # compiles
-        frames_after_first = counters["stats"]["unique_graphs"]
-        _, compiled_cached = timed(run, repeats)
-        recompiles = counters["stats"]["unique_graphs"] - frames_after_first
-        breaks = dict(counters["graph_break"])
-    finally:
-        pipe.transformer = original
-    gd.restore(pipe)
-    pipe.transformer = torch.compile(original)
-    try:
-        run()
-        _, compiled_plain = timed(run, repeats)
-    finally:
-        pipe.transformer = original
-    eager_speedup = statistics.median(eager_plain) / statistics.median(eager_cached)
-    compiled_speedup = statistics.median(compiled_plain) / statistics.median(compiled_cached)
-    return {"graph_breaks": breaks, "graphs_compiled_after_the_first_run": recompiles,
+    runs["compiled_cached"]()  # compiles
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    breaks = dict(counters["graph_break"])
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name] += timed(run, 1)[1]
+    recompiles = counters["stats"]["unique_graphs"] - graphs_after_first
+    gd.restore(twin)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    eager_speedup = seconds["eager_uncached"] / seconds["eager_cached"]
+    compiled_speedup = seconds["compiled_uncached"] / seconds["compiled_cached"]
+    return {"graph_breaks": breaks, "graphs_compiled_after_the_first_run": recompiles, "seconds": seconds,
+            "spread": {name: [min(t), max(t)] for name, t in times.items()},
             "eager_speedup": eager_speedup, "compiled_speedup": compiled_speedup,
             "goal_met": recompiles == 0 and compiled_speedup >= 0.9 * eager_speedup}
 
@@ -300,7 +308,7 @@ def goal_checks(subject: Subject, plan: Any, labels: list[int], steps: int,
     checks = {"batch_of_4": batch_check(pipe, plan, steps, subject.sample_shape),
               f"plan_{steps}_at_30": transfer_check(pipe, plan, labels[:8])}
     if not args.skip_compile:
-        checks["torch_compile"] = compile_check(pipe, plan, labels, steps, max(args.repeats, 2))
+        checks["torch_compile"] = compile_check(pipe, subject.load(), plan, labels, steps, max(args.repeats, 3))
     return checks
 
 

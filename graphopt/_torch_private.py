@@ -225,8 +225,12 @@ def export_failure_kind(error: BaseException) -> str | None:
 
 def traced_around(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Dynamo runs ``fn`` itself eagerly (its host-side decisions never break a graph) but still traces
-    and compiles the modules it calls, each whole."""
-    return torch._dynamo.disable(fn, recursive=False)
+    and compiles the modules it calls, each whole. The frame is skipped by its code object, in C:
+    ``disable(recursive=False)`` sends every call through Dynamo's Python frame callback (0.5 ms a call
+    on 2 CPU cores, 15 % of a cached image-DiT sampling run)."""
+    from torch._dynamo.decorators import skip
+
+    return skip(fn)
 
 
 def host_side(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -258,9 +258,13 @@ def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], ref
                 progress(f"{name} {setting}: psnr {trial.measured['psnr']:.1f}, skipped {skipped:.0%}")
             if not meets(trial.measured, quality):
                 missed.add(chain_of(setting))
-    good = [t for t in trials if meets(t.measured, quality)]
+    reusing = [t for t in trials if t.skipped > 0]  # a setting that reuses nothing meets any budget
+    if not reusing:
+        raise GraphoptError(f"no step_cache setting reuses a block in a {len(curves.t) + 1}-step run (its first "
+                            f"{onset} steps are too fragile to reuse); calibrate with more num_inference_steps")
+    good = [t for t in reusing if meets(t.measured, quality)]
     if not good:
-        best = max(trials, key=lambda t: t.measured["psnr"])
+        best = max(reusing, key=lambda t: t.measured["psnr"])
         reached = ", ".join(f"{k} {best.measured[k]:.3g}" for k in quality)
         raise GraphoptError(f"no step_cache policy meets {dict(quality)}: the closest, {best.spec}, reached "
                             f"{reached}; loosen the budget")

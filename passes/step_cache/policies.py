@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from graphopt._torch_private import host_side
 from graphopt.errors import InvalidOptionError
 
 Residual = list[torch.Tensor]
@@ -258,6 +259,7 @@ class SpanPolicy(Policy):
     order: int = 0
     """Taylor order of the estimate: 0 copies the last residual."""
 
+    @host_side
     def estimate(self, step: StepInfo, memory: SpanMemory) -> Residual:
         return memory.forecast(step.t, self.order)
 
@@ -283,6 +285,7 @@ class SpanMemory:
         """The newest remembered residual, per sample."""
         return self.history[-1][1] if self.history else None
 
+    @host_side
     def remember(self, t: float, residual: Residual, keep: int, reused: torch.Tensor | None = None) -> None:
         """Add the residual computed at ``t``; the samples ``reused`` marks (their rows of ``residual`` are
         estimates) keep their history as it was."""
@@ -323,6 +326,7 @@ class SpanMemory:
         return result
 
 
+@host_side
 def where_rows(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per sample (batch first): ``a`` where ``rows``, else ``b``."""
     return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)

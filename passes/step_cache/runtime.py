@@ -18,7 +18,9 @@ module's ``GraphState``, never in a global, and is kept apart three ways:
 Decisions read the timestep once per call (one host sync, which also carries
 a span policy's per-sample mask). Under ``torch.compile`` every method here
 runs eagerly (its Python state would otherwise be guarded on and recompile
-each step) and each block module compiles whole.
+each step) and each block module compiles whole; the memory's bookkeeping
+(forecasts and remembered residuals, keyed on the float timestep, and the
+residual sums) runs eagerly too, or each step would compile it anew.
 """
 from __future__ import annotations
 
@@ -291,9 +293,11 @@ class StepCache(torch.nn.Module):
         return True if all(mask) else (mask if any(mask) else False)
 
 
+@host_side
 def _minus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Residual:
     return [x - y for x, y in zip(a, b)]
 
 
+@host_side
 def _plus(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [x + y for x, y in zip(a, b)]

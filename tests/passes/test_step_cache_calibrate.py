@@ -8,6 +8,7 @@ with its warm-up stretched to it.
 import pytest
 import torch
 
+from graphopt.errors import GraphoptError
 from graphopt.passes.step_cache.calibrate import OneReuse, calibrate, fragile_steps, tightened
 from graphopt.passes.step_cache.policies import Curves
 
@@ -49,3 +50,12 @@ def test_every_setting_is_tried_with_its_warmup_stretched_past_the_fragile_steps
     settings = [repr(t.spec) for t in trials]
     assert len(settings) == len(set(settings))  # warm-ups 2 and 6 both became 12: each such setting once
     assert best.spec["warmup"] == 12
+
+
+def test_settings_that_reuse_nothing_meet_no_budget():
+    # a run too short for any setting to reuse past its warm-up: exact, and no plan
+    def nothing_reused(policy):
+        return REFERENCE.clone(), 0.0
+
+    with pytest.raises(GraphoptError, match="no step_cache setting reuses a block in a 50-step run"):
+        calibrate(nothing_reused, REFERENCE, CURVES, {"psnr": 30}, policies=("fora",))
