@@ -202,7 +202,6 @@ class OneReuse(SpanPolicy):
 
     name: ClassVar[str] = "one_reuse"
     at: int = 1
-    warmup: int = 0
 
     def decide(self, step: StepInfo, memory: SpanMemory, signal: Any) -> bool:
         return step.index == self.at and memory.residual is not None
@@ -228,7 +227,7 @@ def fragile_steps(sample: Callable[[Policy], tuple[torch.Tensor, float]], refere
 def with_warmup(name: str, setting: Mapping[str, Any], warmup: int) -> dict[str, Any]:
     """``setting`` with its warm-up (the policy's default if unset) at least ``warmup`` steps."""
     own = setting.get("warmup", POLICIES[name].warmup)
-    return {**setting, "warmup": max(own, warmup)} if warmup > own else dict(setting)
+    return {**setting, "warmup": warmup} if warmup > own else dict(setting)
 
 
 def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], reference: torch.Tensor,
@@ -260,8 +259,9 @@ def calibrate(sample: Callable[[Policy | None], tuple[torch.Tensor, float]], ref
                 missed.add(chain_of(setting))
     reusing = [t for t in trials if t.skipped > 0]  # a setting that reuses nothing meets any budget
     if not reusing:
-        raise GraphoptError(f"no step_cache setting reuses a block in a {len(curves.t) + 1}-step run (its first "
-                            f"{onset} steps are too fragile to reuse); calibrate with more num_inference_steps")
+        fragile = f" (its first {onset} steps are too fragile to reuse)" if onset else ""
+        raise GraphoptError(f"no step_cache setting reuses a block in a {len(curves.t) + 1}-step run{fragile}; "
+                            f"calibrate with more num_inference_steps")
     good = [t for t in reusing if meets(t.measured, quality)]
     if not good:
         best = max(reusing, key=lambda t: t.measured["psnr"])
