@@ -40,13 +40,15 @@ THREAD_TRIAL_MARGIN = 0.03
 """How much faster one thread must be (median over the counted rounds) to be picked: a wrong pick of one
 thread costs far more than a wrong pick of all (HF ViT at batch 8: 0.51 ms against 0.42 on two threads;
 HF BERT-tiny at batch 1, where one thread wins: 0.150 against 0.161)."""
-MIN_CORE_SHARE = 0.5
+MIN_CORE_SHARE = 0.6
 """A trial round counts only when the all-threads session got at least this share of each core beyond the
 first (process CPU seconds per wall second, at least ``1 + share * (threads - 1)``). Another process
 running on the cores preempts onnxruntime's spinning workers, and every op waits for the one descheduled:
 with a busy loop on one of two cores, HF ViT at batch 8 took 1.0 ms on two threads against 0.51 on one,
 using 1.0 cores, where idle it took 0.43 on 1.9 cores. A benchmark compile once picked one thread for
-that region, most likely while inductor's compile workers (subprocesses) were starting."""
+that region, most likely while inductor's compile workers (subprocesses) were starting. Not 0.5: a busy
+loop on one of two cores gets that core half the time when the scheduler shares it fairly, and a round of
+5 ms can land at 1.5 cores or above (1.59 measured) while running at a busy core's speed."""
 
 
 @register_backend
@@ -128,11 +130,12 @@ class TrialSample:
 def one_thread_wins(rounds: Sequence[tuple[TrialSample, TrialSample]], threads: int) -> bool:
     """Whether the thread trial's rounds (the ``threads``-thread sample, the one-thread sample) show one
     thread faster by ``THREAD_TRIAL_MARGIN``, counting only rounds where the session on all threads ran on
-    its cores (``MIN_CORE_SHARE``), and only when they are at least half the rounds: a round or two with
-    the cores amid rounds without them are the other process's pauses, not an idle machine."""
+    its cores (``MIN_CORE_SHARE``), and only when all rounds but one are counted: rounds with the cores
+    amid rounds without them are the other process's pauses, not an idle machine (with 3 of 5 enough, a
+    busy-core trial in CI once picked one thread)."""
     needed = 1 + MIN_CORE_SHARE * (threads - 1)
     counted = [(every, one) for every, one in rounds if every.cores >= needed]
-    if 2 * len(counted) < len(rounds):
+    if not counted or len(counted) < len(rounds) - 1:
         return False
     every = statistics.median(s.seconds for s, _ in counted)
     one = statistics.median(s.seconds for _, s in counted)

@@ -192,6 +192,11 @@ def trial_rounds(*rounds):
     (trial_rounds((1.00, 1.0, 0.51), (1.10, 1.2, 0.51)), 2, False),
     # one round of three had the cores (the busy process paused): too few to say the machine is idle
     (trial_rounds((1.00, 1.0, 0.51), (1.05, 1.0, 0.51), (0.60, 1.6, 0.51)), 2, False),
+    # a fairly shared busy core: half of it, as slow as on one core
+    (trial_rounds((0.36, 1.55, 0.17), (0.36, 1.59, 0.17), (0.35, 1.52, 0.17), (0.36, 1.0, 0.17)), 2, False),
+    # all rounds but one had the cores: counted; three of five: not
+    (trial_rounds(*[(0.16, 1.7, 0.15)] * 4, (0.30, 1.0, 0.15)), 2, True),
+    (trial_rounds(*[(0.16, 1.7, 0.15)] * 3, *[(0.30, 1.0, 0.15)] * 2), 2, False),
     (trial_rounds((1.00, 2.0, 0.51)), 4, False),  # 2 of 4 cores
     (trial_rounds((1.00, 3.0, 0.51)), 4, True),
     (trial_rounds((0.152, 1.7, 0.15)), 2, False),  # within the margin
