@@ -6,6 +6,7 @@ quality means something. Tests share one pipeline: ``optimize`` on an optimized
 pipeline swaps the policy and keeps the captured graphs.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -163,3 +164,28 @@ def test_under_torch_compile_blocks_compile_whole_and_steps_do_not_recompile(pip
     assert not torch.equal(again, compiled)
     reasons = [str(r) for r in counters["graph_break"]]
     assert all("disable" in r.lower() for r in reasons), reasons
+
+
+
+def test_under_torch_compile_the_cached_span_compiles_as_one_graph(pipe):
+    """The middle span's blocks are traced as one frame, into one graph: one graph a block leaves inductor
+    no fusion across their boundaries and costs a guard check per block."""
+    graphs: list[set[str]] = []  # per graph, the step cache's blocks whose weights it reads
+
+    def backend(gm, example_inputs):
+        graphs.append({m.group(1) for node in gm.graph.nodes
+                       for m in [re.match(r"l_self_modules_blocks_modules_(\d+)_", node.name)] if m})
+        return gm.forward
+
+    gd.optimize(pipe, step_cache={"policy": "first_block", "threshold": 0.1})
+    sample(pipe, steps=2)  # captures, eager
+    original = pipe.transformer
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(original, backend=backend)
+    try:
+        sample(pipe, steps=4)
+    finally:
+        pipe.transformer = original
+        gd.restore(pipe)
+    spans = [blocks for blocks in graphs if blocks]  # graphs traced from the step cache's own frame
+    assert max(map(len, spans), default=0) >= 3, graphs  # the middle, every block of it
