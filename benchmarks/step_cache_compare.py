@@ -7,7 +7,9 @@ Same model, same seeds, same run: the uncached sampler, every graphopt policy at
 the settings calibration tries (curves fitted once on separate calibration
 samples), graphopt's ``auto`` plan for PSNR >= 30 dB and SSIM >= 0.92, and every diffusers hook
 and cache-dit setting that runs on the model (``step_cache_anchors.py``). Per
-row: wall-clock speed-up of the sampling loop (median of ``--repeats``, spread),
+row: wall-clock speed-up of the sampling loop (median of ``--repeats``, spread;
+``auto`` and the anchor rows no graphopt row matched are timed again in turns
+with their challengers and the uncached sampler, ``--rounds`` rounds),
 FLOPs ratio (torch's FlopCounterMode over one run), PSNR and SSIM against the
 uncached images, the digits classifier's accuracy on the generated class and
 the Fréchet distance of its features to real digits. Then the goals: the
@@ -117,6 +119,10 @@ class Table:
         self.rows: list[dict[str, Any]] = []
         self.ref_time_end: float | None = None
         """The uncached run timed again after the last row: the machine's drift over the table."""
+        self.plan: dict[str, Any] | None = None
+        """``auto``'s plan as JSON: its curves serve every graphopt row."""
+        self.duels: list[dict[str, Any]] = []
+        """Anchor rows the table's graphopt rows did not beat, timed again head to head (``head_to_head``)."""
         self.add("uncached", "-", "", reference, ref_times, ref_flops, 0.0)
 
     @classmethod
@@ -126,11 +132,12 @@ class Table:
         table.steps, table.rows, table.subject = data["steps"], data["rows"], subject
         table.ref_time = next(r["seconds"] for r in data["rows"] if r["family"] == "uncached")
         table.ref_time_end = data.get("uncached_seconds_at_end")
+        table.plan, table.duels = data.get("plan"), data.get("duels", [])
         return table
 
     def add(self, family: str, method: str, setting: str, images: torch.Tensor, times: list[float], n_flops: int,
-            skipped: float | None) -> dict[str, Any]:
-        row = {"family": family, "method": method, "setting": setting,
+            skipped: float | None, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        row = {"family": family, "method": method, "setting": setting, **({"spec": spec} if spec else {}),
                "speedup": self.ref_time / statistics.median(times),
                "speedup_spread": [self.ref_time / max(times), self.ref_time / min(times)],
                "seconds": statistics.median(times), "flops_ratio": n_flops / self.ref_flops,
@@ -146,7 +153,7 @@ class Table:
 
 def measure(table: Table, family: str, method: str, setting: str, run: Callable[[], torch.Tensor], repeats: int,
             skipped: Callable[[], float | None], flop_run: Callable[[], torch.Tensor],
-            warm_up: Callable[[], torch.Tensor]) -> dict[str, Any]:
+            warm_up: Callable[[], torch.Tensor], spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """``warm_up`` (two steps, all samples, untimed) lets each method do its one-off work (a capture, a hook's
     set-up) outside the timing; ``run`` (all samples) timed ``repeats`` times gives the images; ``flop_run``
     (a few samples) the FLOPs."""
@@ -154,7 +161,7 @@ def measure(table: Table, family: str, method: str, setting: str, run: Callable[
     images, times = timed(run, repeats)
     fraction = skipped()
     _, n_flops = flops(flop_run)
-    return table.add(family, method, setting, images, times, n_flops, fraction)
+    return table.add(family, method, setting, images, times, n_flops, fraction, spec)
 
 
 def graphopt_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeats: int, bar: tqdm) -> Any:
@@ -165,10 +172,11 @@ def graphopt_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeat
     gd.optimize(pipe, step_cache="auto", quality=BUDGET, calibration={**CALIBRATION, "num_inference_steps": steps},
                 progress=False)
     plan = pipe.graphopt.plan
+    table.plan = plan.to_json()
     curves = plan.curves.to_json()
     budget = ", ".join(f"{k}>={v:g}" for k, v in BUDGET.items())
     measure(table, "graphopt", "auto", f"{budget}: {_setting(plan.spec)}", run, repeats,
-            lambda: last_run_skipped(pipe), flop_run, warm_up)
+            lambda: last_run_skipped(pipe), flop_run, warm_up, dict(plan.spec))
     bar.update(1)
     for name, settings in SETTINGS.items():
         stopped: set[str] = set()
@@ -178,7 +186,7 @@ def graphopt_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeat
                 continue
             gd.optimize(pipe, step_cache={"policy": name, **setting, "curves": curves})
             row = measure(table, "graphopt", name, _setting(setting), run, repeats,
-                          lambda: last_run_skipped(pipe), flop_run, warm_up)
+                          lambda: last_run_skipped(pipe), flop_run, warm_up, {"policy": name, **setting})
             if row["psnr"] < STOP_PSNR:
                 stopped.add(chain_of(setting))
     gd.restore(pipe)
@@ -193,11 +201,15 @@ def last_run_skipped(pipe: Any) -> float:
     return last["skipped"] / max(last["evaluated"] + last["skipped"], 1)
 
 
+def anchors(steps: int) -> list[Any]:
+    calibration = {"class_labels": CALIBRATION["class_labels"], "generator": torch.Generator().manual_seed(7)}
+    return anchor_methods(num_inference_steps=steps, calibration_kwargs=calibration)
+
+
 def anchor_rows(pipe: Any, table: Table, labels: list[int], steps: int, repeats: int, bar: tqdm) -> None:
     run, flop_run, warm_up = (sampler(pipe, labels, steps), sampler(pipe, labels[:FLOP_SAMPLES], steps),
                               sampler(pipe, labels, 2))
-    calibration = {"class_labels": CALIBRATION["class_labels"], "generator": torch.Generator().manual_seed(7)}
-    for method in anchor_methods(num_inference_steps=steps, calibration_kwargs=calibration):
+    for method in anchors(steps):
         family = method.name.split(".")[0]
         try:
             method.apply(pipe)
@@ -302,6 +314,59 @@ def compile_check(pipe: Any, twin: Any, plan: Any, labels: list[int], steps: int
             "goal_met": recompiles == 0 and compiled_speedup >= 0.9 * eager_speedup}
 
 
+def head_to_head(subject: Subject, table: Table, labels: list[int], rounds: int, bar: tqdm) -> None:
+    """Rows timed minutes apart in the table, where this machine's speed moves by a quarter, timed again in
+    turns on copies of the model, one run each per round in alternating order, beside the uncached sampler:
+    ``auto`` (the goal's speed-up), and each anchor row no graphopt row matched in the table with its
+    challengers, the graphopt rows of at least its PSNR with the best speed-up and the lowest FLOPs ratio
+    (among those that skip something: one that skips nothing is fast in the table by chance alone)."""
+    curves = table.plan["curves"] if table.plan else None
+    methods = {(m.name, m.setting): m for m in anchors(table.steps)}
+
+    def loaded(row: dict[str, Any]) -> Any:
+        pipe = subject.load()
+        if row["family"] == "graphopt":
+            gd.optimize(pipe, step_cache={**row["spec"], "curves": curves})
+        else:
+            methods[row["method"], row["setting"]].apply(pipe)
+        return pipe
+
+    def timed_in_turns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        pipes = [subject.load(), *map(loaded, rows)]
+        runs = [sampler(pipe, labels, table.steps) for pipe in pipes]
+        for pipe in pipes:
+            sampler(pipe, labels, 2)()  # one-off work (captures, hooks' set-up) outside the timing
+        times: list[list[float]] = [[] for _ in runs]
+        for k in range(rounds):
+            for i in (range(len(runs)) if k % 2 == 0 else reversed(range(len(runs)))):
+                times[i] += timed(runs[i], 1)[1]
+        seconds = [statistics.median(t) for t in times]
+        return {"uncached_seconds": seconds[0], "rounds": rounds,
+                "rows": [{**{k: row[k] for k in ("family", "method", "setting", "psnr", "flops_ratio")},
+                          "speedup": seconds[0] / s, "seconds": s, "spread": [min(t), max(t)]}
+                         for row, s, t in zip(rows, seconds[1:], times[1:])]}
+
+    auto = next(r for r in _ours(table) if r["method"] == "auto")
+    table.duels = [{"kind": "goal", **timed_in_turns([auto])}]
+    bar.update(1)
+    contested = [r for r in table.rows if r["family"] not in ("graphopt", "uncached") and "error" not in r
+                 and not any(o["psnr"] >= r["psnr"] and o["speedup"] >= r["speedup"] for o in _ours(table))]
+    bar.total += len(contested)
+    for anchor in contested:
+        able = [o for o in _ours(table) if o["psnr"] >= anchor["psnr"] and o["flops_ratio"] < 0.99]
+        picks = {id(o): o for o in (max(able, key=lambda o: o["speedup"], default=None),
+                                    min(able, key=lambda o: o["flops_ratio"], default=None)) if o}
+        duel = timed_in_turns([anchor, *picks.values()])
+        duel["matched"] = any(r["speedup"] >= duel["rows"][0]["speedup"] for r in duel["rows"][1:])
+        table.duels.append({"kind": "anchor", **duel})
+        bar.update(1)
+
+
+def _ours(table: Table) -> list[dict[str, Any]]:
+    """The table's graphopt rows that a duel can run again: measured, with their policy spec."""
+    return [r for r in table.rows if r["family"] == "graphopt" and "error" not in r and "spec" in r]
+
+
 def goal_checks(subject: Subject, plan: Any, labels: list[int], steps: int,
                 args: argparse.Namespace) -> dict[str, Any]:
     pipe = subject.pipe
@@ -396,8 +461,30 @@ def markdown(tables: list[Table], checks: dict[str, Any], args: argparse.Namespa
             unmatched = dominance(table.rows, cost)
             lines += [f"Anchor rows graphopt's rows do not match (same or better PSNR and {what}): "
                       + ("none" if not unmatched else ""), *[f"- {u}" for u in unmatched], ""]
+        lines += in_turns(table)
     lines += ["## Goals", "", "```json", json.dumps(checks, indent=1, default=float), "```", ""]
     return "\n".join(lines)
+
+
+def in_turns(table: Table) -> list[str]:
+    """The markdown of ``head_to_head``'s timings."""
+    if not table.duels:
+        return []
+    rounds = table.duels[0]["rounds"]
+    lines = [f"### Timed again in turns ({rounds} rounds, one run of each per round on its own copy of the model; "
+             "speed-up: median seconds of the uncached runs of the same rounds over the row's)", "",
+             "| duel | family | method | setting | PSNR dB | FLOPs ratio | speed-up | seconds (min-max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, duel in enumerate(table.duels):
+        name = "goal" if duel["kind"] == "goal" else f"{k}: " + ("matched" if duel["matched"] else "not matched")
+        for r in duel["rows"]:
+            lines.append(f"| {name} | {r['family']} | {r['method']} | {r['setting']} | {r['psnr']:.1f} | "
+                         f"{r['flops_ratio']:.2f} | {r['speedup']:.2f}x | {r['seconds']:.2f} "
+                         f"({r['spread'][0]:.2f}-{r['spread'][1]:.2f}) |")
+    anchors_ = [d for d in table.duels if d["kind"] == "anchor"]
+    lines += ["", f"Anchor rows the table left unmatched, timed in turns: {sum(d['matched'] for d in anchors_)} of "
+                  f"{len(anchors_)} matched by a graphopt row of at least their PSNR.", ""]
+    return lines
 
 
 def main() -> None:
@@ -407,6 +494,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 20])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (the uncached one: at least 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the rows timed again in turns")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--tag", default="", help="appended to the result files' names")
     parser.add_argument("--render", action="store_true",
@@ -421,7 +509,7 @@ def main() -> None:
     labels = [k % 10 for k in range(args.samples)]
     tables, checks = [], {}
     n_graphopt = 1 + sum(len(s) for s in SETTINGS.values())
-    bar = tqdm(total=len(args.steps) * (n_graphopt + len(anchor_methods(50, {"class_labels": [0]}))),
+    bar = tqdm(total=len(args.steps) * (n_graphopt + len(anchor_methods(50, {"class_labels": [0]})) + 1),
                desc="step_cache_compare", unit="row")
     plans = {}
     for steps in args.steps:
@@ -434,6 +522,7 @@ def main() -> None:
         anchor_rows(pipe, table, labels, steps, args.repeats, bar)
         _, end_times = timed(sampler(pipe, labels, steps), max(args.repeats, 3))
         table.ref_time_end = statistics.median(end_times)
+        head_to_head(measured, table, labels, args.rounds, bar)
         tables.append(table)
         text = write(tables, checks, args)  # after each step count: a long run stopped early keeps its tables
     bar.close()
@@ -446,8 +535,8 @@ def write(tables: list[Table], checks: dict[str, Any], args: argparse.Namespace)
     suffix = tables[0].subject.suffix + args.tag
     (RESULTS / f"step_cache_compare{suffix}.md").write_text(text)
     (RESULTS / f"step_cache_compare{suffix}.json").write_text(json.dumps(
-        {"tables": [{"steps": t.steps, "rows": t.rows, "uncached_seconds_at_end": t.ref_time_end}
-                    for t in tables], "checks": checks}, default=float, indent=1))
+        {"tables": [{"steps": t.steps, "rows": t.rows, "uncached_seconds_at_end": t.ref_time_end, "plan": t.plan,
+                     "duels": t.duels} for t in tables], "checks": checks}, default=float, indent=1))
     plot(tables, tables[0].subject.title.split(" (")[0], RESULTS / f"step_cache_frontier{suffix}.png")
     return text
 
