@@ -485,9 +485,9 @@ def in_turns(table: Table) -> list[str]:
             lines.append(f"| {name} | {r['family']} | {r['method']} | {r['setting']} | {r['psnr']:.1f} | "
                          f"{r['flops_ratio']:.2f} | {r['speedup']:.2f}x | {r['seconds']:.2f} "
                          f"({r['spread'][0]:.2f}-{r['spread'][1]:.2f}) |")
-    anchors_ = [d for d in table.duels if d["kind"] == "anchor"]
-    lines += ["", f"Anchor rows the table left unmatched, timed in turns: {sum(d['matched'] for d in anchors_)} of "
-                  f"{len(anchors_)} matched by a graphopt row of at least their PSNR.", ""]
+    contested = [d for d in table.duels if d["kind"] == "anchor"]
+    lines += ["", f"Anchor rows the table left unmatched, timed in turns: {sum(d['matched'] for d in contested)} of "
+                  f"{len(contested)} matched by a graphopt row of at least their PSNR.", ""]
     return lines
 
 

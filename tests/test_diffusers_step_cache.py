@@ -166,7 +166,6 @@ def test_under_torch_compile_blocks_compile_whole_and_steps_do_not_recompile(pip
     assert all("disable" in r.lower() for r in reasons), reasons
 
 
-
 def test_under_torch_compile_the_cached_span_compiles_as_one_graph(pipe):
     """The middle span's blocks are traced as one frame, into one graph: one graph a block leaves inductor
     no fusion across their boundaries and costs a guard check per block."""
