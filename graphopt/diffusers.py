@@ -204,7 +204,7 @@ class CachedDenoiser:
                 graph = _capture_batched(wrapper, tuple(tensors.values()))
         finally:
             self.transformer.forward = forward
-        optimize_graph(graph, level="O0", passes=["step_cache"], options={"step_cache": {"policy": self.spec}},
+        optimize_graph(graph, level="O1", passes=["step_cache"], options={"step_cache": {"policy": self.spec}},
                        verify=False)
         return graph.to_torch()
 

@@ -69,8 +69,9 @@ class Pass:
     """Graph properties that hold once the pass has run."""
     before_level: ClassVar[bool] = False
     """Named after a level (``graphopt.optimize(g, "O2", passes=[...])``, the torch.compile backend's
-    ``passes``), the pass still runs first, on the graph as captured: it reads structure the level's
-    rewrites would blur (step caching finds repeated blocks, which fusion makes differ)."""
+    ``passes``), the pass still runs before the level's rewrites, on the graph as captured and cleaned up:
+    it reads structure those rewrites would blur (step caching finds repeated blocks, which fusion makes
+    differ)."""
     analysis: ClassVar[bool] = False
     """The pass annotates and never rewrites: what it ensures describes the graph as it was, so any later
     rewriting pass makes it stale. It reports ``modified=False``: annotations are not changes."""
@@ -108,11 +109,17 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def level_then_passes(level: str, passes: Sequence[str | Pass]) -> list[str | Pass]:
-    """``[level, *passes]``, but passes that run ``before_level`` go first."""
+    """``[level, *passes]``, but passes that run ``before_level`` go first, after the level's cleanup (``O1``)
+    when it has one: cleanup rewrites every block alike, so it blurs no structure, and what it removes (no-ops,
+    the slices a strided write leaves) would otherwise stay inside the regions such a pass wraps, which the
+    level's passes do not enter."""
     def first(p: str | Pass) -> bool:
         cls = p if isinstance(p, Pass) else PASSES.get(p)
         return bool(cls is not None and cls.before_level)
-    return [*[p for p in passes if first(p)], level, *[p for p in passes if not first(p)]]
+    early, late = [p for p in passes if first(p)], [p for p in passes if not first(p)]
+    if not early or level == "O0":
+        return [*early, level, *late]
+    return ["O1", *early, *([] if level == "O1" else [level]), *late]
 
 
 def register_pipeline(level: str, pass_names: Sequence[str]) -> None:

@@ -159,6 +159,29 @@ def _whole_slice(node: Node) -> Value | None:
     return x if isinstance(size, int) or to_end else None
 
 
+def _part_of_concat(node: Node) -> Value | None:
+    """A unit-step slice that takes exactly one input of the concat it reads, along the concat's dim (a strided
+    write that the next write fills, as rotary embeddings interleave halves)."""
+    x, a = node.inputs[0], node.attrs
+    concat = x.producer
+    rank = len(x.type.shape)
+    if concat is None or concat.op != "concat" or a["step"] != 1 or concat.attrs["dim"] % rank != a["dim"] % rank:
+        return None
+    offset = 0
+    for part in concat.inputs:
+        size = part.type.shape[a["dim"] % rank]
+        if not isinstance(size, int):
+            return None
+        if offset == a["start"]:  # from the part's start, and as long as the part: exactly the part
+            return part if node.output.same_type_as(part) else None
+        offset += size
+    return None
+
+
+def _slice_forward(node: Node) -> Value | None:
+    return _whole_slice(node) or _part_of_concat(node)
+
+
 def _zero_pad(node: Node) -> Value | None:
     """A pad by nothing on every side (a window size that already divides, say)."""
     return node.inputs[0] if not any(node.attrs["pads"]) and node.output.same_type_as(node.inputs[0]) else None
@@ -190,7 +213,7 @@ _FORWARDERS: dict[str, Callable[[Node], Value | None]] = {
     **dict.fromkeys(("expand", "broadcast_to", "cast", "repeat"), _input_if_same_type),
     "permute": _identity_permute,
     "dropout": _inference_dropout,
-    "slice": _whole_slice,
+    "slice": _slice_forward,
     "concat": _single_concat,
     "pad": _zero_pad,
 }
@@ -258,7 +281,8 @@ class EliminateNoOps(Pass):
     Peephole algebraic simplification (McKeeman 1965, "Peephole optimization";
     Aho et al., *Compilers*, §8.7): identity, inference dropout, casts to the
     same dtype, reshapes/expands/repeats to the same shape, identity permutes,
-    whole-dim slices, one-input concats, ``x+0``, ``x-0``, ``x*1``, ``x/1``;
+    whole-dim slices, slices that take one input of a concat, one-input concats,
+    ``x+0``, ``x-0``, ``x*1``, ``x/1``;
     an attention mask that masks nothing is dropped from its sdpa.
     Consecutive permutes compose into one (cancelling transpose pairs vanish),
     a reshape reads past the reshape-like op before it, and a squeeze/unsqueeze

@@ -125,6 +125,20 @@ def test_bad_input_gets_one_line(pipe, kwargs, message):
         gd.optimize(pipe, **kwargs)
 
 
+def test_cached_blocks_are_captured_cleaned_up():
+    """Before: Wan's rotary embedding writes two strided halves into an empty buffer (captured as the buffer,
+    a mask and a where per half). Expected: the cached blocks join the halves in one concat each, with no
+    where and no buffer left (cleanup ran before the pass), and sampling matches the uncached pipeline."""
+    from graphopt.moving_digits import load_moving_digits_pipeline
+
+    video = load_moving_digits_pipeline()
+    reference = sample(video, labels=[3], steps=2)
+    gd.optimize(video, step_cache={"policy": "teacache", "threshold": 0.0})
+    assert torch.equal(sample(video, labels=[3], steps=2), reference)
+    code = "\n".join(block.code for cache in video.graphopt.denoiser.step_caches() for block in cache.blocks)
+    assert "where" not in code and "empty" not in code and "concat" in code
+
+
 def test_a_pipeline_without_a_transformer_is_refused():
     with pytest.raises(InvalidOptionError, match="needs a pipeline with a transformer denoiser"):
         gd.optimize(object(), step_cache="fora")

@@ -11,7 +11,8 @@ import graphopt
 from graphopt.errors import InvalidOptionError
 from graphopt.ir import Graph, TensorType
 from graphopt.pass_manager import (PASSES, PIPELINES, DumpAfter, Pass, PassContractError, PassKind, PassManager,
-                                   PassResult, TimePasses, pipeline, register_pass, register_pipeline)
+                                   PassResult, TimePasses, level_then_passes, pipeline, register_pass,
+                                   register_pipeline)
 from graphopt.passes.cleanup import CLEANUP_PIPELINE
 
 from ir_interpreter import random_inputs, run_graph
@@ -45,6 +46,18 @@ def test_o0_is_empty_and_o1_is_the_cleanup_pipeline():
     g = messy_graph()
     before = g.structural_hash()
     assert graphopt.optimize(g, level="O0").structural_hash() == before
+
+
+@pytest.mark.parametrize("level, passes, expected", [
+    ("O2", ["step_cache", "fuse_linear"], ["O1", "step_cache", "O2", "fuse_linear"]),
+    ("O1", ["step_cache"], ["O1", "step_cache"]),
+    ("O0", ["step_cache"], ["step_cache", "O0"]),
+    ("O2", ["fuse_linear"], ["O2", "fuse_linear"]),
+])
+def test_a_pass_that_runs_before_the_level_runs_after_its_cleanup(level, passes, expected):
+    # before: a level and passes, step_cache among them (it runs before the level's rewrites); expected: it
+    # runs on the cleaned graph, as the regions it wraps are not entered by the level's passes
+    assert level_then_passes(level, passes) == expected
 
 
 def test_o1_cleans_up_and_keeps_outputs():

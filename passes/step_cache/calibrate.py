@@ -47,7 +47,7 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     "dbcache": [{"threshold": a, "max_reuse": 6, "order": o} for o in (0, 1)
                 for a in (0.02, 0.04, 0.06, 0.08, 0.12, 0.2, 0.3, 0.4)],
     "teacache": [{"threshold": a, "max_reuse": 6, "order": o, "warmup": w} for o, w in ((0, 2), (1, 2), (1, 12))
-                 for a in (0.05, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2)],
+                 for a in (0.05, 0.07, 0.085, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2)],
     "magcache": [{"threshold": a, "max_reuse": 6, "order": o, "warmup": w} for o, w in ((0, 2), (1, 2), (1, 12))
                  for a in (0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.3, 0.5)],
     "taylorseer": [{"interval": k, "order": o, "warmup": w} for o, w in ((1, 2), (2, 2), (1, 6), (1, 12))

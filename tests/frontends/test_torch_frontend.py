@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt import _torch_private
+from graphopt import _torch_private, optimize
 from graphopt.frontends.torch import capture, from_fx
 from graphopt.ir import ScalarType, TensorType
 from graphopt.models import KwargsWrapper
@@ -153,13 +153,34 @@ class StridedWrites(nn.Module):
         return out, other, late
 
 
-def test_strided_writes_repeat_the_source_instead_of_gathering_it():
-    # before: slice_scatter with step > 1; expected: where(mask, src repeated step times, x), a gather only when
-    # the write starts at or past one step
+def test_strided_writes_join_groups_or_repeat_the_source_instead_of_gathering_it():
+    # before: slice_scatter with step > 1; expected: a write of one element per group of `step` is a concat on
+    # the dim split into groups; any other is where(mask, src repeated step times, x), a gather only when the
+    # write starts at or past one step
     graph = round_trip(StridedWrites(), (torch.randn(2, 3, 8),))
     assert opaque_targets(graph) == []
-    assert len(graph.find("where")) == 4
+    assert len(graph.find("where")) == 2
     assert len(graph.find("index_select")) == 1
+    assert len(graph.find("concat")) == 2 + 2  # the halves' groups joined; the step-3 write's repeat and filler
+
+
+def test_interleaved_halves_clean_up_into_one_concat_of_the_halves():
+    # before: out = zeros; out[..., 0::2] = a; out[..., 1::2] = b (two writes); expected after O1: one concat of
+    # a and b on the split dim, nothing read from the zeros
+    class Interleave(nn.Module):
+        def forward(self, x):
+            out = torch.zeros_like(x)
+            out[..., 0::2] = x[..., :4] * 2
+            out[..., 1::2] = x[..., 4:] - 1
+            return out
+
+    x = torch.randn(2, 3, 8)
+    graph = round_trip(Interleave(), (x,), dynamic={"x": {0: "batch"}})
+    optimize(graph, "O1")
+    (concat,) = graph.find("concat")
+    assert [v.producer.op for v in concat.inputs] == ["unsqueeze", "unsqueeze"]
+    assert not graph.find("slice") or all(n.attrs["step"] == 1 for n in graph.find("slice"))
+    assert max_rel_error(Interleave()(x), graph.to_torch()(x)) == 0
 
 
 class MultiIndex(nn.Module):

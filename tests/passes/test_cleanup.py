@@ -185,6 +185,12 @@ REMOVED = {
     "whole slice": lambda g, h: g.add_node("slice", [h], {"dim": 1, "start": 0, "end": 3, "step": 1}).output,
     "whole slice, negative start": lambda g, h: g.add_node("slice", [h], {"dim": 1, "start": -3, "end": 9}).output,
     "one-input concat": lambda g, h: g.add_node("concat", [h], {"dim": 1}).output,
+    "slice that is a concat's first input": lambda g, h: g.add_node(
+        "slice", [g.add_node("concat", [h, _const(g, 0.0, (2, 5, 4))], {"dim": 1}).output],
+        {"dim": 1, "start": 0, "end": 3, "step": 1}).output,
+    "slice that is a concat's last input": lambda g, h: g.add_node(
+        "slice", [g.add_node("concat", [_const(g, 0.0, (2, 2, 4)), h], {"dim": -2}).output],
+        {"dim": 1, "start": 2, "end": 2**63 - 1, "step": 1}).output,
     "squeeze of unsqueeze": lambda g, h: g.add_node("squeeze", [g.add_node("unsqueeze", [h], {"dims": [1]}).output],
                                                     {"dims": [1]}).output,
     "flatten then reshape back": lambda g, h: g.add_node(
@@ -214,6 +220,11 @@ KEPT = {
     "permute of equal dims": lambda g, h: g.add_node("permute", [h], {"dims": [1, 0, 2]}).output,
     "partial slice": lambda g, h: g.add_node("slice", [h], {"dim": 2, "start": 1, "end": 4}).output,
     "two-input concat": lambda g, h: g.add_node("concat", [h, h], {"dim": 0}).output,
+    "slice across two concat inputs": lambda g, h: g.add_node(
+        "slice", [g.add_node("concat", [_const(g, 0.0, (2, 1, 4)), h], {"dim": 1}).output],
+        {"dim": 1, "start": 0, "end": 3, "step": 1}).output,
+    "strided slice of a concat input": lambda g, h: g.add_node(
+        "slice", [g.add_node("concat", [h, h], {"dim": 1}).output], {"dim": 1, "start": 0, "end": 6, "step": 2}).output,
     "0-x": lambda g, h: g.add_node("sub", [_const(g, 0.0), h]).output,
     "1/x": lambda g, h: g.add_node("div", [_const(g, 1.0), h]).output,
     "x*1 that broadcasts": lambda g, h: g.add_node("mul", [h, _const(g, 1.0, (5, 1, 1, 1))]).output,
