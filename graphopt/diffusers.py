@@ -164,8 +164,8 @@ def _capture_batched(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...]) 
 
 
 class CachedDenoiser:
-    """Stands in for ``transformer.forward``: each input signature is captured once into the IR, the
-    ``step_cache`` pass runs, and the emitted module serves the calls."""
+    """Stands in for ``transformer.forward``: each input signature is captured once into the IR, cleaned up
+    (``O1``), the ``step_cache`` pass runs, and the emitted module serves the calls."""
 
     def __init__(self, transformer: torch.nn.Module, spec: dict[str, Any]):
         self.transformer = transformer
