@@ -353,8 +353,7 @@ def head_to_head(subject: Subject, table: Table, labels: list[int], rounds: int,
     auto = next(r for r in _ours(table) if r["method"] == "auto")
     table.duels = [{"kind": "goal", **timed_in_turns([auto])}]
     bar.update(1)
-    contested = [r for r in table.rows if r["family"] not in ("graphopt", "uncached") and "error" not in r
-                 and skips_something(r)
+    contested = [r for r in _anchor_rows(table.rows) if skips_something(r)
                  and not any(o["psnr"] >= r["psnr"] and o["speedup"] >= r["speedup"] for o in _ours(table))]
     bar.total += len(contested)
     for anchor in contested:
@@ -371,6 +370,11 @@ def skips_something(row: dict[str, Any]) -> bool:
     """Whether a row saves work: one that skips nothing is the uncached computation through a tool's hooks, the
     uncached point of every frontier, and its speed-up in the table is the machine's drift alone."""
     return row["flops_ratio"] < 0.99
+
+
+def _anchor_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The measured rows of diffusers' hooks and cache-dit."""
+    return [r for r in rows if r["family"] not in ("graphopt", "uncached") and "error" not in r]
 
 
 def _ours(table: Table) -> list[dict[str, Any]]:
@@ -407,9 +411,7 @@ def dominance(rows: list[dict[str, Any]], cost: str = "speedup") -> list[str]:
         (lambda o, r: o["flops_ratio"] <= r["flops_ratio"])
     ours = [r for r in rows if r["family"] == "graphopt"]
     lines = []
-    for r in rows:
-        if r["family"] in ("graphopt", "uncached") or "error" in r or not skips_something(r):
-            continue
+    for r in filter(skips_something, _anchor_rows(rows)):
         if not any(o["psnr"] >= r["psnr"] and better(o, r) for o in ours):
             measured = f"{r['speedup']:.2f}x" if cost == "speedup" else f"FLOPs ratio {r['flops_ratio']:.2f}"
             lines.append(f"{r['method']} {r['setting']}: {measured} at {r['psnr']:.1f} dB is not matched")
@@ -468,8 +470,7 @@ def markdown(tables: list[Table], checks: dict[str, Any], args: argparse.Namespa
                    key=lambda r: r["speedup"], default=None)
         lines += ["", "Best graphopt row at PSNR >= 30 dB and SSIM >= 0.92: "
                       + (f"{best['method']} ({best['setting']}), {best['speedup']:.2f}x" if best else "none"), ""]
-        idle = [f"{r['method']} {r['setting']}" for r in table.rows
-                if r["family"] not in ("graphopt", "uncached") and "error" not in r and not skips_something(r)]
+        idle = [f"{r['method']} {r['setting']}" for r in _anchor_rows(table.rows) if not skips_something(r)]
         if idle:
             lines += ["Anchor rows that skip nothing (FLOPs ratio >= 0.99: the uncached computation through the "
                       "tool's hooks, so their speed-up is drift) are no frontier points: " + "; ".join(idle) + ".", ""]

@@ -580,12 +580,13 @@ def _spread(cx, x, src, dim: int, positions: range, spread: torch.Tensor):
 
 @converts("copy.default")
 def _copy(cx, a):
-    """The value ``x.copy_(src)`` leaves: ``src`` in x's dtype, broadcast to x's (static) shape."""
+    """The value ``x.copy_(src)`` leaves: ``src`` in x's dtype, as is when it has x's shape (symbolic sizes
+    too), else broadcast to x's static shape."""
     x, src = cx.tensor(a["self"]), cx.tensor(a["src"])
     _expect(cx.device_of(a["src"]) == cx.device_of(a["self"]))
     if src.type.dtype != x.type.dtype:
         src = cx.inner("cast", [src], dtype=x.type.dtype)
-    if tuple(src.type.shape) == tuple(x.type.shape):  # symbolic sizes too: a write into a same-shaped slice
+    if tuple(src.type.shape) == tuple(x.type.shape):
         return cx.emit("identity", [src])
     _expect(x.type.is_static)
     return cx.emit("expand", [src], shape=list(x.type.shape))
