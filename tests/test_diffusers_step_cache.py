@@ -6,10 +6,12 @@ quality means something. Tests share one pipeline: ``optimize`` on an optimized
 pipeline swaps the policy and keeps the captured graphs.
 """
 import json
+import logging
 import re
 
 import pytest
 import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 import graphopt.diffusers as gd
 from graphopt.digits import load_digits_pipeline
@@ -83,19 +85,43 @@ def test_each_sample_of_a_batch_gets_what_it_gets_alone(pipe):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
-def test_calibration_meets_the_budget_and_the_plan_round_trips(pipe, reference, tmp_path):
+@pytest.fixture(scope="module")
+def saved_plan(pipe, reference, tmp_path_factory):
+    """A plan calibrated on the pipeline (other classes and seed than the tests sample; after the uncached
+    ``reference``), saved; and the held-out samples it gives."""
     gd.optimize(pipe, step_cache="auto", quality={"psnr": 30, "ssim": 0.92},
                 calibration={"class_labels": [0, 2, 5, 8], "num_inference_steps": STEPS, "seed": 11}, progress=False)
-    plan = pipe.graphopt.plan
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    pipe.graphopt.plan.save(path)
+    return pipe.graphopt.plan, path, sample(pipe)
+
+
+@pytest.mark.slow
+def test_calibration_meets_the_budget_and_the_plan_round_trips(pipe, reference, saved_plan):
+    plan, path, held_out = saved_plan
     assert plan.measured["psnr"] >= 30 and plan.measured["ssim"] >= 0.92 and plan.skipped > 0.3
-    held_out = sample(pipe)  # other classes, other seed than calibration
     assert psnr(held_out, reference) >= 28 and ssim(held_out, reference) >= 0.9
-    path = tmp_path / "plan.json"
-    plan.save(path)
     assert json.loads(path.read_text())["fingerprint"] == gd.fingerprint(pipe)
     gd.optimize(pipe, step_cache=str(path))
     torch.testing.assert_close(sample(pipe), held_out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", [UniPCMultistepScheduler, DPMSolverMultistepScheduler])
+def test_a_plan_carries_to_another_scheduler(saved_plan, scheduler, caplog):
+    """Decisions are keyed on the timestep: a plan calibrated with the Euler flow scheduler keeps its
+    quality under a multistep solver, with a warning that names both."""
+    _, path, _ = saved_plan
+    other = load_digits_pipeline()
+    other.scheduler = scheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                flow_shift=1.0)
+    reference = sample(other)
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        gd.optimize(other, step_cache=str(path))
+    assert f"calibrated with FlowMatchEulerDiscreteScheduler, used with {scheduler.__name__}" in caplog.text
+    cached = sample(other)
+    assert psnr(cached, reference) >= 28 and ssim(cached, reference) >= 0.9
+    assert skipped(other) > 0.3
 
 
 def test_a_plan_for_another_model_is_refused(pipe, tmp_path):
