@@ -31,7 +31,7 @@ import graphopt.diffusers as gd  # noqa: E402
 from graphopt.digits import load_digits_pipeline, make_scheduler  # noqa: E402
 from graphopt.passes.step_cache.calibrate import measure  # noqa: E402
 from report import machine  # noqa: E402
-from step_cache_compare import BUDGET, CALIBRATION, SEED  # noqa: E402
+from step_cache_compare import BUDGET, CALIBRATION, SEED, sampler  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PLAN_STEPS = 50
@@ -50,10 +50,6 @@ SCHEDULERS: dict[str, Callable[[], Any]] = {
     UniPCMultistepScheduler.__name__: flow(UniPCMultistepScheduler),
     DPMSolverMultistepScheduler.__name__: flow(DPMSolverMultistepScheduler),
 }
-
-
-def sampler(pipe: Any, labels: list[int], steps: int) -> Callable[[], torch.Tensor]:
-    return lambda: pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(SEED))
 
 
 def calibrated(pipe: Any, steps: int) -> Any:
