@@ -37,13 +37,18 @@ ATTRIBUTE = "graphopt"
 
 
 def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None, quality: Mapping[str, float] | None = None,
-             calibration: Mapping[str, Any] | None = None, progress: bool = True) -> Any:
-    """Install step caching on ``pipe.transformer`` (in place) and return ``pipe``.
+             calibration: Mapping[str, Any] | None = None, progress: bool = True,
+             sparse_attention: float | Mapping[str, Any] | None = None) -> Any:
+    """Install step caching and/or sparse attention on ``pipe.transformer`` (in place) and return ``pipe``.
 
     ``step_cache``: a policy name (``fora``, ``delta_dit``, ``first_block``, ``teacache``,
     ``magcache``, ``taylorseer``, ``dbcache``, ``smoothcache``), ``"auto"``, a dict of a
     policy and its options, or a saved plan (a ``Plan``, its JSON dict, or a path).
     ``quality`` calibrates a name or ``"auto"`` to a budget on ``calibration``'s samples.
+
+    ``sparse_attention``: a density in (0, 1] or the ``sparse_video_attention`` pass's options
+    (``{"density": 0.25, "budget": 0.05, "dense_steps": 10, ...}``): the video self-attention runs
+    head-kind sparse (Sparse VideoGen), profiled online per head and CFG branch.
     """
     from graphopt.passes.step_cache.calibrate import check_quality
 
@@ -51,11 +56,14 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
     if not isinstance(transformer, torch.nn.Module):
         raise InvalidOptionError(f"graphopt.diffusers.optimize needs a pipeline with a transformer denoiser "
                                  f"(pipe.transformer); {type(pipe).__name__} has none")
-    if step_cache is None:
-        raise InvalidOptionError("graphopt.diffusers.optimize: say what to do, e.g. step_cache='fora' or "
-                                 "step_cache='auto', quality={'psnr': 30}")
+    if step_cache is None and sparse_attention is None:
+        raise InvalidOptionError("graphopt.diffusers.optimize: say what to do, e.g. step_cache='fora', "
+                                 "step_cache='auto', quality={'psnr': 30}, or sparse_attention=0.25")
+    sparse = _sparse_options(sparse_attention)
     plan = _as_plan(step_cache)
-    if plan is not None:
+    if step_cache is None:
+        spec = None
+    elif plan is not None:
         _check_fingerprint(plan.fingerprint, pipe)
         spec = {**plan.spec, "curves": plan.curves.to_json()}
     elif quality is not None:
@@ -70,12 +78,13 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
         spec = {"policy": step_cache} if isinstance(step_cache, str) else dict(step_cache)
         _check_spec(spec)
     installed = getattr(pipe, ATTRIBUTE, None)
-    if installed is not None and installed.transformer is transformer:
+    if installed is not None and installed.transformer is transformer and installed.serves(spec, sparse):
         installed.set_policy(spec)  # the graphs captured so far serve the new policy
+        installed.set_sparse(sparse)
     else:
         restore(pipe)
-        installed = Installed.install(pipe, spec)
-    if plan is None and quality is not None:
+        installed = Installed.install(pipe, spec, sparse)
+    if spec is not None and plan is None and quality is not None:
         try:
             installed.plan = _calibrate(pipe, installed, step_cache, quality, calibration, progress)
         except BaseException:
@@ -85,6 +94,23 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
     else:
         installed.plan = plan
     return pipe
+
+
+def _sparse_options(sparse_attention: Any) -> dict[str, Any] | None:
+    """The ``sparse_video_attention`` pass's options from a density or a dict of them, checked."""
+    from graphopt.pass_manager import get_pass, instantiate
+
+    if sparse_attention is None:
+        return None
+    if isinstance(sparse_attention, (int, float)) and not isinstance(sparse_attention, bool):
+        options = {"density": float(sparse_attention)}
+    elif isinstance(sparse_attention, Mapping):
+        options = dict(sparse_attention)
+    else:
+        raise InvalidOptionError(f"sparse_attention is a density in (0, 1] or a dict of the sparse_video_attention "
+                                 f"pass's options, got {sparse_attention!r}")
+    instantiate(get_pass("sparse_video_attention"), options)._check_options()
+    return options
 
 
 def restore(pipe: Any) -> Any:
@@ -100,8 +126,9 @@ def report(pipe: Any) -> dict[str, Any]:
     installed: Installed | None = getattr(pipe, ATTRIBUTE, None)
     if installed is None:
         raise InvalidOptionError("this pipeline has no graphopt optimization; call graphopt.diffusers.optimize")
-    return {"policy": {k: v for k, v in installed.spec.items() if k != "curves"},
-            "graphs": [c.report() for c in installed.denoiser.step_caches()]}
+    policy = None if installed.spec is None else {k: v for k, v in installed.spec.items() if k != "curves"}
+    return {"policy": policy, "graphs": [c.report() for c in installed.denoiser.step_caches()],
+            "sparse_attention": installed.denoiser.sparse_report()}
 
 
 # -------------------------------------------------------------- installation
@@ -112,13 +139,13 @@ class Installed:
     transformer: torch.nn.Module
     scheduler: Any
     denoiser: CachedDenoiser
-    spec: dict[str, Any]
+    spec: dict[str, Any] | None
     plan: Any = None
 
     @classmethod
-    def install(cls, pipe: Any, spec: dict[str, Any]) -> Installed:
+    def install(cls, pipe: Any, spec: dict[str, Any] | None, sparse: dict[str, Any] | None = None) -> Installed:
         transformer = pipe.transformer
-        denoiser = CachedDenoiser(transformer, spec)
+        denoiser = CachedDenoiser(transformer, spec, sparse)
         transformer.forward = denoiser
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
@@ -140,9 +167,21 @@ class Installed:
             del self.scheduler.set_timesteps
         setattr(pipe, ATTRIBUTE, None)
 
-    def set_policy(self, spec: dict[str, Any]) -> None:
+    def set_policy(self, spec: dict[str, Any] | None) -> None:
         self.spec = spec
-        self.denoiser.set_policy(spec)
+        if spec is not None:
+            self.denoiser.set_policy(spec)
+
+    def serves(self, spec: dict[str, Any] | None, sparse: dict[str, Any] | None) -> bool:
+        """Whether the graphs captured so far have the passes asked for, and sparse options of the same
+        structure (a new grid or dense layers rewrite the graph again)."""
+        d = self.denoiser
+        structural = ("video_shape", "text_tokens", "text_position", "dense_layers")
+        return ((spec is None) == (d.spec is None) and (sparse is None) == (d.sparse is None)
+                and all((sparse or {}).get(k) == (d.sparse or {}).get(k) for k in structural))
+
+    def set_sparse(self, sparse: dict[str, Any] | None) -> None:
+        self.denoiser.set_sparse(sparse)
 
 
 def _capture_batched(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
@@ -165,13 +204,15 @@ def _capture_batched(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...]) 
 
 class CachedDenoiser:
     """Stands in for ``transformer.forward``: each input signature is captured once into the IR, cleaned up
-    (``O1``), the ``step_cache`` pass runs, and the emitted module serves the calls."""
+    (``O1``), the ``sparse_video_attention`` and ``step_cache`` passes run (those asked for), and the emitted
+    module serves the calls."""
 
-    def __init__(self, transformer: torch.nn.Module, spec: dict[str, Any]):
+    def __init__(self, transformer: torch.nn.Module, spec: dict[str, Any] | None, sparse: dict[str, Any] | None = None):
         self.transformer = transformer
         self.original = type(transformer).forward.__get__(transformer)
         self.signature = inspect.signature(self.original)
         self.spec = spec
+        self.sparse = sparse
         self.modules: dict[Any, torch.nn.Module] = {}
 
     @traced_around
@@ -204,9 +245,38 @@ class CachedDenoiser:
                 graph = _capture_batched(wrapper, tuple(tensors.values()))
         finally:
             self.transformer.forward = forward
-        optimize_graph(graph, level="O1", passes=["step_cache"], options={"step_cache": {"policy": self.spec}},
-                       verify=False)
+        passes, options = [], {}
+        if self.sparse is not None:
+            passes.append("sparse_video_attention")
+            options["sparse_video_attention"] = self.sparse
+        if self.spec is not None:
+            passes.append("step_cache")
+            options["step_cache"] = {"policy": self.spec}
+        optimize_graph(graph, level="O1", passes=passes, options=options, verify=False)
         return graph.to_torch()
+
+    def sparse_attentions(self) -> list[Any]:
+        from graphopt.passes.sparse_attention.runtime import SparseVideoAttention
+
+        return [m for module in self.modules.values() for m in module.modules() if isinstance(m, SparseVideoAttention)]
+
+    def set_sparse(self, sparse: dict[str, Any] | None) -> None:
+        """New runtime options (density, budget, steps) for the sparse attentions captured so far."""
+        from graphopt.passes.sparse_attention.runtime import Settings
+
+        self.sparse = sparse
+        runtime = {k: v for k, v in (sparse or {}).items() if k in Settings.__dataclass_fields__}
+        for attention in self.sparse_attentions():
+            attention.set_options(**runtime)
+
+    def sparse_report(self) -> list[dict[str, Any]]:
+        """Per sparse attention: its settings and the head kinds of its last profile of each branch."""
+        reports = []
+        for attention in self.sparse_attentions():
+            s = attention.settings
+            reports.append({"grid": (s.grid.frames, s.grid.height, s.grid.width), "text": s.grid.text,
+                            "density": s.band.density(s.grid.video), **attention.head_counts()})
+        return reports
 
     def step_caches(self) -> list[Any]:
         from graphopt.passes.step_cache.runtime import StepCache

@@ -357,7 +357,7 @@ class PassManager:
             names = pipeline(step) if step in PIPELINES else [step]
             for name in names:
                 cls = get_pass(name)
-                self.passes.append(_instantiate(cls, options.pop(name, {})))
+                self.passes.append(instantiate(cls, options.pop(name, {})))
         if options:
             raise InvalidOptionError(f"options given for passes not in the pipeline: {', '.join(sorted(options))}; "
                                      f"add them with passes=[...] or drop their options")
@@ -467,7 +467,8 @@ def _check_options(options: Any) -> dict[str, dict[str, Any]]:
     return {name: dict(values) for name, values in options.items()}
 
 
-def _instantiate(cls: type[Pass], values: dict[str, Any]) -> Pass:
+def instantiate(cls: type[Pass], values: dict[str, Any]) -> Pass:
+    """The pass ``cls`` with option ``values``, unknown names rejected in one line."""
     valid = cls.option_names()
     unknown = sorted(set(values) - set(valid), key=str)
     if unknown:

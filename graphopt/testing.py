@@ -190,3 +190,36 @@ def run_onnxruntime(graph, inputs: tuple, target: str = "onnx") -> list[torch.Te
     flat = [t for t in flatten_outputs(list(inputs))]
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def planted_video_heads(seed: int = 0, frames: int = 8, height: int = 8, width: int = 8, per_kind: int = 8,
+                        sharpness: float = 12.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+    """``q, k, v`` (``[heads, tokens, d]``) of attention heads built to be spatial, temporal or neither,
+    ``per_kind`` of each, over a frame-major ``frames x height x width`` grid, with the truth (the kinds of
+    ``graphopt.passes.sparse_attention.profile``). A spatial head's queries and keys carry an orthonormal
+    code of their frame, a temporal head's one of their position, so each attends within its frame or
+    across frames at its position; the third kind's are small and random (near-uniform attention)."""
+    from graphopt.passes.sparse_attention.grid import VideoGrid
+    from graphopt.passes.sparse_attention.profile import DENSE, SPATIAL, TEMPORAL
+
+    g = torch.Generator().manual_seed(seed)
+    grid = VideoGrid(frames, height, width)
+    dim = max(frames, height * width)
+    codes = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+    frame_of = torch.arange(grid.video) // grid.per_frame
+    position_of = torch.arange(grid.video) % grid.per_frame
+    amplitude = (sharpness * dim ** 0.5) ** 0.5
+    heads, truth = [], []
+    for kind in (SPATIAL, TEMPORAL, DENSE):
+        for _ in range(per_kind):
+            if kind == DENSE:
+                x = 0.3 * torch.randn(grid.video, dim, generator=g)
+            else:
+                x = amplitude * codes[frame_of if kind == SPATIAL else position_of]
+                x = x + 0.1 * torch.randn(grid.video, dim, generator=g)
+            heads.append(x)
+            truth.append(kind)
+    q = torch.stack(heads)
+    k = q + 0.05 * torch.randn(q.shape, generator=g)
+    v = torch.randn(q.shape, generator=g)
+    return q, k, v, grid, torch.tensor(truth)

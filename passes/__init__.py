@@ -16,7 +16,7 @@ convolution kernels, so it is asked for by name.
 from graphopt.pass_manager import register_pipeline
 
 from . import attention, canonicalize, cleanup, constant_folding, fusion, fusion_groups, horizontal, layout, patterns  # noqa: F401
-from . import step_cache  # noqa: F401  (lossy: asked for by name, never in a level)
+from . import sparse_attention, step_cache  # noqa: F401  (lossy: asked for by name, never in a level)
 from . import targets  # noqa: F401  (after the passes above: the target pipelines read fusion's helpers)
 from .cleanup import CLEANUP_PIPELINE
 

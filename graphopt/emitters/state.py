@@ -44,6 +44,10 @@ class GraphState(torch.nn.Module):
             self.memories[slot] = make()
         return self.memories[slot]
 
+    def memories_of(self, key: str) -> list[Any]:
+        """The structured memories kept at ``key``, one per branch that made one."""
+        return [m for slot, m in self.memories.items() if slot == key or slot.endswith(f"/{key}")]
+
     def forget(self, prefix: str) -> None:
         """Forget the active branch's slots whose keys start with ``prefix``."""
         start = self._slot(prefix)

@@ -1,0 +1,72 @@
+"""Online head profiling: is each head spatial, temporal, or neither (dense)?
+
+Sparse VideoGen's test, made cheaper to trust: a few query rows per head are
+attended exactly, once against all keys and once under each head kind's
+band; the kind whose sampled output is closer wins, and a head whose closer
+kind still misses by more than ``budget`` (relative squared error) stays
+dense, a choice SVG does not have. Rows are drawn from every frame (SVG
+draws from the first 10,000 tokens, so later frames of long videos are never
+looked at); ``frames_only=...`` reproduces SVG's draw for comparison.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import Band, VideoGrid
+
+SPATIAL, TEMPORAL, DENSE = 0, 1, 2
+KINDS = ("spatial", "temporal", "dense")
+
+
+@dataclass
+class HeadMap:
+    """Each head's kind (``[heads]`` of SPATIAL/TEMPORAL/DENSE) and the sampled relative errors of its
+    spatial and temporal bands (``[heads, 2]``)."""
+
+    kinds: torch.Tensor
+    errors: torch.Tensor
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.kinds == k).sum()) for k, name in enumerate(KINDS)}
+
+
+def sample_rows(grid: VideoGrid, samples: int, generator: torch.Generator, first: int | None = None) -> torch.Tensor:
+    """``samples`` video query rows (frame-major video positions): spread evenly over the frames, at random
+    positions within each; or, with ``first``, uniformly among the first ``first`` tokens (SVG's draw)."""
+    if first is not None:
+        return torch.randint(0, min(first, grid.video), (samples,), generator=generator)
+    frames = torch.arange(samples) % grid.frames
+    return frames * grid.per_frame + torch.randint(0, grid.per_frame, (samples,), generator=generator)
+
+
+def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, band: Band,
+                   rows: torch.Tensor, budget: float, scale: float | None = None,
+                   mask: torch.Tensor | None = None) -> HeadMap:
+    """``q, k, v``: ``[heads, tokens, d]`` over the whole joint sequence; ``rows``: frame-major video
+    positions to test; ``mask``: an additive or boolean key mask ``[heads or 1, 1, tokens]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    span, device = grid.video_span, q.device
+    positions = grid.token_major_positions.to(device)
+    rows = rows.to(device)
+    queries = q[:, span][:, rows]
+    scores = (queries @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # softmax's numerators, shared by all three
+    values = v.float()
+    exact = (weights @ values) / weights.sum(-1, keepdim=True)
+    spatial = band.mask(rows, grid.video)
+    temporal = band.mask(positions[rows], grid.video)[:, positions]
+    errors = []
+    for keep in (spatial, temporal):
+        full = torch.ones(len(rows), grid.tokens, dtype=torch.bool, device=device)
+        full[:, span] = keep
+        kept = weights * full
+        approx = (kept @ values) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        errors.append(((approx - exact).square().sum((-1, -2)) / exact.square().sum((-1, -2)).clamp_min(1e-30)))
+    errors = torch.stack(errors, -1)
+    best, kinds = errors.min(-1)
+    kinds = torch.where(best > budget, torch.full_like(kinds, DENSE), kinds)
+    return HeadMap(kinds, errors)
