@@ -69,7 +69,12 @@ _LOADED: dict[tuple[str, bool], Any] = {}
 
 
 def load(source: KernelSource) -> Any:
-    """The ``@triton.jit`` function of ``source``, written as a module into the cache folder and imported.
+    """The ``@triton.jit`` function of a generated kernel (``load_text``)."""
+    return load_text(source.name, source.text)
+
+
+def load_text(name: str, text: str) -> Any:
+    """The ``@triton.jit`` function ``name`` of the module ``text``, written into the cache folder and imported.
 
     ``triton.jit`` reads the function's source text, so the kernel must live in a real
     file. Loaded once per text and per interpreter setting (``jit`` picks its kind at
@@ -78,18 +83,18 @@ def load(source: KernelSource) -> Any:
     if interpreting() != language_interpreted():
         raise RuntimeError("TRITON_INTERPRET changed after triton.language was imported: "
                            "kernels would fail inside Triton's library")
-    digest = _digest(source)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     key = (digest, interpreting())
     if key not in _LOADED:
-        path = cache_dir("triton") / f"{source.name}_{digest}.py"
+        path = cache_dir("triton") / f"{name}_{digest}.py"
         if not path.exists():
             scratch = path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(source.text)
+            scratch.write_text(text)
             scratch.replace(path)
         spec = importlib.util.spec_from_file_location(f"graphopt_triton_{digest}", path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-        _LOADED[key] = getattr(module, source.name)
+        _LOADED[key] = getattr(module, name)
     return _LOADED[key]
 
 

@@ -237,3 +237,18 @@ def host_side(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Dynamo runs ``fn`` and everything it calls eagerly, tracing none of it: host-side decisions that
     call no module (numpy interpolation, Python bookkeeping) would only break graphs there."""
     return torch._dynamo.disable(fn, recursive=True)
+
+
+# ============================================================================
+# Attention with its log-sum-exp (owner: passes/sparse_attention/kernels.py)
+# ============================================================================
+
+def attention_with_logsumexp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``softmax(q kᵀ · scale) v`` and the log-sum-exp of each row's scores (``[..., rows]``), from ATen's
+    CPU flash kernel, which returns both; None where that kernel does not run (other devices, dtypes).
+    Two attentions over disjoint keys merge exactly through their log-sum-exps."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or q.dim() != 4:
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+    return out, lse

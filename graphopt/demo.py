@@ -9,7 +9,8 @@ onnxruntime's graph optimizations, as the benchmarks run it). The first table sh
 after the rewrites, which passes fired, where the lowered regions went and each graphopt path's largest
 output difference from eager (relative to the largest eager magnitude); the second the median latencies
 and the compile times (the first call of each ``torch.compile``). The third is the lossy half: a trained
-digits diffusion transformer sampled with and without step caching (``demo_step_cache``).
+digits diffusion transformer sampled with and without step caching (``demo_step_cache``), then the
+sparse-attention kernel and the trained video DiT with head-kind sparse attention (``demo_sparse_attention``).
 """
 from __future__ import annotations
 
@@ -183,11 +184,13 @@ def format_rows(rows: Sequence[DemoRow]) -> str:
 
 def run_demo(quick: bool = False) -> str:
     """The demo tables; ``quick`` runs only the first model with fewer timing runs."""
+    from .demo_sparse_attention import format_sparse_attention_row, run_sparse_attention_demo
     from .demo_step_cache import format_step_cache_row, run_step_cache_demo
 
     cases = demo_cases()[:1] if quick else demo_cases()
     rows = [run_case(case, repeats=5 if quick else 15) for case in cases]
-    return "\n\n".join([format_rows(rows), format_step_cache_row(run_step_cache_demo(quick=quick))])
+    return "\n\n".join([format_rows(rows), format_step_cache_row(run_step_cache_demo(quick=quick)),
+                        format_sparse_attention_row(run_sparse_attention_demo(quick=quick))])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ ATTRIBUTE = "graphopt"
 
 def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None, quality: Mapping[str, float] | None = None,
              calibration: Mapping[str, Any] | None = None, progress: bool = True,
-             sparse_attention: float | Mapping[str, Any] | None = None) -> Any:
+             sparse_attention: float | str | Mapping[str, Any] | None = None) -> Any:
     """Install step caching and/or sparse attention on ``pipe.transformer`` (in place) and return ``pipe``.
 
     ``step_cache``: a policy name (``fora``, ``delta_dit``, ``first_block``, ``teacache``,
@@ -46,9 +46,10 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
     policy and its options, or a saved plan (a ``Plan``, its JSON dict, or a path).
     ``quality`` calibrates a name or ``"auto"`` to a budget on ``calibration``'s samples.
 
-    ``sparse_attention``: a density in (0, 1] or the ``sparse_video_attention`` pass's options
-    (``{"density": 0.25, "budget": 0.05, "dense_steps": 10, ...}``): the video self-attention runs
-    head-kind sparse (Sparse VideoGen), profiled online per head and CFG branch.
+    ``sparse_attention``: a density in (0, 1], the ``sparse_video_attention`` pass's options
+    (``{"density": 0.25, "budget": 0.05, "dense_steps": 10, ...}``), or ``"auto"`` with ``quality``:
+    the video self-attention runs head-kind sparse (Sparse VideoGen), profiled online per head and
+    CFG branch. Both ``"auto"`` calibrate together under the one budget (``sparse_attention.calibrate``).
     """
     from graphopt.passes.step_cache.calibrate import check_quality
 
@@ -59,24 +60,32 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
     if step_cache is None and sparse_attention is None:
         raise InvalidOptionError("graphopt.diffusers.optimize: say what to do, e.g. step_cache='fora', "
                                  "step_cache='auto', quality={'psnr': 30}, or sparse_attention=0.25")
-    sparse = _sparse_options(sparse_attention)
-    plan = _as_plan(step_cache)
-    if step_cache is None:
-        spec = None
-    elif plan is not None:
+    plan = _as_plan(step_cache) or _as_plan(sparse_attention)
+    auto_sparse = sparse_attention == "auto"
+    if auto_sparse and quality is None:
+        raise InvalidOptionError("sparse_attention='auto' calibrates to a budget: give quality={'psnr': 30} "
+                                 "and calibration={...pipeline arguments}")
+    if plan is not None:
         _check_fingerprint(plan.fingerprint, pipe)
-        spec = {**plan.spec, "curves": plan.curves.to_json()}
-    elif quality is not None:
-        check_quality(quality)
-        if not isinstance(step_cache, str):
-            raise InvalidOptionError("with quality=..., step_cache is 'auto' or one policy name to calibrate")
-        spec = {"policy": "none"}
-    elif step_cache == "auto":
-        raise InvalidOptionError("step_cache='auto' calibrates to a budget: give quality={'psnr': 30} "
-                                 "(or 'ssim', 'rel_error') and calibration={...pipeline arguments}")
+        sparse = plan.sparse
+        spec = None if plan.curves is None else {**plan.spec, "curves": plan.curves.to_json()}
     else:
-        spec = {"policy": step_cache} if isinstance(step_cache, str) else dict(step_cache)
-        _check_spec(spec)
+        sparse = {} if auto_sparse else _sparse_options(sparse_attention)
+        if step_cache is None:
+            spec = None
+        elif quality is not None:
+            check_quality(quality)
+            if not isinstance(step_cache, str):
+                raise InvalidOptionError("with quality=..., step_cache is 'auto' or one policy name to calibrate")
+            spec = {"policy": "none"}
+        elif step_cache == "auto":
+            raise InvalidOptionError("step_cache='auto' calibrates to a budget: give quality={'psnr': 30} "
+                                     "(or 'ssim', 'rel_error') and calibration={...pipeline arguments}")
+        else:
+            spec = {"policy": step_cache} if isinstance(step_cache, str) else dict(step_cache)
+            _check_spec(spec)
+    if quality is not None:
+        check_quality(quality)
     installed = getattr(pipe, ATTRIBUTE, None)
     if installed is not None and installed.transformer is transformer and installed.serves(spec, sparse):
         installed.set_policy(spec)  # the graphs captured so far serve the new policy
@@ -84,15 +93,18 @@ def optimize(pipe: Any, step_cache: str | Mapping[str, Any] | Path | Any = None,
     else:
         restore(pipe)
         installed = Installed.install(pipe, spec, sparse)
-    if spec is not None and plan is None and quality is not None:
+    installed.plan = plan
+    if plan is None and quality is not None and (spec is not None or auto_sparse):
+        caching = step_cache if spec is not None else None
         try:
-            installed.plan = _calibrate(pipe, installed, step_cache, quality, calibration, progress)
+            installed.plan = _calibrate(pipe, installed, caching, auto_sparse, quality, calibration, progress)
         except BaseException:
             restore(pipe)
             raise
-        installed.set_policy({**installed.plan.spec, "curves": installed.plan.curves.to_json()})
-    else:
-        installed.plan = plan
+        chosen = installed.plan
+        if chosen.curves is not None:
+            installed.set_policy({**chosen.spec, "curves": chosen.curves.to_json()})
+        installed.set_sparse(chosen.sparse)
     return pipe
 
 
@@ -269,13 +281,33 @@ class CachedDenoiser:
         for attention in self.sparse_attentions():
             attention.set_options(**runtime)
 
+    def attention_kept(self) -> float:
+        """The share of the sparse attentions' dense FLOPs computed since the last reset (1.0 with none)."""
+        works = [a.work() for a in self.sparse_attentions()]
+        dense = sum(w[0] for w in works)
+        return sum(w[1] for w in works) / dense if dense else 1.0
+
+    def attention_share(self, run: Any) -> tuple[Any, float]:
+        """``run()``'s result, and the share of the denoiser's FLOPs in that run that its sparse attentions
+        would spend dense: their own count over torch's count of everything else (FLOP counters do not see
+        every attention kernel, so attention is counted here)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = run()
+        attention = sum(a.work()[0] for a in self.sparse_attentions())
+        other = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                    if "scaled_dot_product" not in str(op))
+        return result, attention / (attention + other) if attention else 0.0
+
     def sparse_report(self) -> list[dict[str, Any]]:
         """Per sparse attention: its settings and the head kinds of its last profile of each branch."""
         reports = []
         for attention in self.sparse_attentions():
             s = attention.settings
             reports.append({"grid": (s.grid.frames, s.grid.height, s.grid.width), "text": s.grid.text,
-                            "density": s.band.density(s.grid.video), **attention.head_counts()})
+                            "density": s.bands[0].density(s.grid.video), **attention.head_counts()})
         return reports
 
     def step_caches(self) -> list[Any]:
@@ -307,9 +339,17 @@ class CachedDenoiser:
 
 
 # --------------------------------------------------------------- calibration
-def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mapping[str, float],
-               calibration: Mapping[str, Any] | None, progress: bool) -> Any:
-    from graphopt.passes.step_cache.calibrate import AUTO, Plan, calibrate, check_quality, fit_curves
+SPARSE_OFF = {"dense_steps": 1 << 62}
+"""Sparse attention's runtime options while a dense reference runs: every call dense."""
+
+
+def _calibrate(pipe: Any, installed: Installed, step_cache: str | None, auto_sparse: bool,
+               quality: Mapping[str, float], calibration: Mapping[str, Any] | None, progress: bool) -> Any:
+    """Calibrate the step-cache policy (``step_cache``: ``"auto"`` or a name; None: no caching) and, with
+    ``auto_sparse``, sparse attention, under the one ``quality`` budget; the plan."""
+    from graphopt.passes.sparse_attention import calibrate as sparse_calibration
+    from graphopt.passes.step_cache.calibrate import AUTO, Plan, calibrate, check_quality, fit_curves, measure, meets
+    from graphopt.passes.step_cache.policies import make_policy
     from graphopt.passes.step_cache.runtime import Recorder
 
     if not isinstance(calibration, Mapping):
@@ -317,23 +357,30 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mappin
                                  "'seed': 0}, e.g. a few prompts or class labels and num_inference_steps")
     arguments = dict(calibration)
     seed = int(arguments.pop("seed", 0))
-    policies = AUTO if step_cache == "auto" else (step_cache,)
+    quality = check_quality(quality)
+    denoiser = installed.denoiser
+    sparse = dict(denoiser.sparse) if denoiser.sparse is not None else None
 
     def run() -> torch.Tensor:
         with torch.no_grad():
             return images_of(pipe(**arguments, generator=torch.Generator().manual_seed(seed)))
 
-    denoiser = installed.denoiser
+    if sparse is not None:
+        denoiser.set_sparse({**sparse, **SPARSE_OFF})
     run()  # captures every input signature the pipeline uses
-    recorders = [Recorder() for _ in denoiser.step_caches()]
-    for cache, recorder in zip(denoiser.step_caches(), recorders):
+    caches = denoiser.step_caches()
+    recorders = [Recorder() for _ in caches]
+    for cache, recorder in zip(caches, recorders):
         cache.recorder = recorder
-    reference = run()
-    blocks = denoiser.step_caches()[0].cached
-    for cache in denoiser.step_caches():
+    reference, share = denoiser.attention_share(run)
+    for cache in caches:
         cache.recorder = None
-    curves = fit_curves(recorders, blocks)
-    bar = tqdm(desc="calibrating step_cache", unit="trial", disable=not progress)
+    if sparse is not None and not auto_sparse:
+        denoiser.set_sparse(sparse)  # a given sparse attention is part of what the step cache calibrates on
+    bar = tqdm(desc="calibrating", unit="trial", disable=not progress)
+
+    def note(line: str) -> None:
+        bar.set_postfix_str(line)
 
     def sample(policy: Any) -> tuple[torch.Tensor, float]:
         for cache in denoiser.step_caches():
@@ -342,14 +389,46 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str, quality: Mappin
         bar.update(1)
         return images, denoiser.skipped_fraction()
 
-    def note(line: str) -> None:
-        bar.set_postfix_str(line)
-
+    curves, cache_trials, fragile, best = None, [], 0, None
     try:
-        best, trials, fragile = calibrate(sample, reference, curves, check_quality(quality), policies, note)
+        if step_cache is not None:
+            curves = fit_curves(recorders, caches[0].cached)
+            policies = AUTO if step_cache == "auto" else (step_cache,)
+            best, trials, fragile = calibrate(sample, reference, curves, quality, policies, note)
+            cache_trials = [sparse_calibration.Measured(t.spec, t.measured, skipped=t.skipped) for t in trials
+                            if t.skipped > 0]
+        if not auto_sparse:
+            return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials,
+                        fragile, sparse=sparse)
+        for cache in caches:
+            cache.set_policy(make_policy({"policy": "none"}))
+
+        def sample_sparse(options: dict[str, Any]) -> tuple[torch.Tensor, float]:
+            denoiser.set_sparse({**sparse, **options})
+            images = run()
+            bar.update(1)
+            return images, denoiser.attention_kept()
+
+        steps = int(arguments.get("num_inference_steps", 50))
+        sparse_trials = sparse_calibration.sweep(sample_sparse, reference, steps, measure, note)
+
+        def run_pair(c: Any, s: Any) -> Any:
+            for cache in caches:
+                cache.set_policy(make_policy(dict(c.options), curves))
+            images, kept = sample_sparse(s.options)
+            return sparse_calibration.Measured(None, measure(images, reference), denoiser.skipped_fraction(), kept)
+
+        pairs = sparse_calibration.candidates(cache_trials, sparse_trials, share, quality, meets)
+        c, s, both = sparse_calibration.choose(pairs, run_pair, share, quality, meets)
     finally:
         bar.close()
-    return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials, fragile)
+    spec = dict(c.options) if c is not None else {"policy": "none"}
+    options = {**sparse, **s.options} if s is not None else None
+    alone = {name: sparse_calibration.best_alone(trials, share, quality, meets)
+             for name, trials in (("step_cache", cache_trials), ("sparse_attention", sparse_trials))}
+    return Plan(spec, curves, fingerprint(pipe), dict(quality), both.measured, both.skipped, [], fragile,
+                sparse=options, attention_share=share,
+                work=sparse_calibration.work(both.skipped, both.kept, share), alone=alone)
 
 
 def images_of(output: Any) -> torch.Tensor:

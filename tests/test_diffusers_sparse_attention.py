@@ -91,3 +91,31 @@ def test_with_step_caching_both_run_on_one_capture(pipe, reference):
     gd.restore(pipe)
     assert skipped > 0.3 and sparse["spatial"] + sparse["temporal"] > 0
     assert psnr(clips, reference) >= 25
+
+
+@pytest.mark.slow
+def test_both_calibrate_under_one_budget_and_the_plan_round_trips(pipe, tmp_path):
+    from graphopt.passes.step_cache.calibrate import Plan
+
+    budget = {"psnr": 29.0, "ssim": 0.9}
+    gd.optimize(pipe, step_cache="fora", sparse_attention="auto", quality=budget, progress=False,
+                calibration={"class_labels": [1, 6], "num_inference_steps": STEPS, "seed": 7})
+    plan = pipe.graphopt.plan
+    assert plan.measured["worst_psnr"] >= 29 and plan.measured["worst_ssim"] >= 0.9
+    assert 0 < plan.attention_share < 1 and plan.work < 1
+    alone = [a for a in plan.alone.values() if a is not None]
+    assert alone and all(plan.work <= a["work"] + 1e-9 for a in alone), "the plan is never worse than a pass alone"
+    if plan.sparse is not None:
+        assert plan.sparse["density"] < 1 and "dense_steps" in plan.sparse
+    plan.save(tmp_path / "plan.json")
+    gd.restore(pipe)
+    gd.optimize(pipe, step_cache=str(tmp_path / "plan.json"))
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.sparse == plan.sparse and loaded.work == plan.work
+    assert (pipe.graphopt.denoiser.sparse is None) == (plan.sparse is None)
+    gd.restore(pipe)
+
+
+def test_auto_without_a_budget_is_refused(pipe):
+    with pytest.raises(InvalidOptionError, match="sparse_attention='auto' calibrates to a budget"):
+        gd.optimize(pipe, sparse_attention="auto")

@@ -78,6 +78,14 @@ class VideoGrid:
         return self.to_frame_major(torch.arange(self.video), dim=0)
 
 
+    @cached_property
+    def orders(self) -> torch.Tensor:
+        """``[2, video]``: where token ``i`` of frame-major order (row 0) and of token-major order (row 1)
+        lives in frame-major memory."""
+        identity = torch.arange(self.video)
+        return torch.stack([identity, self.to_token_major(identity, 0)])
+
+
 @dataclass(frozen=True)
 class Band:
     """Each block of ``block`` query rows attends to ``window`` consecutive keys centred on it (clipped to

@@ -2,14 +2,16 @@
 
 Sparse VideoGen's test, made cheaper to trust: a few query rows per head are
 attended exactly, once against all keys and once under each head kind's
-band; the kind whose sampled output is closer wins, and a head whose closer
-kind still misses by more than ``budget`` (relative squared error) stays
-dense, a choice SVG does not have. Rows are drawn from every frame (SVG
+band; the kind whose sampled output is closer wins. Two choices SVG does not
+have: bands of several widths (each twice the last), the narrowest whose
+closer kind keeps the sampled error under ``budget`` (relative squared error)
+winning, and dense for a head no band fits. Rows are drawn from every frame (SVG
 draws from the first 10,000 tokens, so later frames of long videos are never
 looked at); ``frames_only=...`` reproduces SVG's draw for comparison.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +24,12 @@ KINDS = ("spatial", "temporal", "dense")
 
 @dataclass
 class HeadMap:
-    """Each head's kind (``[heads]`` of SPATIAL/TEMPORAL/DENSE) and the sampled relative errors of its
-    spatial and temporal bands (``[heads, 2]``)."""
+    """Each head's kind (``[heads]`` of SPATIAL/TEMPORAL/DENSE), the band it runs (``[heads]``, an index into
+    the bands profiled; 0 for dense heads) and the sampled relative errors (``[heads, bands, 2]``: spatial,
+    temporal)."""
 
     kinds: torch.Tensor
+    levels: torch.Tensor
     errors: torch.Tensor
 
     def counts(self) -> dict[str, int]:
@@ -41,11 +45,12 @@ def sample_rows(grid: VideoGrid, samples: int, generator: torch.Generator, first
     return frames * grid.per_frame + torch.randint(0, grid.per_frame, (samples,), generator=generator)
 
 
-def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, band: Band,
+def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, bands: Sequence[Band],
                    rows: torch.Tensor, budget: float, scale: float | None = None,
                    mask: torch.Tensor | None = None) -> HeadMap:
-    """``q, k, v``: ``[heads, tokens, d]`` over the whole joint sequence; ``rows``: frame-major video
-    positions to test; ``mask``: an additive or boolean key mask ``[heads or 1, 1, tokens]``."""
+    """``q, k, v``: ``[heads, tokens, d]`` over the whole joint sequence; ``bands``: narrowest first;
+    ``rows``: frame-major video positions to test; ``mask``: an additive or boolean key mask
+    ``[heads or 1, 1, tokens]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     span, device = grid.video_span, q.device
     positions = grid.token_major_positions.to(device)
@@ -54,19 +59,24 @@ def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Vide
     scores = (queries @ k.transpose(-1, -2)).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # softmax's numerators, shared by all three
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # softmax's numerators, shared by every band
     values = v.float()
     exact = (weights @ values) / weights.sum(-1, keepdim=True)
-    spatial = band.mask(rows, grid.video)
-    temporal = band.mask(positions[rows], grid.video)[:, positions]
-    errors = []
-    for keep in (spatial, temporal):
-        full = torch.ones(len(rows), grid.tokens, dtype=torch.bool, device=device)
-        full[:, span] = keep
-        kept = weights * full
-        approx = (kept @ values) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
-        errors.append(((approx - exact).square().sum((-1, -2)) / exact.square().sum((-1, -2)).clamp_min(1e-30)))
-    errors = torch.stack(errors, -1)
-    best, kinds = errors.min(-1)
-    kinds = torch.where(best > budget, torch.full_like(kinds, DENSE), kinds)
-    return HeadMap(kinds, errors)
+    norm = exact.square().sum((-1, -2)).clamp_min(1e-30)
+    errors = torch.empty(len(q), len(bands), 2, device=device)
+    keep = torch.ones(len(rows), grid.tokens, dtype=torch.bool, device=device)
+    for level, band in enumerate(bands):
+        spatial = band.mask(rows, grid.video)
+        temporal = band.mask(positions[rows], grid.video)[:, positions]
+        for kind, video_keys in ((SPATIAL, spatial), (TEMPORAL, temporal)):
+            keep[:, span] = video_keys
+            kept = weights * keep
+            approx = (kept @ values) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+            errors[:, level, kind] = (approx - exact).square().sum((-1, -2)) / norm
+    best, kinds = errors.min(-1)  # [heads, bands]
+    fits = best <= budget
+    levels = torch.where(fits.any(-1), fits.float().argmax(-1), torch.zeros_like(fits[:, 0], dtype=torch.long))
+    chosen = kinds.gather(1, levels[:, None]).squeeze(1)
+    if budget != float("inf"):
+        chosen = torch.where(fits.any(-1), chosen, torch.full_like(chosen, DENSE))
+    return HeadMap(chosen, levels, errors)

@@ -32,15 +32,16 @@ from .runtime import Settings, SparseVideoAttention
 # ------------------------------------------------------------------- the op
 def video_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                            scale: float | None = None, grid: list | None = None, text: int | None = 0,
-                           text_first: bool = True, density: float = 0.25, block: int | None = None,
+                           text_first: bool = True, density: float = 0.25, levels: int = 1, block: int | None = None,
                            budget: float = 0.05, samples: int = 64, dense_steps: int = 0, profile_every: int = 1,
-                           first_tokens: int | None = None, dense_heads: bool = True, label: str = "") -> torch.Tensor:
+                           first_tokens: int | None = None, dense_heads: bool = True, kernel: str = "auto",
+                           label: str = "") -> torch.Tensor:
     """Attention of video (and text) tokens, sparse per head once emitted; interpreted, dense attention."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-SETTINGS = ("density", "block", "budget", "samples", "dense_steps", "profile_every", "first_tokens", "dense_heads",
-            "scale")
+SETTINGS = ("density", "levels", "block", "budget", "samples", "dense_steps", "profile_every", "first_tokens",
+            "dense_heads", "kernel", "scale")
 
 
 def settings_of(node: Node) -> Settings:
@@ -81,6 +82,8 @@ class SparseVideoAttentionPass(Pass):
 
     density: float = 0.25
     """The share of (query block, key block) pairs a sparse head computes, in (0, 1]."""
+    levels: int = 1
+    """Band widths profiling may choose per head: ``density``, twice it, ... (1: one width, as SVG)."""
     video_shape: tuple[int, int, int] | None = None
     """``(frames, height, width)`` in tokens, where the graph's reshapes do not tell."""
     text_tokens: int | None = None
@@ -101,6 +104,8 @@ class SparseVideoAttentionPass(Pass):
     """Draw profiled rows from the first tokens only (SVG's draw: 10,000), for comparison."""
     dense_heads: bool = True
     """Whether profiling may keep a head dense (False: SVG's recipe, the closer band always)."""
+    kernel: str = "auto"
+    """``"auto"`` (Triton on a GPU, torch's kernels elsewhere), ``"triton"`` or ``"torch"``."""
 
     def call(self, graph: Graph) -> PassResult:
         self._check_options()
@@ -125,6 +130,10 @@ class SparseVideoAttentionPass(Pass):
     def _check_options(self) -> None:
         if not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise InvalidOptionError(f"sparse_video_attention: density must be in (0, 1], got {self.density!r}")
+        if not isinstance(self.levels, int) or self.levels < 1:
+            raise InvalidOptionError(f"sparse_video_attention: levels is a count of band widths >= 1, got {self.levels!r}")
+        if self.kernel not in ("auto", "triton", "torch"):
+            raise InvalidOptionError(f"sparse_video_attention: kernel is 'auto', 'triton' or 'torch', got {self.kernel!r}")
         if self.text_position not in (None, "first", "last"):
             raise InvalidOptionError(f"sparse_video_attention: text_position is 'first' or 'last', "
                                      f"got {self.text_position!r}")

@@ -3,10 +3,12 @@
 Per call it counts the sampling step (its memory lives on the emitted
 module's ``GraphState``, so each CFG branch and each generation keeps its
 own), runs dense for the first ``dense_steps`` calls, profiles the heads
-every ``profile_every`` calls after that, and runs each head kind as one
-band attention: spatial heads in frame-major order, temporal heads
-token-major (permuted in, permuted back), dense heads through SDPA. Text rows
-attend densely; text keys are seen by every row.
+every ``profile_every`` calls after that, and runs the heads of each kind and
+band width as one band attention: spatial heads in frame-major order,
+temporal heads token-major, dense heads through SDPA. With torch's kernels
+temporal heads are permuted in and back (four gathers of their q, k, v and
+output per call); the Triton kernel reads them through an order table, with
+no copies. Text rows attend densely; text keys are seen by every row.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class Settings:
 
     grid: VideoGrid
     density: float = 0.25
+    levels: int = 1
+    """Band widths profiling may choose per head: ``density``, twice it, ... (below 1)."""
     block: int | None = None
     budget: float = 0.05
     samples: int = 64
@@ -35,10 +39,20 @@ class Settings:
     first_tokens: int | None = None
     dense_heads: bool = True
     scale: float | None = None
+    kernel: str = "auto"
+    """``"auto"`` (Triton on a GPU, torch's kernels elsewhere), ``"triton"`` or ``"torch"``."""
 
     @property
-    def band(self) -> Band:
-        return Band.for_density(self.grid.video, self.density, self.block)
+    def bands(self) -> list[Band]:
+        """The bands a head may run, narrowest first."""
+        bands: list[Band] = []
+        for level in range(self.levels):
+            band = Band.for_density(self.grid.video, self.density * 2 ** level, self.block)
+            if band.window >= self.grid.video and bands:
+                break
+            if not bands or band.window > bands[-1].window:
+                bands.append(band)
+        return bands
 
 
 @dataclass
@@ -50,6 +64,10 @@ class Memory:
     head_map: HeadMap | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     profiles: list[dict[str, int]] = field(default_factory=list)
+    dense_flops: float = 0.0
+    """What the calls so far would have cost dense (``4 d`` per query-key pair, as FLOP counters count)."""
+    flops: float = 0.0
+    """What they cost: sparse heads' video rows see their band and the text keys."""
 
 
 class SparseVideoAttention(torch.nn.Module):
@@ -76,30 +94,49 @@ class SparseVideoAttention(torch.nn.Module):
         step = memory.calls
         memory.calls += 1
         memory.heads = q.shape[0] * q.shape[1]
+        dense = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        memory.dense_flops += dense
         if step < s.dense_steps:
+            memory.flops += dense
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale)
         flat = [x.flatten(0, 1) for x in (q, k, v)]
         key_mask = None if mask is None else mask.expand(*q.shape[:2], 1, k.shape[-2]).flatten(0, 1)
-        if memory.head_map is None or (step - s.dense_steps) % s.profile_every == 0:
+        stale = memory.head_map is None or len(memory.head_map.kinds) != len(flat[0])  # a new batch size
+        if stale or (step - s.dense_steps) % s.profile_every == 0:
             rows = sample_rows(s.grid, s.samples, memory.generator, s.first_tokens)
-            memory.head_map = classify_heads(*flat, s.grid, s.band, rows, s.budget if s.dense_heads else float("inf"),
-                                             s.scale, key_mask)
+            memory.head_map = classify_heads(*flat, s.grid, s.bands if s.dense_heads else s.bands[:1], rows,
+                                             s.budget if s.dense_heads else float("inf"), s.scale, key_mask)
             memory.profiles.append(memory.head_map.counts())
-        out = self.run(*flat, memory.head_map.kinds, key_mask, s)
+        head_map = memory.head_map
+        windows = torch.tensor([b.window for b in s.bands], dtype=torch.float64)[head_map.levels.cpu()]
+        sparse = (head_map.kinds != DENSE).cpu()  # their video rows skip the keys off their band
+        saved = float((grid.video * (1 - (windows + grid.text) / k.shape[2]))[sparse].sum())
+        memory.flops += dense * (1 - saved / (q.shape[0] * q.shape[1] * q.shape[2]))
+        out = self.run(*flat, head_map.kinds, head_map.levels, key_mask, s)
         return out.unflatten(0, q.shape[:2])
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kinds: torch.Tensor,
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kinds: torch.Tensor, levels: torch.Tensor,
             key_mask: torch.Tensor | None, s: Settings) -> torch.Tensor:
-        """``q, k, v``: ``[heads, tokens, d]``; ``kinds``: each head's kind; ``s``: this call's settings."""
-        grid, band = s.grid, s.band
-        video, text = grid.video_span, grid.text_span
+        """``q, k, v``: ``[heads, tokens, d]``; ``kinds``, ``levels``: each head's kind and band;
+        ``s``: this call's settings. Heads of one kind and band run as one batch."""
+        grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         if grid.text:
             out[:, text] = F.scaled_dot_product_attention(q[:, text], k, v, attn_mask=key_mask, scale=s.scale)
         out_video = out[:, video]
-        for kind in (SPATIAL, TEMPORAL, DENSE):
-            heads = (kinds == kind).nonzero().flatten()
+        triton = key_mask is None and bool((kinds != DENSE).any()) and self.triton(q, s)
+        bands = s.bands
+        groups = [(DENSE, 0)] + [(kind, level) for kind in (SPATIAL, TEMPORAL) for level in range(len(bands))]
+        launched: set[int] = set()  # bands whose heads the Triton kernel ran, both kinds in one launch
+        for kind, level in groups:
+            chosen = (kinds == kind) if kind == DENSE else (kinds == kind) & (levels == level)
+            heads = chosen.nonzero().flatten()
             if len(heads) == 0:
+                continue
+            if triton and kind != DENSE:
+                if level not in launched:
+                    launched.add(level)
+                    self.triton_band(q, k, v, out_video, (kinds != DENSE) & (levels == level), kinds, bands[level], s)
                 continue
             every = len(heads) == len(kinds)
             qh, kh, vh = (x if every else x[heads] for x in (q, k, v))
@@ -107,22 +144,60 @@ class SparseVideoAttention(torch.nn.Module):
             if kind == DENSE:
                 o = F.scaled_dot_product_attention(qh[:, video], kh, vh, attn_mask=mh, scale=s.scale)
             else:
-                qv, kv, vv = qh[:, video], kh[:, video], vh[:, video]
-                if kind == TEMPORAL:
-                    qv, kv, vv = (grid.to_token_major(x) for x in (qv, kv, vv))
-                masks = (None, None)
-                if mh is not None:
-                    vm = mh[..., video]
-                    masks = (grid.to_token_major(vm, -1) if kind == TEMPORAL else vm, mh[..., text])
-                o = band_attention(qv, kv, vv, band, kh[:, text] if grid.text else None,
-                                   vh[:, text] if grid.text else None, *masks, scale=s.scale)
-                if kind == TEMPORAL:
-                    o = grid.to_frame_major(o)
+                o = self.band(qh, kh, vh, mh, kind == TEMPORAL, bands[level], s)
             if every:
                 out_video.copy_(o)
             else:
                 out_video.index_copy_(0, heads, o)
         return out
+
+    @staticmethod
+    def triton_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_video: torch.Tensor,
+                    chosen: torch.Tensor, kinds: torch.Tensor, band: Band, s: Settings) -> None:
+        """The ``chosen`` heads (spatial and temporal: the kernel reads each in its order) into ``out_video``."""
+        from graphopt.backends import triton_attention
+
+        grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
+        triton_attention.band_attention(
+            q[:, video], k[:, video], v[:, video], band.starts(grid.video), band.window, band.block,
+            grid.orders.to(q.device), kinds, k[:, text] if grid.text else None, v[:, text] if grid.text else None,
+            s.scale, out=out_video, heads=chosen.nonzero().flatten())
+
+    @staticmethod
+    def band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, temporal: bool,
+             band: Band, s: Settings) -> torch.Tensor:
+        """The band attention of heads of one kind, with torch's kernels: temporal heads permuted to
+        token-major order and back."""
+        grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
+        qv, kv, vv = q[:, video], k[:, video], v[:, video]
+        if temporal:
+            qv, kv, vv = (grid.to_token_major(x) for x in (qv, kv, vv))
+        masks = (None, None)
+        if mask is not None:
+            vm = mask[..., video]
+            masks = (grid.to_token_major(vm, -1) if temporal else vm, mask[..., text])
+        o = band_attention(qv, kv, vv, band, k[:, text] if grid.text else None, v[:, text] if grid.text else None,
+                           *masks, scale=s.scale)
+        return grid.to_frame_major(o) if temporal else o
+
+    @staticmethod
+    def triton(q: torch.Tensor, s: Settings) -> bool:
+        """Whether the Triton kernel runs this call: ``kernel="triton"``, or ``"auto"`` on a GPU Triton
+        serves with a head dim it takes."""
+        if s.kernel == "torch":
+            return False
+        from graphopt.backends import triton_attention
+
+        usable = triton_attention.unavailable(q.device) is None and triton_attention.takes(q.shape[-1])
+        if s.kernel == "triton" and not usable:
+            raise RuntimeError(f"kernel='triton' cannot run here: {triton_attention.unavailable(q.device) or 'head dim'}")
+        return usable and (s.kernel == "triton" or q.is_cuda)
+
+    def work(self) -> tuple[float, float]:
+        """(dense, done): the FLOPs this attention's calls would have cost dense and what they cost, over the
+        memories of every branch since the last reset."""
+        memories = self.state.memories_of(self.key)
+        return sum(m.dense_flops for m in memories), sum(m.flops for m in memories)
 
     def head_counts(self) -> dict[str, int]:
         """Heads of each kind over every profile so far (all branches), summed, and the calls made."""

@@ -153,10 +153,12 @@ class Trial:
 
 @dataclass
 class Plan:
-    """A calibrated policy and what it was calibrated on; ``save``/``load`` as JSON."""
+    """A calibrated policy and what it was calibrated on; ``save``/``load`` as JSON. With sparse attention
+    calibrated beside it (``graphopt.passes.sparse_attention.calibrate``), its options too; ``curves`` is
+    None when the plan caches nothing (sparse attention alone)."""
 
     spec: dict[str, Any]
-    curves: Curves
+    curves: Curves | None
     fingerprint: dict[str, str]
     quality: dict[str, float]
     measured: dict[str, float]
@@ -164,14 +166,26 @@ class Plan:
     trials: list[Trial] = field(default_factory=list)
     fragile_steps: int = 0
     """The calibration run's first steps that one reuse already hurt (every setting's warm-up covers them)."""
+    sparse: dict[str, Any] | None = None
+    """The ``sparse_video_attention`` options the plan runs with, or None."""
+    attention_share: float | None = None
+    """The share of the denoiser's FLOPs its sparse attentions spend dense (calibration's work model)."""
+    work: float | None = None
+    """The denoiser's FLOPs the plan leaves, as a share of dense, uncached sampling (the work model's)."""
+    alone: dict[str, Any] | None = None
+    """Calibrated together: each pass's best setting alone within the budget (``options``, ``measured``,
+    ``work``), what the pair was chosen against."""
 
     def policy(self) -> Policy:
         return make_policy(dict(self.spec), self.curves)
 
     def to_json(self) -> dict[str, Any]:
-        return {"plan": "graphopt.step_cache/1", **self.spec, "curves": self.curves.to_json(),
+        extra = {k: v for k, v in (("sparse_attention", self.sparse), ("attention_share", self.attention_share),
+                                   ("work", self.work), ("alone", self.alone)) if v is not None}
+        return {"plan": "graphopt.step_cache/1", **self.spec,
+                "curves": None if self.curves is None else self.curves.to_json(),
                 "fingerprint": self.fingerprint, "quality": self.quality, "measured": self.measured,
-                "skipped_fraction": self.skipped, "fragile_steps": self.fragile_steps,
+                "skipped_fraction": self.skipped, "fragile_steps": self.fragile_steps, **extra,
                 "trials": [{"setting": t.spec, **t.measured, "skipped_fraction": t.skipped} for t in self.trials]}
 
     def save(self, path: str | Path) -> None:
@@ -183,10 +197,13 @@ class Plan:
         if data.pop("plan", None) != "graphopt.step_cache/1":
             raise InvalidOptionError("not a graphopt step-cache plan (no 'plan': 'graphopt.step_cache/1' field); "
                                      "make one with graphopt.diffusers.optimize(pipe, step_cache='auto', quality=...)")
-        spec = {k: data.pop(k) for k in list(data) if k not in ("curves", "fingerprint", "quality", "measured",
-                                                                  "skipped_fraction", "trials", "fragile_steps")}
-        return cls(spec, Curves.from_json(data["curves"]), data["fingerprint"], data["quality"], data["measured"],
-                   data["skipped_fraction"], fragile_steps=data.get("fragile_steps", 0))
+        spec = {k: data.pop(k) for k in list(data) if k not in (
+            "curves", "fingerprint", "quality", "measured", "skipped_fraction", "trials", "fragile_steps",
+            "sparse_attention", "attention_share", "work", "alone")}
+        curves = Curves.from_json(data["curves"]) if data.get("curves") is not None else None
+        return cls(spec, curves, data["fingerprint"], data["quality"], data["measured"], data["skipped_fraction"],
+                   fragile_steps=data.get("fragile_steps", 0), sparse=data.get("sparse_attention"),
+                   attention_share=data.get("attention_share"), work=data.get("work"), alone=data.get("alone"))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -9,12 +9,6 @@ Shapes are small and deliberately not powers of two, so masks are exercised.
 Expected values come from the reference interpreter, never from the backend.
 Only the performance check needs a GPU.
 """
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,6 +22,7 @@ from graphopt.ir import Graph, TensorType
 from graphopt.passes.fusion_groups import MarkFusionGroups
 
 from ir_interpreter import run_graph
+from triton_interpreter import passed_in_interpreter
 
 pytest.importorskip("triton")
 
@@ -57,12 +52,8 @@ def launches(monkeypatch):
 
 @pytest.mark.skipif(UNAVAILABLE is None or DEVICE.type != "cpu", reason="kernels run in this process")
 def test_kernels_in_the_interpreter(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path)}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                           env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True)
-    assert child.returncode == 0, child.stdout[-6000:]
-    passed = re.search(r"(\d+) passed", child.stdout)
-    assert passed and int(passed[1]) >= 90, child.stdout[-2000:]
+    passed, output = passed_in_interpreter(__file__, tmp_path)
+    assert passed >= 90, output
 
 
 def t(*shape, dtype=torch.float32):

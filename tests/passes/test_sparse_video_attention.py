@@ -70,7 +70,7 @@ def test_profiling_names_planted_spatial_and_temporal_heads_and_keeps_the_rest_d
     for seed in range(3):
         q, k, v, grid, truth = planted_video_heads(seed=seed)
         rows = sample_rows(grid, 64, torch.Generator().manual_seed(seed))
-        found = classify_heads(q, k, v, grid, Band.for_density(grid.video, 0.25), rows, budget=0.05).kinds
+        found = classify_heads(q, k, v, grid, [Band.for_density(grid.video, 0.25)], rows, budget=0.05).kinds
         planted = truth != DENSE
         right += int((found[planted] == truth[planted]).sum())
         known += int(planted.sum())
@@ -185,6 +185,11 @@ def test_an_attention_without_a_grid_asks_for_video_shape():
         sparse({}, (Tokens(), (torch.randn(1, 48, 16),)))
     graph = sparse({"video_shape": (3, 4, 4)}, (Tokens(), (torch.randn(1, 48, 16),)))
     assert graph.find("video_sparse_attention")
+
+
+def test_onnx_export_of_a_sparse_graph_is_refused_clearly():
+    with pytest.raises(Exception, match="keeps state across calls"):
+        sparse({"density": 0.5}).to_onnx()
 
 
 def test_through_torch_compile():

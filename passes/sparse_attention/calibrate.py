@@ -1,0 +1,133 @@
+"""Sparse attention calibrated to a quality budget, alone or with step caching under one budget.
+
+Each lossy pass alone is measured on the calibration samples against the
+dense, uncached samples: step caching's trials come from
+``step_cache.calibrate``, sparse attention's from ``SETTINGS`` here. Their
+errors are close to independent (one skips whole blocks at some steps, the
+other drops attention far off each head's band at every step), so a pair's
+squared error is predicted as the sum of the two (PSNR, relative error; SSIM
+losses add), and its work as the product of the two savings. Pairs that the
+prediction says meet the budget are tried in order of predicted work, each
+one run, until one meets it: the budget is split between the passes where the
+split costs least, and a pass alone is a pair with nothing on the other side.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt.errors import GraphoptError
+
+SETTINGS: tuple[dict[str, Any], ...] = tuple(
+    {"density": d, "levels": n, "budget": b, "dense_fraction": f}
+    for f in (0.1, 0.2) for d, n in ((0.25, 1), (0.25, 2), (0.125, 2), (0.5, 1)) for b in (0.02, 0.05, 0.1))
+"""The narrowest band's density and how many widths a head may choose from, the sampled error a head may
+have and stay sparse, and the share of the first steps kept dense (SVG keeps 10-20 %). On the
+moving-digits video DiT, a second width buys 3 dB at 73 % of the attention kept and costs 4 dB at 85 %,
+so both are tried."""
+
+VERIFIED = 4
+"""Predicted pairs run before settling for the best pass alone."""
+
+
+@dataclass
+class Measured:
+    """One setting of one pass (or a pair), run on the calibration samples."""
+
+    options: dict[str, Any] | None
+    measured: dict[str, float]
+    skipped: float = 0.0
+    """Step caching: the block evaluations skipped."""
+    kept: float = 1.0
+    """Sparse attention: the share of the replaced attentions' FLOPs computed."""
+
+
+def options_for(setting: Mapping[str, Any], steps: int) -> dict[str, Any]:
+    """A setting as the pass's options for a ``steps``-step run."""
+    setting = dict(setting)
+    setting["dense_steps"] = round(setting.pop("dense_fraction") * steps)
+    return setting
+
+
+def sweep(sample: Callable[[dict[str, Any]], tuple[torch.Tensor, float]], reference: torch.Tensor, steps: int,
+          measure: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+          progress: Callable[[str], None] | None = None) -> list[Measured]:
+    """Every setting of ``SETTINGS``; ``sample(options)`` runs the samples and gives (images, kept)."""
+    trials = []
+    for setting in SETTINGS:
+        options = options_for(setting, steps)
+        images, kept = sample(options)
+        trials.append(Measured(options, measure(images, reference), kept=kept))
+        if progress is not None:
+            progress(f"sparse {options}: psnr {trials[-1].measured['psnr']:.1f}, attention kept {kept:.0%}")
+    return trials
+
+
+def work(skipped: float, kept: float, attention_share: float) -> float:
+    """The denoiser's FLOPs left, as a share: skipped block evaluations cost nothing, the rest pay the
+    attention's kept share of its part."""
+    return (1 - skipped) * (1 - attention_share * (1 - kept))
+
+
+def predicted(cache: Measured | None, sparse: Measured | None) -> dict[str, float]:
+    """The pair's worst-sample quality, its two errors added."""
+    parts = [m.measured for m in (cache, sparse) if m is not None]
+    if not parts:
+        return {"psnr": math.inf, "ssim": 1.0, "rel_error": 0.0}
+    mse = sum(10 ** (-p["worst_psnr"] / 10) for p in parts)
+    worst = {"psnr": -10 * math.log10(mse) if mse > 0 else math.inf,
+             "ssim": 1 - sum(1 - p["worst_ssim"] for p in parts),
+             "rel_error": math.sqrt(sum(p["worst_rel_error"] ** 2 for p in parts))}
+    return {**worst, **{f"worst_{k}": v for k, v in worst.items()}}
+
+
+def candidates(cache: Sequence[Measured], sparse: Sequence[Measured], attention_share: float,
+               quality: Mapping[str, float], meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
+               ) -> list[tuple[float, Measured | None, Measured | None]]:
+    """(predicted work, cache trial, sparse trial) of every pair predicted to meet ``quality``, least work
+    first; either side may be None (that pass left out), never both."""
+    pairs = []
+    for c in [None, *cache]:
+        for s in [None, *sparse]:
+            if (c is None and s is None) or not meets(predicted(c, s), quality):
+                continue
+            pairs.append((work(c.skipped if c else 0.0, s.kept if s else 1.0, attention_share), c, s))
+    return sorted(pairs, key=lambda p: p[0])
+
+
+def best_alone(trials: Sequence[Measured], attention_share: float, quality: Mapping[str, float],
+               meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]) -> dict[str, Any] | None:
+    """The least-work trial of one pass that met ``quality`` on its own, as a plan records it."""
+    good = [t for t in trials if meets(t.measured, quality)]
+    if not good:
+        return None
+    best = min(good, key=lambda t: work(t.skipped, t.kept, attention_share))
+    return {"options": best.options, "measured": best.measured,
+            "work": work(best.skipped, best.kept, attention_share)}
+
+
+def choose(pairs: Sequence[tuple[float, Measured | None, Measured | None]],
+           run: Callable[[Measured | None, Measured | None], Measured], attention_share: float,
+           quality: Mapping[str, float], meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
+           ) -> tuple[Measured | None, Measured | None, Measured]:
+    """The first pair (least predicted work) whose run meets ``quality``; after ``VERIFIED`` misses, the
+    pass alone of least work whose own calibration run met it."""
+    tried = 0
+    for _, c, s in pairs:
+        if c is not None and s is not None:
+            if tried == VERIFIED:
+                continue
+            tried += 1
+            both = run(c, s)
+            if meets(both.measured, quality):
+                return c, s, both
+            continue
+        alone = c if c is not None else s
+        if meets(alone.measured, quality):  # type: ignore[union-attr]
+            return c, s, alone  # type: ignore[return-value]
+    raise GraphoptError(f"neither step caching nor sparse attention meets {dict(quality)} on the calibration "
+                        f"samples; loosen the budget")
