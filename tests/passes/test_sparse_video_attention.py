@@ -156,6 +156,17 @@ def test_below_density_one_it_differs_and_the_head_map_is_module_state():
     assert attention.head_counts()["calls"] == 0
 
 
+def test_named_branches_keep_their_own_head_maps():
+    model, inputs = small_video_graph()
+    module = sparse({"density": 0.25, "dense_steps": 1}).to_torch()
+    with torch.no_grad():
+        for branch in ("cond", "uncond"):
+            with module.graphopt_state.branch(branch):
+                module(*inputs)
+    (attention,) = [m for m in module.modules() if hasattr(m, "head_counts")]
+    assert [m.calls for m in module.graphopt_state.memories_of(attention.key)] == [1, 1]  # each branch's first
+
+
 @pytest.mark.parametrize("options, error, text", [
     ({"density": 0.0}, InvalidOptionError, r"density must be in \(0, 1\]"),
     ({"density": 1.5}, InvalidOptionError, r"density must be in \(0, 1\]"),
