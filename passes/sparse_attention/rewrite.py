@@ -65,7 +65,8 @@ def _emit(node: Node, emit_body: Any, state: Any) -> SparseVideoAttention:
     return module
 
 
-register_op(OpDef("video_sparse_attention", video_sparse_attention, category="attention", pure=False,
+# Opaque, as ``step_cache``: a stateful runtime module that no importer, emitter or code generator lowers.
+register_op(OpDef("video_sparse_attention", video_sparse_attention, category="opaque", pure=False,
                   torch_module=_emit, doc=video_sparse_attention.__doc__))
 
 
