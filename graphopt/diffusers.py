@@ -419,7 +419,7 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str | None, auto_spa
             return sparse_calibration.Measured(None, measure(images, reference), denoiser.skipped_fraction(), kept)
 
         pairs = sparse_calibration.candidates(cache_trials, sparse_trials, share, quality, meets)
-        c, s, both = sparse_calibration.choose(pairs, run_pair, share, quality, meets)
+        c, s, both = sparse_calibration.choose(pairs, run_pair, quality, meets)
     finally:
         bar.close()
     spec = dict(c.options) if c is not None else {"policy": "none"}

@@ -111,8 +111,8 @@ def best_alone(trials: Sequence[Measured], attention_share: float, quality: Mapp
 
 
 def choose(pairs: Sequence[tuple[float, Measured | None, Measured | None]],
-           run: Callable[[Measured | None, Measured | None], Measured], attention_share: float,
-           quality: Mapping[str, float], meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
+           run: Callable[[Measured | None, Measured | None], Measured], quality: Mapping[str, float],
+           meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
            ) -> tuple[Measured | None, Measured | None, Measured]:
     """The first pair (least predicted work) whose run meets ``quality``; after ``VERIFIED`` misses, the
     pass alone of least work whose own calibration run met it."""
