@@ -100,7 +100,7 @@ def test_latency_target_prunes_to_a_plan_its_own_timer_accepted(monkeypatch):
 
     The target is 0.6x the dense time. When a load spike slowed the timings that set it so much that the
     search then times the dense graph under it, keeping the dense graph is right; the target is set
-    again from that timing and the search rerun (at most three tries)."""
+    again from that timing and the search rerun (at most five tries: CI once saw three in a row)."""
     from graphopt.passes.pruning import count_macs, measure_latency, plan as plan_module
 
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_latency_target_prunes_to_a_plan_its_own_timer_accepted(monkeypatch):
         return ms
 
     monkeypatch.setattr(plan_module, "measure_latency", recording_timer)
-    for _ in range(3):
+    for _ in range(5):
         limit, graph = 0.6 * dense_ms, dense.clone()
         timed.clear()
         graphopt.prune(graph, (x,), target={"latency_ms": limit})
