@@ -8,7 +8,9 @@ Stages (``--stages kernel,e2e,quality``):
   what profiling (64 rows per head) and the token permutations in and out cost beside dense attention.
 - ``e2e``: a diffusers CogVideoX transformer, 2 layers at width 1,024 (16 heads x 64), 13 frames of 32 x 32
   tokens plus 226 text tokens, captured, with ``sparse_video_attention`` at density 0.25 against the eager
-  dense transformer: speed-up, relative error, and the share of the dense forward spent in attention.
+  dense transformer: speed-up, relative error, and the share of the dense forward spent in attention; in
+  the model's frame-major layout and token-major (``layout="token"``), with the permutations left in the
+  graph per layer on deeper transformers.
 - ``together``: one calibration of step caching and sparse attention under one budget (PSNR 29, SSIM
   0.9) on the trained moving-digits DiT; the plan against each pass's best setting alone within the
   budget, on clips calibration never saw: quality, block evaluations skipped, attention kept, FLOPs
@@ -19,6 +21,7 @@ Stages (``--stages kernel,e2e,quality``):
   same code; plus head classification on planted spatial and temporal heads.
 
     python benchmarks/sparse_attention_compare.py [--stages kernel,e2e,quality,together] [--threads 2] [--repeats 5]
+    python benchmarks/sparse_attention_compare.py --stages quality,together --variant long   # 512 tokens
 
 Writes ``benchmarks/results/sparse_attention_compare.{md,json}``.
 """
@@ -138,22 +141,29 @@ def e2e_stage(repeats: int, density: float) -> dict[str, Any]:
 
     bar = tqdm(total=2 + repeats, desc="end to end", unit="step")
     model, inputs = cogvideox()
-    with torch.no_grad():
+
+    def sparse(layout: str, every_head: bool) -> tuple[Any, Any]:
         graph = graphopt.optimize(graphopt.capture(model, inputs), "O1", passes=["sparse_video_attention"],
-                                  options={"sparse_video_attention": {"density": density, "dense_layers": 0}})
-        stats = next(r.stats for r in graph.meta["report"].records if r.name == "sparse_video_attention" and r.modified)
-        profiled = graph.to_torch()
-        every = graph.to_torch()
-        for attention in every.modules():
-            if hasattr(attention, "set_options"):
+                                  options={"sparse_video_attention": {"density": density, "dense_layers": 0,
+                                                                      "layout": layout}})
+        module = graph.to_torch()
+        for attention in module.modules():
+            if every_head and hasattr(attention, "set_options"):
                 attention.set_options(dense_heads=False)
+        return graph, module
+
+    with torch.no_grad():
+        graph, profiled = sparse("frame", every_head=False)
+        stats = next(r.stats for r in graph.meta["report"].records if r.name == "sparse_video_attention" and r.modified)
+        _, every = sparse("frame", every_head=True)
+        token_graph, token = sparse("token", every_head=True)
         node = graph.find("video_sparse_attention")[0]
         q = torch.randn(1, 16, node.inputs[0].type.shape[-2], 64)
         reference = first(model(*inputs))
         bar.update()
-        outs = [first(profiled(*inputs)), first(every(*inputs))]
+        outs = [first(profiled(*inputs)), first(every(*inputs)), first(token(*inputs))]
         bar.update()
-        runs = [lambda: model(*inputs), lambda: profiled(*inputs), lambda: every(*inputs),
+        runs = [lambda: model(*inputs), lambda: profiled(*inputs), lambda: every(*inputs), lambda: token(*inputs),
                 lambda: F.scaled_dot_product_attention(q, q, q)]
         times: list[list[float]] = [[] for _ in runs]
         for _ in range(repeats):
@@ -161,27 +171,45 @@ def e2e_stage(repeats: int, density: float) -> dict[str, Any]:
                 ts.extend(time_in_turns([run], 1, 0, 0.0, settle_ms=0.0)[0])
             bar.update()
     bar.close()
-    dense_ms, attention_ms = statistics.median(times[0]), statistics.median(times[3])
+    dense_ms, attention_ms = statistics.median(times[0]), statistics.median(times[4])
     layers = stats["attention_replaced"]
     common = {"grid": node.attrs["grid"], "text": node.attrs["text"], "tokens": node.inputs[0].type.shape[-2],
               "attention_replaced": layers, "dense ms": spread(times[0]),
               "attention share of dense": f"{100 * layers * attention_ms / dense_ms:.0f} %"}
+    token_stats = next(r.stats for r in token_graph.meta["report"].records if r.name == "sparse_video_attention")
     rows = []
-    for name, out, ts in (("heads profiled", outs[0], times[1]), ("every head sparse", outs[1], times[2])):
-        rows.append({"heads": name, **common, "graphopt ms": spread(ts),
+    for name, layout, out, ts in (("heads profiled", "frame", outs[0], times[1]),
+                                  ("every head sparse", "frame", outs[1], times[2]),
+                                  ("every head sparse", "token", outs[2], times[3])):
+        left = token_stats["layout_permutations_left"] if layout == "token" else 0
+        rows.append({"heads": name, "layout": layout, **common, "graphopt ms": spread(ts),
                      "speed-up": round(dense_ms / statistics.median(ts), 2),
                      "relative error": round(float(max_rel_error(reference, out)), 4),
-                     "finite": bool(torch.isfinite(out).all())})
-    return {"rows": rows}
+                     "finite": bool(torch.isfinite(out).all()), "permutations in the graph": left})
+    return {"rows": rows, "layout": layout_counts()}
+
+
+def layout_counts(layers: tuple[int, ...] = (2, 8, 30)) -> list[dict[str, Any]]:
+    """``layout="token"`` on diffusers CogVideoX transformers of more layers (``graphopt.models``' small
+    config, 3 frames of 4 x 4 tokens and 8 text tokens; captured, not run): the token permutations the pass
+    places around each attention and those ``fold_token_permutations`` leaves."""
+    from graphopt.demo_sparse_attention import layout_permutations
+
+    rows = []
+    for n in layers:
+        replaced, placed, left = layout_permutations(n)
+        rows.append({"layers": n, "attention replaced": replaced, "permutations placed": placed,
+                     "left after folding": left, "left per layer": round(left / replaced, 3)})
+    return rows
 
 
 # --------------------------------------------------------------------- quality
-def quality_stage(steps: int) -> dict[str, Any]:
+def quality_stage(steps: int, variant: str) -> dict[str, Any]:
     import graphopt.diffusers as gd
     from graphopt import moving_digits
     from graphopt.quality import psnr, ssim
 
-    pipe = moving_digits.load_moving_digits_pipeline()
+    pipe = moving_digits.load_moving_digits_pipeline(variant)
     labels = list(range(8))
     run = lambda: pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))  # noqa: E731
     reference = run()
@@ -203,7 +231,17 @@ def quality_stage(steps: int) -> dict[str, Any]:
         rows.append({"setting": name, **options, "psnr": round(psnr(out, reference), 2),
                      "ssim": round(ssim(out, reference), 4), "attention kept": attention_kept(report),
                      **kinds})
-    return {"steps": steps, "clips": len(labels), "rows": rows, "planted": planted_accuracy()}
+    return {"steps": steps, "clips": len(labels), "rows": rows, "planted": planted_accuracy(),
+            **describe(variant)}
+
+
+def describe(variant: str) -> dict[str, Any]:
+    from graphopt import moving_digits
+
+    v = moving_digits.VARIANTS[variant]
+    return {"variant": variant, "model": f"{v.frames} frames of {v.canvas // moving_digits.PATCH}x"
+                                         f"{v.canvas // moving_digits.PATCH} tokens ({v.tokens}), "
+                                         f"{v.config['num_layers']} layers"}
 
 
 def attention_kept(report: list[dict[str, Any]]) -> float:
@@ -242,7 +280,7 @@ CALIBRATION = {"class_labels": [0, 3, 5, 8], "seed": 7}
 HELD_OUT = [1, 2, 4, 6, 7, 9]
 
 
-def joint_stage(steps: int, repeats: int) -> dict[str, Any]:
+def joint_stage(steps: int, repeats: int, variant: str) -> dict[str, Any]:
     """One calibration of both passes under one budget; its plan, and each pass's best setting alone within
     the budget, on clips calibration never saw."""
     import graphopt.diffusers as gd
@@ -250,7 +288,7 @@ def joint_stage(steps: int, repeats: int) -> dict[str, Any]:
     from graphopt.passes.sparse_attention.calibrate import work
     from graphopt.quality import psnr, ssim
 
-    pipe = moving_digits.load_moving_digits_pipeline()
+    pipe = moving_digits.load_moving_digits_pipeline(variant)
     run = lambda: pipe(HELD_OUT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))  # noqa: E731
     start = time.time()
     gd.optimize(pipe, step_cache="auto", sparse_attention="auto", quality=JOINT_QUALITY,
@@ -291,7 +329,7 @@ def joint_stage(steps: int, repeats: int) -> dict[str, Any]:
     return {"steps": steps, "quality": JOINT_QUALITY, "calibration seconds": round(seconds),
             "attention share": round(plan.attention_share, 3),
             "plan": {"step_cache": plan.spec, "sparse_attention": plan.sparse, "measured": plan.measured},
-            "clips": len(HELD_OUT), "rows": rows}
+            "clips": len(HELD_OUT), "rows": rows, **describe(variant)}
 
 
 # ----------------------------------------------------------------------- main
@@ -309,20 +347,24 @@ def write(results: dict[str, Any]) -> None:
     if "e2e" in results:
         lines += ["## End to end: CogVideoX transformer, 2 layers, width 1024, density 0.25", "",
                   *table(results["e2e"]["rows"]), ""]
-    if "quality" in results:
-        q = results["quality"]
-        lines += [f"## Quality: trained moving-digits video DiT, {q['steps']} steps, {q['clips']} clips, "
-                  f"against dense sampling", "", *table(q["rows"]), "",
-                  f"Planted heads classified right: {q['planted']['right']} of {q['planted']['heads']} "
-                  f"({100 * q['planted']['accuracy']:.1f} %).", ""]
-    if "together" in results:
-        j = results["together"]
-        lines += [f"## Together with step caching: one calibration for {j['quality']}, {j['steps']} steps, "
-                  f"{j['clips']} clips calibration never saw", "",
-                  f"Calibrated in {j['calibration seconds']} s; sparse attention is {100 * j['attention share']:.0f} % "
-                  f"of this denoiser's FLOPs, so FLOPs and wall-clock part ways here (see the kernel and end-to-end "
-                  f"tables for where sparse attention pays in time). Plan: {j['plan']}.", "",
-                  *table(j["rows"]), ""]
+        if "layout" in results["e2e"]:
+            lines += ["Token-major layout in the graph (`layout='token'`): permutations per layer before and after "
+                      "`fold_token_permutations`, on deeper CogVideoX transformers (captured only):", "",
+                      *table(results["e2e"]["layout"]), ""]
+    for key in ("quality", "quality_long"):
+        if key in results:
+            q = results[key]
+            lines += [f"## Quality: trained moving-digits video DiT ({q.get('model', 'short')}), {q['steps']} steps, "
+                      f"{q['clips']} clips, against dense sampling", "", *table(q["rows"]), "",
+                      f"Planted heads classified right: {q['planted']['right']} of {q['planted']['heads']} "
+                      f"({100 * q['planted']['accuracy']:.1f} %).", ""]
+    for key in ("together", "together_long"):
+        if key in results:
+            j = results[key]
+            lines += [f"## Together with step caching ({j.get('model', 'short')}): one calibration for "
+                      f"{j['quality']}, {j['steps']} steps, {j['clips']} clips calibration never saw", "",
+                      f"Calibrated in {j['calibration seconds']} s; attention is {100 * j['attention share']:.0f} % "
+                      f"of this denoiser's FLOPs. Plan: {j['plan']}.", "", *table(j["rows"]), ""]
     (RESULTS / "sparse_attention_compare.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -339,6 +381,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--variant", choices=("short", "long"), default="short",
+                        help="the trained moving-digits model of the quality and together stages")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / "sparse_attention_compare.json"
@@ -350,10 +394,11 @@ def main() -> None:
         results["kernel"] = kernel_stage(args.repeats)
     if "e2e" in stages:
         results["e2e"] = e2e_stage(max(3, args.repeats // 2), 0.25)
+    suffix = "" if args.variant == "short" else f"_{args.variant}"
     if "quality" in stages:
-        results["quality"] = quality_stage(args.steps)
+        results["quality" + suffix] = quality_stage(args.steps, args.variant)
     if "together" in stages:
-        results["together"] = joint_stage(args.steps, 2)
+        results["together" + suffix] = joint_stage(args.steps, 2, args.variant)
     print(f"{time.time() - start:.0f} s")
     write(results)
 

@@ -72,7 +72,7 @@ def main() -> None:
     flex = torch.compile(flex_attention)
     flat = [x.flatten(0, 1) for x in (q, k, v)]
     kinds = torch.tensor([SPATIAL, TEMPORAL] * (BATCH * HEADS // 2), device=device)
-    orders = GRID.orders.to(device)
+    orders = GRID.orders().to(device)
     out = torch.empty_like(flat[0])
 
     def graphopt_band() -> torch.Tensor:

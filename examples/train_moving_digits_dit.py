@@ -1,5 +1,5 @@
 """Train graphopt's moving-digits video DiT (``graphopt.moving_digits``) on CPU; writes
-``graphopt/data/moving_digits_dit.safetensors``.
+``graphopt/data/moving_digits_dit.safetensors`` (``--variant long``: ``moving_digits_dit_long.safetensors``).
 
 The recipe of ``train_digits_dit.py`` (rectified flow, logit-normal σ, class
 dropout for classifier-free guidance) on clips of a digit moving across a
@@ -7,6 +7,7 @@ canvas; every batch draws fresh trajectories, so the model learns motion, not
 a fixed set of clips.
 
     python examples/train_moving_digits_dit.py     # 8000 steps or 25 minutes, whichever ends first
+    python examples/train_moving_digits_dit.py --variant long --max-minutes 40
 """
 from __future__ import annotations
 
@@ -31,19 +32,21 @@ def main() -> None:
                         help="wall-clock budget: the learning-rate decay follows whichever of steps or time runs out "
                              "first, so a slow machine still ends on a decayed rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=sorted(md.VARIANTS), default="short")
     args = parser.parse_args()
+    variant = md.VARIANTS[args.variant]
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     images, labels = digits_images(md.DIGIT)
-    transformer, class_embedding = md.build_modules(md.TRANSFORMER_CONFIG)
+    transformer, class_embedding = md.build_modules(variant.config)
     parameters = list(transformer.parameters()) + list(class_embedding.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
 
     started = time.time()
     smoothed, trained = None, 0
-    progress = tqdm(range(args.steps), desc="moving digits DiT")
+    progress = tqdm(range(args.steps), desc=f"moving digits DiT ({variant.name})")
     for step in progress:
         done = step / args.steps
         if args.max_minutes:
@@ -53,7 +56,8 @@ def main() -> None:
         for group in optimizer.param_groups:  # linear warmup, then linear decay to 5%
             group["lr"] = args.lr * min(1.0, (step + 1) / warmup) * max(0.05, 1 - done)
         index = torch.randint(0, images.shape[0], (args.batch_size,))
-        x0, label = md.pack_video(md.moving_clips(images[index])), labels[index].clone()
+        clips = md.moving_clips(images[index], frames=variant.frames, canvas=variant.canvas)
+        x0, label = md.pack_video(clips), labels[index].clone()
         label[torch.rand(args.batch_size) < args.class_dropout] = NO_CLASS
         sigma = torch.sigmoid(torch.randn(args.batch_size))
         noise = torch.randn_like(x0)
@@ -70,10 +74,10 @@ def main() -> None:
         progress.set_postfix(loss=f"{smoothed:.4f}")
         trained += 1
 
-    md.save_moving_digits_pipeline(transformer, class_embedding, md.TRANSFORMER_CONFIG)
-    size_kb = md.PIPELINE_WEIGHTS.stat().st_size / 1024
+    md.save_moving_digits_pipeline(transformer, class_embedding, variant.config, variant.weights)
+    size_kb = variant.weights.stat().st_size / 1024
     print(f"trained {trained} steps in {time.time() - started:.0f} s, final loss (EMA) {smoothed:.4f}; "
-          f"wrote {md.PIPELINE_WEIGHTS} ({size_kb:.0f} KiB)")
+          f"wrote {variant.weights} ({size_kb:.0f} KiB)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""``graphopt demo``'s sparse-attention part: the band attention kernel against dense SDPA on CPU, and the
-trained moving-digits video DiT sampled with head-kind sparse attention against dense sampling."""
+"""``graphopt demo``'s sparse-attention part: the band attention kernel against dense SDPA on CPU, the
+trained moving-digits video DiT sampled with head-kind sparse attention against dense sampling, and the
+token-major layout's permutations folded across a transformer's layers."""
 from __future__ import annotations
 
 import statistics
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 SPARSE = {"density": 0.25, "dense_steps": 10}
+LAYOUT_LAYERS = 8
 
 
 @dataclass
@@ -24,6 +26,8 @@ class SparseAttentionRow:
     ssim: float
     kept: float
     kinds: dict[str, int]
+    layout: tuple[int, int, int]
+    """``layout_permutations(LAYOUT_LAYERS)``."""
 
 
 def run_sparse_attention_demo(quick: bool = False) -> SparseAttentionRow:
@@ -53,7 +57,22 @@ def run_sparse_attention_demo(quick: bool = False) -> SparseAttentionRow:
     kinds = {kind: sum(r[kind] for r in gd.report(pipe)["sparse_attention"]) for kind in ("spatial", "temporal", "dense")}
     gd.restore(pipe)
     return SparseAttentionRow(tokens, band.density(tokens), dense_ms, band_ms, steps, len(labels),
-                              psnr(clips, reference), ssim(clips, reference), kept, kinds)
+                              psnr(clips, reference), ssim(clips, reference), kept, kinds,
+                              layout_permutations(LAYOUT_LAYERS))
+
+
+def layout_permutations(layers: int) -> tuple[int, int, int]:
+    """``layout="token"`` on a small diffusers CogVideoX transformer of ``layers`` layers (captured, not run):
+    attentions replaced, token permutations placed around them, and those ``fold_token_permutations`` left."""
+    import graphopt
+
+    from .models import build_cogvideox
+
+    model, inputs = build_cogvideox(latent_frames=3, layers=layers)
+    graph = graphopt.optimize(graphopt.capture(model, inputs), "O1", passes=["sparse_video_attention"],
+                              options={"sparse_video_attention": {"layout": "token", "dense_layers": 0}})
+    stats = next(r.stats for r in graph.meta["report"].records if r.name == "sparse_video_attention")
+    return stats["attention_replaced"], stats["layout_permutations_placed"], stats["layout_permutations_left"]
 
 
 def _timed_in_turns(runs: list, repeats: int) -> list[float]:
@@ -82,4 +101,7 @@ def format_sparse_attention_row(row: SparseAttentionRow) -> str:
         kernel,
         f"sparse_video_attention: trained moving-digits video DiT (Wan transformer), {row.clips} clips of "
         f"{row.steps} steps against dense sampling: PSNR {row.psnr:.1f} dB, SSIM {row.ssim:.3f}, "
-        f"{row.kept:.0%} of the attention FLOPs computed; heads profiled as {share}."])
+        f"{row.kept:.0%} of the attention FLOPs computed; heads profiled as {share}.",
+        f"layout='token' on a {LAYOUT_LAYERS}-layer CogVideoX transformer: {row.layout[1]} token permutations placed "
+        f"around its {row.layout[0]} attentions, {row.layout[2]} left after fold_token_permutations "
+        f"(the region starts where the tokens appear and ends before the output)."])

@@ -302,12 +302,13 @@ class CachedDenoiser:
         return result, attention / (attention + other) if attention else 0.0
 
     def sparse_report(self) -> list[dict[str, Any]]:
-        """Per sparse attention: its settings and the head kinds of its last profile of each branch."""
+        """Per sparse attention: its settings, the head kinds of its profiles and the calls each kernel ran."""
         reports = []
         for attention in self.sparse_attentions():
             s = attention.settings
             reports.append({"grid": (s.grid.frames, s.grid.height, s.grid.width), "text": s.grid.text,
-                            "density": s.bands[0].density(s.grid.video), **attention.head_counts()})
+                            "density": s.bands[0].density(s.grid.video), **attention.head_counts(),
+                            "kernels": attention.kernel_calls()})
         return reports
 
     def step_caches(self) -> list[Any]:

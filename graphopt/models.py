@@ -384,22 +384,22 @@ def build_pixart() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     )
 
 
-def build_cogvideox() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build_cogvideox(latent_frames: int = 2, layers: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(SEED)
     cog = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8,
-        sample_frames=5, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
+        time_embed_dim=32, text_embed_dim=32, num_layers=layers, sample_width=8, sample_height=8,
+        sample_frames=4 * (latent_frames - 1) + 1, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
     )
     model = KwargsWrapper(
         cog, ("hidden_states", "encoder_hidden_states", "timestep"), {"return_dict": False}
     )
-    # (batch, latent frames, channels, height, width); 5 frames -> 2 latent frames.
+    # (batch, latent frames, channels, height, width); 4 (n - 1) + 1 frames -> n latent frames.
     return _finish(
         model,
-        torch.randn(1, 2, 4, 8, 8),
+        torch.randn(1, latent_frames, 4, 8, 8),
         torch.randn(1, 8, 32),
         torch.tensor([10], dtype=torch.long),
     )

@@ -9,11 +9,16 @@ straight line across a 24×24 canvas and bounces off its edges. The pipeline
 follows ``WanPipeline``'s calling convention, so diffusers' own cache hooks
 (``transformer.enable_cache(...)``) and graphopt's passes both apply to it.
 
-Weights: ``python examples/train_moving_digits_dit.py`` writes
-``graphopt/data/moving_digits_dit.safetensors``.
+A second, longer variant (``LONG``: 8 frames of a 32×32 canvas, 512 tokens)
+is where attention is most of a step's work, as in real video DiTs: sparse
+attention is measured on it.
+
+Weights: ``python examples/train_moving_digits_dit.py [--variant long]`` writes
+``graphopt/data/moving_digits_dit[_long].safetensors``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,15 +56,37 @@ TRANSFORMER_CONFIG = dict(
 CLASS_TOKENS = 2
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One trained moving-digits model: its clips' frames and canvas, its transformer, its weights file."""
+
+    name: str
+    frames: int
+    canvas: int
+    config: dict
+    weights: Path
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * (self.canvas // PATCH) ** 2
+
+
+SHORT = Variant("short", FRAMES, CANVAS, TRANSFORMER_CONFIG, PIPELINE_WEIGHTS)
+LONG = Variant("long", 8, 32, {**TRANSFORMER_CONFIG, "num_layers": 4},
+               DATA_DIR / "moving_digits_dit_long.safetensors")
+"""8 frames of 8×8 tokens: attention is about 70 % of a step's FLOPs, against 36 % for ``SHORT``."""
+VARIANTS = {v.name: v for v in (SHORT, LONG)}
+
+
 def moving_clips(digits: torch.Tensor, generator: torch.Generator | None = None,
-                 frames: int = FRAMES) -> torch.Tensor:
+                 frames: int = FRAMES, canvas: int = CANVAS) -> torch.Tensor:
     """Each ``digits`` image ([N, 1, DIGIT, DIGIT] in [-1, 1]) moving on a blank canvas along a random straight
-    line, bouncing off the edges: clips [N, frames, 1, CANVAS, CANVAS] in [-1, 1]."""
+    line, bouncing off the edges: clips [N, frames, 1, canvas, canvas] in [-1, 1]."""
     n = digits.shape[0]
-    room = CANVAS - DIGIT
+    room = canvas - DIGIT
     start = torch.randint(0, room + 1, (n, 2), generator=generator)
     velocity = torch.randint(-MAX_SPEED, MAX_SPEED + 1, (n, 2), generator=generator)
-    clips = torch.full((n, frames, 1, CANVAS, CANVAS), -1.0)
+    clips = torch.full((n, frames, 1, canvas, canvas), -1.0)
     for f in range(frames):
         travelled = (start + f * velocity) % (2 * room)
         position = torch.where(travelled > room, 2 * room - travelled, travelled)  # reflected at the edges
@@ -69,11 +96,12 @@ def moving_clips(digits: torch.Tensor, generator: torch.Generator | None = None,
     return clips
 
 
-def moving_digits_clips(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def moving_digits_clips(count: int, seed: int = 0, variant: Variant = SHORT) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` clips of sklearn's digits (in order, repeating) with seeded trajectories, and their labels."""
     images, labels = digits_images(DIGIT)
     index = torch.arange(count) % images.shape[0]
-    return moving_clips(images[index], torch.Generator().manual_seed(seed)), labels[index]
+    clips = moving_clips(images[index], torch.Generator().manual_seed(seed), variant.frames, variant.canvas)
+    return clips, labels[index]
 
 
 def pack_video(clips: torch.Tensor) -> torch.Tensor:
@@ -107,6 +135,8 @@ class MovingDigitsPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "class_embedding->transformer"
+    frames, canvas = FRAMES, CANVAS
+    """The clips' shape: the variant's (``load_moving_digits_pipeline`` sets them)."""
 
     def __init__(self, transformer, scheduler, class_embedding):
         super().__init__()
@@ -116,8 +146,8 @@ class MovingDigitsPipeline(DiffusionPipeline):
     def __call__(self, class_labels, num_inference_steps: int = 50, guidance_scale: float = 2.0,
                  generator: torch.Generator | None = None, batch_cfg: bool = True, output_type: str = "pt",
                  latents: torch.Tensor | None = None):
-        """Clips [B, FRAMES, 1, CANVAS, CANVAS] in [0, 1], one per entry of ``class_labels``; ``latents`` gives the
-        initial noise ([B, FRAMES, 1, CANVAS, CANVAS]) instead of drawing it."""
+        """Clips [B, frames, 1, canvas, canvas] in [0, 1], one per entry of ``class_labels``; ``latents`` gives the
+        initial noise ([B, frames, 1, canvas, canvas]) instead of drawing it."""
         if output_type != "pt":
             raise InvalidOptionError(f"output_type={output_type!r} is not supported; use output_type='pt'")
         if num_inference_steps < 1:
@@ -125,7 +155,7 @@ class MovingDigitsPipeline(DiffusionPipeline):
         device, dtype = self.transformer.device, self.transformer.dtype
         labels = labels_tensor(class_labels).to(device)
         batch = labels.shape[0]
-        shape = (batch, FRAMES, 1, CANVAS, CANVAS)
+        shape = (batch, self.frames, 1, self.canvas, self.canvas)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidOptionError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         noise = latents if latents is not None else torch.randn(
@@ -154,21 +184,27 @@ def save_moving_digits_pipeline(transformer, class_embedding, config: dict, path
     save_weights(transformer, class_embedding, config, path)
 
 
-def load_moving_digits_pipeline() -> MovingDigitsPipeline:
-    """The trained ``MovingDigitsPipeline`` from ``graphopt/data/moving_digits_dit.safetensors``."""
-    transformer, class_embedding = load_weights(PIPELINE_WEIGHTS, "train_moving_digits_dit.py", build_modules)
+def load_moving_digits_pipeline(variant: str = "short") -> MovingDigitsPipeline:
+    """The trained ``MovingDigitsPipeline`` of a variant (``"short"``, ``"long"``) from ``graphopt/data/``."""
+    if variant not in VARIANTS:
+        raise InvalidOptionError(f"no moving-digits variant {variant!r}; use one of {sorted(VARIANTS)}")
+    v = VARIANTS[variant]
+    script = "train_moving_digits_dit.py" + ("" if v is SHORT else f" --variant {v.name}")
+    transformer, class_embedding = load_weights(v.weights, script, build_modules)
     pipe = MovingDigitsPipeline(transformer.eval(), make_scheduler(), class_embedding.eval())
+    pipe.frames, pipe.canvas = v.frames, v.canvas
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def centered_digits(clips: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Each frame's digit, cut out around the frame's brightness centroid and scaled to ``size``×``size``:
-    clips [B, F, 1, CANVAS, CANVAS] in [0, 1] → [B·F, 1, size, size], the digits classifier's input."""
+    clips [B, F, 1, canvas, canvas] in [0, 1] → [B·F, 1, size, size], the digits classifier's input."""
     frames = clips.reshape(-1, *clips.shape[-2:]).float()
-    rows, cols = torch.arange(CANVAS, dtype=torch.float32), torch.arange(CANVAS, dtype=torch.float32)
+    canvas = frames.shape[-1]
+    rows, cols = torch.arange(canvas, dtype=torch.float32), torch.arange(canvas, dtype=torch.float32)
     mass = frames.sum(dim=(1, 2)).clamp_min(1e-6)
     centre = torch.stack([(frames.sum(2) * rows).sum(1) / mass, (frames.sum(1) * cols).sum(1) / mass], dim=1)
-    corner = (centre - DIGIT / 2 + 0.5).round().clamp(0, CANVAS - DIGIT).long()
+    corner = (centre - DIGIT / 2 + 0.5).round().clamp(0, canvas - DIGIT).long()
     crops = torch.stack([frame[y:y + DIGIT, x:x + DIGIT] for frame, (y, x) in zip(frames, corner.tolist())])
     return F.interpolate(crops[:, None], size=(size, size), mode="bicubic", align_corners=False).clamp(0.0, 1.0)

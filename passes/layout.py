@@ -13,7 +13,7 @@ nodes, so a transform that cannot meet its inverse is never moved for nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,11 @@ class _Kind:
 
     def commute(self, node: Node, pending: list[Pending | None], inference: bool) -> _Shadow | None:
         raise NotImplementedError
+
+    def starts(self, graph: Graph, seed: Key) -> list[list[tuple[Value, Key]]]:
+        """Where a region of transforms of class ``seed`` could start early (see ``_hoist``): groups of
+        (value, key), each value to be read through a pair ``inverse(key)`` then ``key``."""
+        return []
 
 
 # ----------------------------------------------------------------- permutes
@@ -252,6 +257,8 @@ class _TokenPermutations(_Kind):
         along_tokens = node.op in ("concat", "slice", "split") and node.attrs["dim"] % rank == axis
         if along_tokens and node.op == "concat":
             return self._concat(node, pending, axis)
+        if node.op == "concat" and all(p is not None and p[1] == key for p in pending):
+            return _Shadow([p[0] for p in pending], dict(node.attrs), key)  # along other dims, parts alike
         if x is None or any(p is not None for p in pending[1:]):
             return None
         if along_tokens:
@@ -263,9 +270,8 @@ class _TokenPermutations(_Kind):
             return same if axis < rank - _trailing_dims(node) else None
         if node.opdef.keeps_dims:
             return same if axis not in {d % rank for d in _dims_named(node)} else None
-        if node.op == "reshape":
-            shape_in, shape_out = _shape(node.inputs[0]), _shape(node.output)
-            return same if shape_out is not None and shape_in[:axis + 1] == shape_out[:axis + 1] else None
+        if node.opdef.reshapes:
+            return self._reshape(node, x, key)
         if node.op == "permute":
             dims = [d % rank for d in node.attrs["dims"]]
             return _Shadow([x[0]], dict(node.attrs), (dims.index(axis), key[1]))
@@ -283,12 +289,12 @@ class _TokenPermutations(_Kind):
         out_shape = _shape(node.output)
         inputs: list[Operand] = []
         for v, p in zip(node.inputs, pending):
-            if p is not None:
-                if p[1] != key or _shape(v) != out_shape:
+            shape = _shape(v)
+            if p is not None:  # broadcasting along other dims is fine (an rms_norm's ``x * rsqrt(...)``)
+                if p[1] != key or len(shape) != len(out_shape) or shape[axis] != out_shape[axis]:
                     return None
                 inputs.append(p[0])
                 continue
-            shape = _shape(v)
             own_axis = None if shape is None else axis - (len(out_shape) - len(shape))
             if v is None or (own_axis is not None and (own_axis < 0 or shape[own_axis] == 1)):
                 inputs.append(v)  # constant along the token dim: the permutation does not see it
@@ -297,6 +303,22 @@ class _TokenPermutations(_Kind):
             else:
                 return None
         return _Shadow(inputs, dict(node.attrs), key)
+
+    @staticmethod
+    def _reshape(node: Node, x: Pending, key: Key) -> _Shadow | None:
+        """A reshape (``squeeze``, ...) that keeps the token dim whole: the dims up to it unchanged, or unit
+        dims added or dropped around it (an ``unsqueeze`` of a rotary table)."""
+        axis, perm = key
+        shape_in, shape_out = _shape(node.inputs[0]), _shape(node.output)
+        if shape_out is None:
+            return None
+        if shape_in[:axis + 1] == shape_out[:axis + 1]:
+            return _Shadow([x[0], *node.inputs[1:]], dict(node.attrs), key)
+        if [d for d in shape_in if d != 1] != [d for d in shape_out if d != 1]:
+            return None
+        kept = sum(d != 1 for d in shape_in[:axis])
+        return _Shadow([x[0], *node.inputs[1:]], dict(node.attrs),
+                       ([i for i, d in enumerate(shape_out) if d != 1][kept], perm))
 
     @staticmethod
     def _concat(node: Node, pending: list[Pending | None], axis: int) -> _Shadow | None:
@@ -340,14 +362,48 @@ class _TokenPermutations(_Kind):
         q, k, v, *mask = pending
         if q is None or q[1] != key or key[0] != _rank(node.inputs[0]) - 2:
             return None
-        if any(m is not None for m in mask) or (len(node.inputs) > 3 and node.inputs[3] is not None):
-            return None
+        given = node.inputs[3] if len(node.inputs) > 3 else None
+        if any(m is not None for m in mask) or (given is not None and (k is not None or (_shape(given) or (0, 0))[-2] != 1)):
+            return None  # a mask the same for every query row (a text key mask) only while keys stay put
         if node.attrs["is_causal"]:
             return None
         if (k is None) != (v is None) or (k is not None and (k[1] != v[1] or k[1][0] != _rank(node.inputs[1]) - 2)):
             return None  # keys and values must be permuted together, along their token dim
         kv = list(node.inputs[1:3]) if k is None else [k[0], v[0]]
         return _Shadow([q[0], *kv, *node.inputs[3:]], dict(node.attrs), key)
+
+    def starts(self, graph: Graph, seed: Key) -> list[list[tuple[Value, Key]]]:
+        """The values where tokens first appear (graph inputs, and results of nodes none of whose inputs has
+        a dim as long as any part of the seed's permutation: a patch embedding's flatten, a rotary table),
+        grouped by length, each with the part of the permutation a sequence that long can be (``_parts``)."""
+        parts = _parts(seed[1], {d for v in graph.values() for d in _shape(v) or () if isinstance(d, int)})
+        lengths = {size for size, _ in parts}
+        groups = []
+        for size, part in parts:
+            group = []
+            for v in [*graph.inputs, *(out for n in graph.nodes for out in n.outputs)]:
+                axes = [a for a, d in enumerate(_shape(v) or ()) if d == size]
+                read = v.producer.inputs if v.producer is not None else ()
+                if len(axes) == 1 and not any(lengths & set(_shape(x) or ()) for x in read):
+                    group.append((v, (axes[0], part)))
+            if group:
+                groups.append(group)
+        return groups
+
+
+def _parts(perm: tuple[int, ...], sizes: set[int]) -> list[tuple[int, tuple[int, ...]]]:
+    """``(size, part)``: each block of ``size`` positions that ``perm`` maps onto itself while fixing every
+    position outside it, renumbered from 0 (the video tokens of a permuted joint text-and-video sequence)."""
+    moved = [i for i, j in enumerate(perm) if i != j]
+    if not moved:
+        return []
+    parts = []
+    for size in sorted(s for s in sizes if moved[-1] - moved[0] < s <= len(perm)):
+        for start in range(max(0, moved[-1] + 1 - size), min(moved[0], len(perm) - size) + 1):
+            part = _block(perm, start, start + size)
+            if part is not None and (size, part) not in parts:
+                parts.append((size, part))
+    return parts
 
 
 def _block(perm: tuple[int, ...], start: int, end: int) -> tuple[int, ...] | None:
@@ -363,8 +419,9 @@ TOKEN_PERMUTATIONS = _TokenPermutations()
 
 
 # ------------------------------------------------------------------- engine
-def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
-    """Hold every transform with key ``seed`` pending, shadow what commutes, rebuild the rest (see module doc)."""
+def _propagate(graph: Graph, kind: _Kind, seeds: Collection[Key], inference: bool) -> None:
+    """Hold every transform with a key in ``seeds`` pending, shadow what commutes, rebuild the rest (see
+    module doc)."""
     pending: dict[int, Pending] = {}
     built: dict[tuple[int, Key], Value] = {}
     bypassed: list[Node] = []
@@ -391,8 +448,8 @@ def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
         key = kind.key(node)
         if key is not None and ins[0] is not None and (combined := kind.compose(ins[0][1], key)) is not None:
             settle(node, [(ins[0][0], combined)])
-        elif key == seed and ins[0] is None:
-            settle(node, [(node.inputs[0], seed)])
+        elif key in seeds and ins[0] is None:
+            settle(node, [(node.inputs[0], key)])
         elif any(p is not None for p in ins):
             shadow = kind.commute(node, ins, inference) if node.is_pure else None
             if shadow is not None:
@@ -410,6 +467,9 @@ def _propagate(graph: Graph, kind: _Kind, seed: Key, inference: bool) -> None:
     for node in reversed(bypassed):
         if node.graph is not None and node.is_unused:
             graph.remove_node(node)
+    for node in reversed(graph.nodes):  # transforms that only fed bypassed ones (the first of a hoisted pair)
+        if kind.key(node) is not None and node.is_unused:
+            graph.remove_node(node)
     graph.remove_unused_constants()
 
 
@@ -425,21 +485,53 @@ def _count(graph: Graph, kind: _Kind) -> tuple[int, int]:
     return transforms, len(graph) - transforms
 
 
+def _hoist(graph: Graph, start: list[tuple[Value, Key]]) -> set[Key]:
+    """Read each value of ``start`` through ``inverse(key)`` then ``key`` (the graph computes the same), so
+    that the second transform can sink from where the tokens first appear: a class of transforms that each
+    sit behind an op that does not commute (a residual add of a stream that is not permuted) can then
+    meet its inverses, with the region beginning once, at its start, instead of once per layer."""
+    for v, key in start:
+        axis, perm = key
+        insert_token_permutation(graph, insert_token_permutation(graph, v, _inverse(perm), axis), perm, axis)
+    return {key for _, key in start}
+
+
+def _improves(trial: Graph, graph: Graph, kind: _Kind) -> bool:
+    """Fewer transforms and no more other nodes."""
+    now, then = _count(graph, kind), _count(trial, kind)
+    return then[0] < now[0] and then[1] <= now[1]
+
+
 def _cancel_transforms(graph: Graph, kind: _Kind, inference: bool) -> dict[str, int]:
-    """Try each class of transforms (equal keys) on a copy; keep the tries that remove transforms."""
+    """Try each class of transforms (equal keys) on a copy, sunk from where it is and, failing that, from
+    where its tokens first appear (``_hoist``); keep the tries that remove transforms."""
     seeds = list(dict.fromkeys(k for n in graph.nodes if (k := kind.key(n)) is not None))
     before = _count(graph, kind)
+    hoisted = 0
     for seed in seeds:
-        trial = graph.clone()
-        try:
-            _propagate(trial, kind, seed, inference)
-        except TypeError:  # a rebuilt node reads a value of unknown rank: it cannot be typed, so leave it
+        if _try(graph, kind, lambda g: {seed}, inference):
             continue
-        now, trial_counts = _count(graph, kind), _count(trial, kind)
-        if trial_counts[0] < now[0] and trial_counts[1] <= now[1]:
-            _propagate(graph, kind, seed, inference)
+        for i in range(len(kind.starts(graph, seed))):
+            if _try(graph, kind, lambda g: {seed, *_hoist(g, kind.starts(g, seed)[i])}, inference):
+                hoisted += 1
+                break
     after = _count(graph, kind)
-    return {"classes_tried": len(seeds), "transforms_before": before[0], "transforms_after": after[0]}
+    return {"classes_tried": len(seeds), "transforms_before": before[0], "transforms_after": after[0],
+            "regions_hoisted": hoisted}
+
+
+def _try(graph: Graph, kind: _Kind, prepare: Callable[[Graph], set[Key]], inference: bool) -> bool:
+    """Sink the seeds ``prepare`` gives (after changing the graph as it does) on a copy; do it on ``graph``
+    too when that removes transforms."""
+    trial = graph.clone()
+    try:
+        _propagate(trial, kind, prepare(trial), inference)
+    except TypeError:  # a rebuilt node reads a value of unknown rank: it cannot be typed, so leave it
+        return False
+    if not _improves(trial, graph, kind):
+        return False
+    _propagate(graph, kind, prepare(graph), inference)
+    return True
 
 
 # ----------------------------------------------------------- the passes
@@ -496,6 +588,14 @@ class FoldTokenPermutations(Pass):
     a ``slice``/``split`` keeps a part that the permutation maps onto itself:
     text tokens joined to permuted video tokens for attention and split off
     again. Permutations of the same dim compose; the identity vanishes.
+
+    A class of permutations that sinking cannot cancel, because each sits
+    behind an op whose other operand is not permuted (the residual add of
+    every transformer layer), is tried again from where its tokens first
+    appear: the values there (a patch embedding's flatten, rotary tables) are
+    read through a permutation and its inverse, and the inverse sinks through
+    the whole stack, meeting each layer's permutation on the way. The region
+    then begins once and ends once instead of at every layer.
 
     Used to run attention on a reordered token sequence (e.g. frame-major
     video tokens made token-major) with the reorderings cancelled across the

@@ -72,17 +72,29 @@ class VideoGrid:
         split = x.unflatten(dim, (self.per_frame, self.frames))
         return split.transpose(dim, dim + 1).flatten(dim, dim + 1)
 
+    def reorder(self, x: torch.Tensor, token_major: bool, dim: int = -2) -> torch.Tensor:
+        """``to_token_major`` if ``token_major`` else ``to_frame_major``."""
+        return self.to_token_major(x, dim) if token_major else self.to_frame_major(x, dim)
+
     @cached_property
     def token_major_positions(self) -> torch.Tensor:
         """``p[i]``: where frame-major video token ``i`` sits in token-major order."""
         return self.to_frame_major(torch.arange(self.video), dim=0)
 
-
     @cached_property
-    def orders(self) -> torch.Tensor:
+    def token_major_order(self) -> list[int]:
+        """The joint sequence's permutation to token-major video tokens (text tokens stay):
+        ``token_major[i] = frame_major[perm[i]]``."""
+        start = self.video_span.start
+        video = (self.to_token_major(torch.arange(self.video), 0) + start).tolist()
+        return [*range(start), *video, *range(start + self.video, self.tokens)]
+
+    def orders(self, token_major: bool = False) -> torch.Tensor:
         """``[2, video]``: where token ``i`` of frame-major order (row 0) and of token-major order (row 1)
-        lives in frame-major memory."""
+        lives in memory that holds the video tokens frame-major (or, with ``token_major``, token-major)."""
         identity = torch.arange(self.video)
+        if token_major:
+            return torch.stack([self.token_major_positions, identity])
         return torch.stack([identity, self.to_token_major(identity, 0)])
 
 

@@ -7,7 +7,7 @@ have: bands of several widths (each twice the last), the narrowest whose
 closer kind keeps the sampled error under ``budget`` (relative squared error)
 winning, and dense for a head no band fits. Rows are drawn from every frame (SVG
 draws from the first 10,000 tokens, so later frames of long videos are never
-looked at); ``frames_only=...`` reproduces SVG's draw for comparison.
+looked at); ``sample_rows(first=...)`` reproduces SVG's draw for comparison.
 """
 from __future__ import annotations
 
@@ -47,15 +47,16 @@ def sample_rows(grid: VideoGrid, samples: int, generator: torch.Generator, first
 
 def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, bands: Sequence[Band],
                    rows: torch.Tensor, budget: float, scale: float | None = None,
-                   mask: torch.Tensor | None = None) -> HeadMap:
-    """``q, k, v``: ``[heads, tokens, d]`` over the whole joint sequence; ``bands``: narrowest first;
-    ``rows``: frame-major video positions to test; ``mask``: an additive or boolean key mask
-    ``[heads or 1, 1, tokens]``."""
+                   mask: torch.Tensor | None = None, token_major: bool = False) -> HeadMap:
+    """``q, k, v``: ``[heads, tokens, d]`` over the whole joint sequence, video tokens frame-major (or
+    ``token_major``); ``bands``: narrowest first; ``rows``: frame-major video positions to test; ``mask``: an
+    additive or boolean key mask ``[heads or 1, 1, tokens]`` in the same order as the keys."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     span, device = grid.video_span, q.device
     positions = grid.token_major_positions.to(device)
     rows = rows.to(device)
-    queries = q[:, span][:, rows]
+    stored = grid.orders(token_major)[0].to(device)  # where frame-major token i is held
+    queries = q[:, span][:, stored[rows]]
     scores = (queries @ k.transpose(-1, -2)).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
@@ -65,9 +66,10 @@ def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Vide
     norm = exact.square().sum((-1, -2)).clamp_min(1e-30)
     errors = torch.empty(len(q), len(bands), 2, device=device)
     keep = torch.ones(len(rows), grid.tokens, dtype=torch.bool, device=device)
+    held = torch.argsort(stored)  # the frame-major index of the token held at j
     for level, band in enumerate(bands):
-        spatial = band.mask(rows, grid.video)
-        temporal = band.mask(positions[rows], grid.video)[:, positions]
+        spatial = band.mask(rows, grid.video)[:, held]
+        temporal = band.mask(positions[rows], grid.video)[:, positions[held]]
         for kind, video_keys in ((SPATIAL, spatial), (TEMPORAL, temporal)):
             keep[:, span] = video_keys
             kept = weights * keep

@@ -24,6 +24,7 @@ from graphopt.ir import Graph, Node
 from graphopt.ir.registry import OpDef, register_op
 from graphopt.ir.types import TensorType
 from graphopt.pass_manager import Pass, PassKind, PassResult, register_pass
+from graphopt.passes.layout import FoldTokenPermutations, insert_inverse_token_permutation, permute_tokens
 
 from .grid import VideoGrid, infer_grid, infer_text_first
 from .runtime import Settings, SparseVideoAttention
@@ -35,13 +36,14 @@ def video_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                            text_first: bool = True, density: float = 0.25, levels: int = 1, block: int | None = None,
                            budget: float = 0.05, samples: int = 64, dense_steps: int = 0, profile_every: int = 1,
                            first_tokens: int | None = None, dense_heads: bool = True, kernel: str = "auto",
-                           label: str = "") -> torch.Tensor:
-    """Attention of video (and text) tokens, sparse per head once emitted; interpreted, dense attention."""
+                           order: str = "frame", label: str = "") -> torch.Tensor:
+    """Attention of video (and text) tokens, sparse per head once emitted; interpreted, dense attention (the
+    same in either token ``order``: q, k, v and the mask are in one order)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 SETTINGS = ("density", "levels", "block", "budget", "samples", "dense_steps", "profile_every", "first_tokens",
-            "dense_heads", "kernel", "scale")
+            "dense_heads", "kernel", "scale", "order")
 
 
 def settings_of(node: Node) -> Settings:
@@ -106,7 +108,15 @@ class SparseVideoAttentionPass(Pass):
     dense_heads: bool = True
     """Whether profiling may keep a head dense (False: SVG's recipe, the closer band always)."""
     kernel: str = "auto"
-    """``"auto"`` (Triton on a GPU, torch's kernels elsewhere), ``"triton"`` or ``"torch"``."""
+    """``"auto"`` (on a GPU, whichever of Triton's and torch's kernels times faster on the first call of a
+    shape; torch's elsewhere), ``"triton"`` or ``"torch"``."""
+    layout: str = "frame"
+    """The video token order the graph runs in. ``"frame"``: the model's own; torch's kernels permute
+    temporal heads in and back inside each attention. ``"token"``: each attention reads its q, k, v
+    token-major through token permutations in the graph, which ``fold_token_permutations`` cancels across
+    the token-wise ops between attentions, so the model runs token-major from where its tokens first
+    appear to where they leave, and torch's kernels permute spatial heads instead. (The Triton kernel reads
+    either order with no copies.)"""
 
     def call(self, graph: Graph) -> PassResult:
         self._check_options()
@@ -121,18 +131,25 @@ class SparseVideoAttentionPass(Pass):
         grid = self.grid(graph, max(static) if static else None)
         video = [n for n in attentions if (_tokens(n) == grid.tokens if grid.text is not None
                                            else not isinstance(_tokens(n), int))]
-        for n in video[self.dense_layers:]:
-            _replace(graph, n, grid, self)
-        return PassResult(graph, len(video) > self.dense_layers, {
-            "attention_replaced": max(len(video) - self.dense_layers, 0),
-            "attention_dense_layers": min(len(video), self.dense_layers),
-            "attention_other": len(graph.find("sdpa")) - min(len(video), self.dense_layers)})
+        if self.layout == "token" and grid.text is None:
+            raise InvalidOptionError(
+                "sparse_video_attention: layout='token' needs a text length known when compiling, and this "
+                "model's varies per call; use layout='frame'")
+        replaced = [_replace(graph, n, grid, self) for n in video[self.dense_layers:]]
+        stats = {"attention_replaced": len(replaced),
+                 "attention_dense_layers": min(len(video), self.dense_layers),
+                 "attention_other": len(graph.find("sdpa")) - min(len(video), self.dense_layers)}
+        if self.layout == "token" and replaced:
+            stats.update(_run_token_major(graph, replaced, grid))
+        return PassResult(graph, bool(replaced), stats)
 
     def _check_options(self) -> None:
         if not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise InvalidOptionError(f"sparse_video_attention: density must be in (0, 1], got {self.density!r}")
         if not isinstance(self.levels, int) or self.levels < 1:
             raise InvalidOptionError(f"sparse_video_attention: levels is a count of band widths >= 1, got {self.levels!r}")
+        if self.layout not in ("frame", "token"):
+            raise InvalidOptionError(f"sparse_video_attention: layout is 'frame' or 'token', got {self.layout!r}")
         if self.kernel not in ("auto", "triton", "torch"):
             raise InvalidOptionError(f"sparse_video_attention: kernel is 'auto', 'triton' or 'torch', got {self.kernel!r}")
         if self.text_position not in (None, "first", "last"):
@@ -172,6 +189,21 @@ class SparseVideoAttentionPass(Pass):
         return VideoGrid(*shape, text=text, text_first=first)
 
 
+def _run_token_major(graph: Graph, attentions: list[Node], grid: VideoGrid) -> dict[str, int]:
+    """Give each (token-order) attention token-major q, k, v (and key mask) and its output back frame-major,
+    through token permutations in the graph, then cancel them across the layers (``fold_token_permutations``).
+    Returns the permutations placed and those left."""
+    perm = grid.token_major_order
+    placed = 0
+    for node in attentions:
+        for i, x in enumerate(node.inputs):  # q, k, v: [batch, heads, tokens, d]; a key mask: [..., 1, tokens]
+            node.replace_input(i, permute_tokens(graph, x, perm, x.type.rank - (1 if i == 3 else 2), before=node))
+        insert_inverse_token_permutation(graph, node.output, perm, 2)
+        placed += len(node.inputs) + 1
+    folded = FoldTokenPermutations(inference=True).call(graph)
+    return {"layout_permutations_placed": placed, "layout_permutations_left": folded.stats["transforms_after"]}
+
+
 def _tokens(node: Node) -> Any:
     """The sequence length: an int, or a symbolic length (a data-dependent text count)."""
     return node.inputs[0].type.shape[-2]
@@ -204,7 +236,7 @@ def _replace(graph: Graph, node: Node, grid: VideoGrid, options: SparseVideoAtte
     inputs = [q, k, v] + [m for m in rest[:1] if m is not None]
     attrs = {"scale": node.attrs["scale"], "grid": [grid.frames, grid.height, grid.width], "text": grid.text,
              "text_first": grid.text_first, "label": "",
-             **{k: getattr(options, k) for k in SETTINGS if k != "scale"}}
+             "order": options.layout, **{k: getattr(options, k) for k in SETTINGS if k not in ("scale", "order")}}
     out: TensorType = node.output.type
     new = graph.add_node("video_sparse_attention", inputs, attrs, output_types=[out], after=node,
                          name=graph.unique_name("sparse_attention"))

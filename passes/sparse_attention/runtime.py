@@ -5,13 +5,17 @@ module's ``GraphState``, so each CFG branch and each generation keeps its
 own), runs dense for the first ``dense_steps`` calls, profiles the heads
 every ``profile_every`` calls after that, and runs the heads of each kind and
 band width as one band attention: spatial heads in frame-major order,
-temporal heads token-major, dense heads through SDPA. With torch's kernels
-temporal heads are permuted in and back (four gathers of their q, k, v and
-output per call); the Triton kernel reads them through an order table, with
-no copies. Text rows attend densely; text keys are seen by every row.
+temporal heads token-major, dense heads through SDPA. Its inputs hold the
+video tokens in one of the two orders (``order``: the graph's layout, see
+the pass's ``layout`` option). With torch's kernels the heads of the other
+kind are permuted in and back (four gathers of their q, k, v and output per
+call); the Triton kernel reads every head through an order table, with no
+copies. Text rows attend densely; text keys are seen by every row.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,7 +44,14 @@ class Settings:
     dense_heads: bool = True
     scale: float | None = None
     kernel: str = "auto"
-    """``"auto"`` (Triton on a GPU, torch's kernels elsewhere), ``"triton"`` or ``"torch"``."""
+    """``"auto"`` (on a GPU, whichever of Triton's and torch's kernels timed faster on the call's shapes;
+    torch's elsewhere), ``"triton"`` or ``"torch"``."""
+    order: str = "frame"
+    """The order of the video tokens in q, k, v, the key mask and the output: ``"frame"`` or ``"token"``."""
+
+    @property
+    def token_major(self) -> bool:
+        return self.order == "token"
 
     @property
     def bands(self) -> list[Band]:
@@ -64,6 +75,8 @@ class Memory:
     head_map: HeadMap | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     profiles: list[dict[str, int]] = field(default_factory=list)
+    kernels: Counter = field(default_factory=Counter)
+    """Calls whose sparse heads each kernel ran."""
     dense_flops: float = 0.0
     """What the calls so far would have cost dense (``4 d`` per query-key pair, as FLOP counters count)."""
     flops: float = 0.0
@@ -105,7 +118,8 @@ class SparseVideoAttention(torch.nn.Module):
         if stale or (step - s.dense_steps) % s.profile_every == 0:
             rows = sample_rows(s.grid, s.samples, memory.generator, s.first_tokens)
             memory.head_map = classify_heads(*flat, s.grid, s.bands if s.dense_heads else s.bands[:1], rows,
-                                             s.budget if s.dense_heads else float("inf"), s.scale, key_mask)
+                                             s.budget if s.dense_heads else float("inf"), s.scale, key_mask,
+                                             s.token_major)
             memory.profiles.append(memory.head_map.counts())
         head_map = memory.head_map
         windows = torch.tensor([b.window for b in s.bands], dtype=torch.float64)[head_map.levels.cpu()]
@@ -118,38 +132,54 @@ class SparseVideoAttention(torch.nn.Module):
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kinds: torch.Tensor, levels: torch.Tensor,
             key_mask: torch.Tensor | None, s: Settings) -> torch.Tensor:
         """``q, k, v``: ``[heads, tokens, d]``; ``kinds``, ``levels``: each head's kind and band;
-        ``s``: this call's settings. Heads of one kind and band run as one batch."""
+        ``s``: this call's settings. Dense heads run as one SDPA, the sparse ones through the kernel
+        ``kernel_for`` picks."""
         grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         if grid.text:
             out[:, text] = F.scaled_dot_product_attention(q[:, text], k, v, attn_mask=key_mask, scale=s.scale)
         out_video = out[:, video]
-        triton = key_mask is None and bool((kinds != DENSE).any()) and self.triton(q, s)
-        bands = s.bands
-        groups = [(DENSE, 0)] + [(kind, level) for kind in (SPATIAL, TEMPORAL) for level in range(len(bands))]
-        launched: set[int] = set()  # bands whose heads the Triton kernel ran, both kinds in one launch
-        for kind, level in groups:
-            chosen = (kinds == kind) if kind == DENSE else (kinds == kind) & (levels == level)
-            heads = chosen.nonzero().flatten()
-            if len(heads) == 0:
-                continue
-            if triton and kind != DENSE:
-                if level not in launched:
-                    launched.add(level)
-                    self.triton_band(q, k, v, out_video, (kinds != DENSE) & (levels == level), kinds, bands[level], s)
-                continue
-            every = len(heads) == len(kinds)
-            qh, kh, vh = (x if every else x[heads] for x in (q, k, v))
-            mh = None if key_mask is None else key_mask if every else key_mask[heads]
-            if kind == DENSE:
-                o = F.scaled_dot_product_attention(qh[:, video], kh, vh, attn_mask=mh, scale=s.scale)
-            else:
-                o = self.band(qh, kh, vh, mh, kind == TEMPORAL, bands[level], s)
-            if every:
-                out_video.copy_(o)
-            else:
-                out_video.index_copy_(0, heads, o)
+        dense = (kinds == DENSE).nonzero().flatten()
+        if len(dense) == len(kinds):
+            out_video.copy_(F.scaled_dot_product_attention(q[:, video], k, v, attn_mask=key_mask, scale=s.scale))
+            return out
+        if len(dense):
+            mask = None if key_mask is None else key_mask[dense]
+            o = F.scaled_dot_product_attention(q[dense][:, video], k[dense], v[dense], attn_mask=mask, scale=s.scale)
+            out_video.index_copy_(0, dense, o)
+        kernels = {"torch": lambda: self.torch_bands(q, k, v, out_video, kinds, levels, key_mask, s)}
+        if key_mask is None and self.triton_usable(q, s):
+            kernels["triton"] = lambda: self.triton_bands(q, k, v, out_video, kinds, levels, s)
+        chosen = s.kernel if s.kernel in kernels else kernel_for(kernels, (q.dtype, *q.shape, s.bands), q.device)
+        kernels[chosen]()
+        self.memory().kernels[chosen] += 1
         return out
+
+    def torch_bands(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_video: torch.Tensor,
+                    kinds: torch.Tensor, levels: torch.Tensor, key_mask: torch.Tensor | None, s: Settings) -> None:
+        """The sparse heads with torch's kernels, one band attention per kind and band width."""
+        every_sparse = bool((kinds != DENSE).all())
+        for kind in (SPATIAL, TEMPORAL):
+            for level, band in enumerate(s.bands):
+                heads = ((kinds == kind) & (levels == level)).nonzero().flatten()
+                if len(heads) == 0:
+                    continue
+                every = every_sparse and len(heads) == len(kinds)
+                qh, kh, vh = (x if every else x[heads] for x in (q, k, v))
+                mh = None if key_mask is None else key_mask if every else key_mask[heads]
+                o = self.band(qh, kh, vh, mh, kind == TEMPORAL, band, s)
+                if every:
+                    out_video.copy_(o)
+                else:
+                    out_video.index_copy_(0, heads, o)
+
+    def triton_bands(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_video: torch.Tensor,
+                     kinds: torch.Tensor, levels: torch.Tensor, s: Settings) -> None:
+        """The sparse heads with the Triton kernel: one launch per band width, both kinds in it."""
+        for level, band in enumerate(s.bands):
+            chosen = (kinds != DENSE) & (levels == level)
+            if chosen.any():
+                self.triton_band(q, k, v, out_video, chosen, kinds, band, s)
 
     @staticmethod
     def triton_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_video: torch.Tensor,
@@ -158,32 +188,34 @@ class SparseVideoAttention(torch.nn.Module):
         from graphopt.backends import triton_attention
 
         grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
+        text_k, text_v = (k[:, text], v[:, text]) if grid.text else (None, None)
         triton_attention.band_attention(
             q[:, video], k[:, video], v[:, video], band.starts(grid.video), band.window, band.block,
-            grid.orders.to(q.device), kinds, k[:, text] if grid.text else None, v[:, text] if grid.text else None,
-            s.scale, out=out_video, heads=chosen.nonzero().flatten())
+            grid.orders(s.token_major).to(q.device), kinds, text_k, text_v, s.scale, out=out_video,
+            heads=chosen.nonzero().flatten())
 
     @staticmethod
     def band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, temporal: bool,
              band: Band, s: Settings) -> torch.Tensor:
-        """The band attention of heads of one kind, with torch's kernels: temporal heads permuted to
-        token-major order and back."""
+        """The band attention of heads of one kind, with torch's kernels: heads whose band runs in the
+        other order than the inputs hold (temporal heads of frame-major inputs) permuted to it and back."""
         grid, video, text = s.grid, s.grid.video_span, s.grid.text_span
         qv, kv, vv = q[:, video], k[:, video], v[:, video]
-        if temporal:
-            qv, kv, vv = (grid.to_token_major(x) for x in (qv, kv, vv))
+        permuted = temporal != s.token_major
+        if permuted:
+            qv, kv, vv = (grid.reorder(x, temporal) for x in (qv, kv, vv))
         masks = (None, None)
         if mask is not None:
             vm = mask[..., video]
-            masks = (grid.to_token_major(vm, -1) if temporal else vm, mask[..., text])
+            masks = (grid.reorder(vm, temporal, -1) if permuted else vm, mask[..., text])
         o = band_attention(qv, kv, vv, band, k[:, text] if grid.text else None, v[:, text] if grid.text else None,
                            *masks, scale=s.scale)
-        return grid.to_frame_major(o) if temporal else o
+        return grid.reorder(o, not temporal) if permuted else o
 
     @staticmethod
-    def triton(q: torch.Tensor, s: Settings) -> bool:
-        """Whether the Triton kernel runs this call: ``kernel="triton"``, or ``"auto"`` on a GPU Triton
-        serves with a head dim it takes."""
+    def triton_usable(q: torch.Tensor, s: Settings) -> bool:
+        """Whether the Triton kernel is a candidate: ``kernel="triton"`` (an error where it cannot run), or
+        ``"auto"`` on a GPU Triton serves, with a head dim it takes."""
         if s.kernel == "torch":
             return False
         from graphopt.backends import triton_attention
@@ -210,7 +242,32 @@ class SparseVideoAttention(torch.nn.Module):
                     total[kind] = total.get(kind, 0) + n
         return total
 
+    def kernel_calls(self) -> dict[str, int]:
+        """Calls whose sparse heads each kernel ran, over every branch."""
+        return dict(sum((m.kernels for m in self.state.memories_of(self.key)), Counter()))
+
     def extra_repr(self) -> str:
         g = self.settings.grid
-        return (f"grid={g.frames}x{g.height}x{g.width}, text={g.text}, density={self.settings.density}, "
-                f"budget={self.settings.budget}")
+        return (f"grid={g.frames}x{g.height}x{g.width}, text={g.text}, order={self.settings.order}, "
+                f"density={self.settings.density}, budget={self.settings.budget}")
+
+
+CHOSEN: dict[Hashable, str] = {}
+"""The kernel timed fastest for each device, dtype, shape and set of bands in this process."""
+
+
+def kernel_for(kernels: dict[str, Callable[[], object]], shape: Hashable, device: torch.device) -> str:
+    """The kernel to run: the only one, or the one the measured cost model times faster on ``shape``: each
+    candidate runs once to warm up (Triton compiles) and once timed, the first time a shape is seen (the
+    call's output is then what the last one wrote; both compute the same); later calls reuse the choice,
+    as ``LowerRegions`` reuses a region's timed backend."""
+    if len(kernels) == 1:
+        return next(iter(kernels))
+    key = (device, shape)
+    if key not in CHOSEN:
+        from graphopt.cost_models.measured import time_in_turns
+
+        times = time_in_turns(list(kernels.values()), [], warmup=1, repeats=1, device=device, rounds=1,
+                              settle_seconds=0.0)
+        CHOSEN[key] = min(zip(kernels, times), key=lambda pair: pair[1][0])[0]
+    return CHOSEN[key]

@@ -44,7 +44,7 @@ def test_spatial_and_temporal_heads_equal_dense_attention_under_their_band(dim, 
     band = Band.for_density(grid.video, density, block=16)
     kinds = torch.tensor([SPATIAL, TEMPORAL, SPATIAL])
     out = triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block,
-                                          grid.orders, kinds, tk if text else None, tv if text else None)
+                                          grid.orders(), kinds, tk if text else None, tv if text else None)
     extra = (tk, tv) if text else (None, None)
     spatial = band_attention_reference(q, k, v, band, *extra)
     tm = grid.to_token_major
@@ -60,7 +60,7 @@ def test_listed_heads_are_written_into_a_strided_output_and_the_rest_left_alone(
     band = Band.for_density(grid.video, 0.5, block=16)
     joint = torch.zeros(4, grid.tokens, 16, device=DEVICE)  # text first: video rows are a strided view
     heads = torch.tensor([1, 3])
-    triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block, grid.orders,
+    triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block, grid.orders(),
                                     torch.tensor([SPATIAL, TEMPORAL, DENSE, SPATIAL]), tk, tv,
                                     out=joint[:, grid.video_span], heads=heads)
     tm = grid.to_token_major
@@ -76,7 +76,7 @@ def test_half_precision_inputs_accumulate_in_float():
     grid = VideoGrid(2, 4, 4)
     q, k, v, _, _ = video(grid, 2, 16, torch.float16)
     band = Band.for_density(grid.video, 0.5, block=16)
-    out = triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block, grid.orders,
+    out = triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block, grid.orders(),
                                           torch.tensor([SPATIAL, SPATIAL]))
     assert out.dtype == torch.float16
     expected = band_attention_reference(q.float(), k.float(), v.float(), band)
@@ -84,7 +84,9 @@ def test_half_precision_inputs_accumulate_in_float():
 
 
 @needs_kernel
-def test_the_module_s_triton_path_equals_its_torch_path():
+@pytest.mark.parametrize("order", ["frame", "token"])
+def test_the_module_s_triton_path_equals_its_torch_path(order):
+    """In either token order of the inputs: the Triton kernel reads both head kinds through order tables."""
     from graphopt.emitters.state import GraphState
     from graphopt.passes.sparse_attention.runtime import Settings, SparseVideoAttention
 
@@ -93,8 +95,8 @@ def test_the_module_s_triton_path_equals_its_torch_path():
     q, k, v = (torch.randn(2, 2, grid.tokens, 16, generator=g).to(DEVICE) for _ in range(3))
     outs = []
     for kernel in ("triton", "torch"):
-        settings = Settings(grid, density=0.5, block=16, dense_heads=False, kernel=kernel)  # every head sparse
-        outs.append(SparseVideoAttention(settings, GraphState(), "attention")(q, k, v))
+        settings = Settings(grid, density=0.5, block=16, dense_heads=False, kernel=kernel, order=order)
+        outs.append(SparseVideoAttention(settings, GraphState(), "attention")(q, k, v))  # every head sparse
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 

@@ -70,7 +70,8 @@ def test_sink_transposes_cancels_an_nhwc_detour_in_a_torch_capture():
     assert g.op_counts()["permute"] == 2  # cse merged the two permutes of x
     result = SinkTransposes().call(g)
     g.verify(check_types=True)
-    assert result.stats == {"classes_tried": 2, "transforms_before": 2, "transforms_after": 0}
+    assert result.stats == {"classes_tried": 2, "transforms_before": 2, "transforms_after": 0,
+                            "regions_hoisted": 0}
     assert "permute" not in g.op_counts()
     assert max_rel_error(model(x), g.to_torch()(x)) <= RTOL
 
@@ -304,6 +305,42 @@ def test_token_permutations_cancel_across_a_cogvideox_block():
     # The permutation went through the text/video concat, attention, and the split back.
     assert "take" not in g.op_counts() and g.op_counts()["sdpa"] == 1 and g.op_counts()["concat"] == 2
     assert max_rel_error(reference, g.to_torch()(*inputs)) <= RTOL
+
+
+def residual_stack(layers: int):
+    """``layers`` residual layers, each running a token-order-sensitive op (``cumsum`` over tokens, standing
+    for attention in another token order) between a permutation and its inverse."""
+    g = Graph()
+    x = g.add_node("linear", [g.add_input("x", f32(2, 6, 4)), g.add_constant(torch.randn(4, 4), "w")]).output
+    perm = [3, 0, 5, 1, 4, 2]
+    for _ in range(layers):
+        h = g.add_node("layer_norm", [x, None, None], {"normalized_shape": [4], "eps": 1e-5}).output
+        permuted = g.add_node("take", [h, g.add_constant(torch.tensor(perm), "perm")], {"axis": 1}).output
+        mixed = g.add_node("cumsum", [permuted], {"dim": 1}).output
+        back = g.add_node("take", [mixed, g.add_constant(torch.tensor(inverse(perm)), "inv")], {"axis": 1}).output
+        x = g.add_node("add", [x, back]).output
+    g.outputs = [g.add_node("tanh", [x]).output]
+    return g
+
+
+def inverse(perm):
+    return torch.argsort(torch.tensor(perm)).tolist()
+
+
+def test_permutations_behind_residual_adds_cancel_from_where_the_tokens_first_appear():
+    g = residual_stack(layers=4)
+    result = run_close(FoldTokenPermutations(), g)
+    assert (result.stats["transforms_before"], result.stats["transforms_after"]) == (8, 2)
+    assert result.stats["regions_hoisted"] == 1
+    takes = [n for n in g.nodes if n.op == "take"]
+    assert takes[0].inputs[0] is g.inputs[0] and takes[1].output is g.outputs[0]  # begins and ends once
+    assert g.op_counts()["cumsum"] == 4
+
+
+def test_a_single_layer_is_left_alone_when_hoisting_saves_nothing():
+    g = residual_stack(layers=1)
+    assert not run_close(FoldTokenPermutations(), g).modified
+    assert g.op_counts()["take"] == 2
 
 
 def token_graph(mixing_op=None):

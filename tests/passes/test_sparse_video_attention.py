@@ -6,6 +6,8 @@ quality bound on the trained video DiT is in tests/test_diffusers_sparse_attenti
 from __future__ import annotations
 
 import functools
+import time
+from collections import Counter
 
 import pytest
 import torch
@@ -13,10 +15,11 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.errors import InvalidOptionError, UnsupportedModelError
-from graphopt.models import MODEL_CASES, build_allegro, build_mochi
+from graphopt.models import MODEL_CASES, build_allegro, build_cogvideox, build_mochi
 from graphopt.passes.sparse_attention.grid import Band, VideoGrid
 from graphopt.passes.sparse_attention.kernels import band_attention, band_attention_reference
 from graphopt.passes.sparse_attention.profile import DENSE, SPATIAL, TEMPORAL, classify_heads, sample_rows
+from graphopt.passes.sparse_attention.runtime import kernel_for
 from graphopt.testing import max_rel_error, planted_video_heads
 
 
@@ -239,3 +242,90 @@ def test_every_video_self_attention_is_replaced_and_density_one_equals_dense(nam
         assert all((n.attrs["grid"], n.attrs["text"], n.attrs["text_first"]) == (grid, text, first) for n in replaced)
     with torch.no_grad():
         assert max_rel_error(reference, graph.to_torch()(*inputs)) <= 1e-4
+
+
+# ------------------------------------------------------------------ layout
+def sparse_heads(layout: str, inputs_model=None, **options):
+    """Every head sparse (no dense choice), in the given layout."""
+    return sparse({"density": 0.25, "dense_heads": False, "layout": layout, **options}, inputs_model)
+
+
+def test_layout_token_runs_the_attention_token_major_with_permutations_only_at_the_ends():
+    model, inputs = small_video_graph()
+    graph = sparse_heads("token")
+    (node,) = graph.find("video_sparse_attention")
+    assert node.attrs["order"] == "token"
+    assert (stats(graph)["layout_permutations_placed"], stats(graph)["layout_permutations_left"]) == (4, 2)
+    takes = graph.find("take")
+    assert takes[0].inputs[0].producer.op == "reshape"  # the patch embedding's flatten, before the text joins
+    assert takes[1].output is graph.outputs[0].producer.inputs[0] or takes[1].output is graph.outputs[0]
+    frame, token = sparse_heads("frame").to_torch(), graph.to_torch()
+    with torch.no_grad():
+        torch.testing.assert_close(token(*inputs), frame(*inputs), rtol=1e-5, atol=1e-5)
+        assert max_rel_error(model(*inputs), token(*inputs)) > 1e-3  # sparse, not dense
+    maps = [next(m for m in module.modules() if hasattr(m, "head_counts")).memory().head_map.kinds
+            for module in (frame, token)]
+    assert maps[0].equal(maps[1])
+
+
+def test_layout_token_needs_a_text_length_known_when_compiling():
+    with pytest.raises(InvalidOptionError, match="layout='token' needs a text length known when compiling"):
+        sparse({"layout": "token"}, build_mochi())
+    with pytest.raises(InvalidOptionError, match="layout is 'frame' or 'token'"):
+        sparse({"layout": "diagonal"})
+
+
+def three_frames(name: str):
+    """The mechanics models with 3 x 4 x 4 video tokens: none of their lengths equals their width (32)."""
+    if name == "diffusers.cogvideox":
+        return build_cogvideox(latent_frames=3)
+    model, inputs = BUILDERS[name]() if name in BUILDERS else MODEL_CASES[name].build()
+    if name == "diffusers.ltx_video":
+        model.static_kwargs["num_frames"] = 3
+        return model, (torch.randn(1, 48, 8), *inputs[1:])
+    return model, (torch.randn(*inputs[0].shape[:2], 3, *inputs[0].shape[3:]), *inputs[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["diffusers.cogvideox", "diffusers.hunyuan_video", "diffusers.wan",
+                                  "diffusers.ltx_video", "allegro"])
+def test_layout_token_folds_each_layer_s_permutations_on_diffusers_video_transformers(name):
+    model, inputs = three_frames(name)
+    options = {"video_shape": (3, 4, 4)} if name == "diffusers.ltx_video" else {}
+    token = sparse_heads("token", (model, inputs), **options)
+    placed, left = stats(token)["layout_permutations_placed"], stats(token)["layout_permutations_left"]
+    assert placed >= 8 and left <= 3, (placed, left)  # 4-5 per layer placed; the start, the end (and a key mask)
+    with torch.no_grad():
+        torch.testing.assert_close(token.to_torch()(*inputs), sparse_heads("frame", (model, inputs), **options)
+                                   .to_torch()(*inputs), rtol=1e-4, atol=1e-5)
+        exact = sparse({"density": 1.0, "layout": "token", **options}, (model, inputs)).to_torch()
+        assert max_rel_error(model(*inputs), exact(*inputs)) <= 1e-4
+
+
+# ----------------------------------------------------------------- kernels
+def test_the_kernel_is_the_one_timed_faster_once_per_shape():
+    calls = Counter()
+
+    def kernel(name: str, seconds: float):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    candidates = {"torch": kernel("torch", 0.02), "triton": kernel("triton", 0.0)}
+    shape = ("test", 1, 2, 3)
+    assert kernel_for(candidates, shape, torch.device("cpu")) == "triton"
+    assert calls == {"torch": 2, "triton": 2}  # a warm-up (Triton compiles) and a timed call each
+    assert kernel_for(candidates, shape, torch.device("cpu")) == "triton"
+    assert calls == {"torch": 2, "triton": 2}  # the choice is kept for the shape
+    assert kernel_for({"torch": kernel("torch", 0.0)}, ("test", 4), torch.device("cpu")) == "torch"
+    assert calls["torch"] == 2  # a lone candidate is not timed
+
+
+def test_on_cpu_the_sparse_heads_run_on_torch_s_kernels():
+    model, inputs = small_video_graph()
+    module = sparse({"density": 0.25, "dense_heads": False}).to_torch()
+    with torch.no_grad():
+        module(*inputs)
+    (attention,) = [m for m in module.modules() if hasattr(m, "kernel_calls")]
+    assert attention.kernel_calls() == {"torch": 1}
