@@ -57,6 +57,18 @@ def _usable_constant(v: Value, inference: bool) -> bool:
     return v.is_constant and (inference or not v.is_trainable)
 
 
+def _constant_data(v: Value, inference: bool) -> torch.Tensor | None:
+    """The data of a usable constant, or of a pure unary elementwise op of one (a ``cast`` of a float64 sincos
+    table that folding left computed because it is large), computed here; None for anything else."""
+    if _usable_constant(v, inference):
+        return v.data
+    node = v.producer
+    if node is None or not _elementwise(node) or len(node.inputs) != 1 or node.opdef.torch_impl is None:
+        return None
+    x = node.inputs[0]
+    return node.opdef.torch_impl(x.data, **node.attrs) if x is not None and _usable_constant(x, inference) else None
+
+
 def _inverse(perm: Sequence[int]) -> list[int]:
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
@@ -298,8 +310,9 @@ class _TokenPermutations(_Kind):
             own_axis = None if shape is None else axis - (len(out_shape) - len(shape))
             if v is None or (own_axis is not None and (own_axis < 0 or shape[own_axis] == 1)):
                 inputs.append(v)  # constant along the token dim: the permutation does not see it
-            elif own_axis is not None and _usable_constant(v, inference) and shape[own_axis] == len(perm):
-                inputs.append(v.data.index_select(own_axis, torch.tensor(_inverse(perm))))
+            elif own_axis is not None and shape[own_axis] == len(perm) and (
+                    data := _constant_data(v, inference)) is not None:
+                inputs.append(data.index_select(own_axis, torch.tensor(_inverse(perm))))
             else:
                 return None
         return _Shadow(inputs, dict(node.attrs), key)

@@ -42,7 +42,7 @@ def reference(pipe):
 def centroids(clips):
     """[B, F, 2] brightness centroid (row, column) of every frame."""
     frames = clips[:, :, 0]
-    grid = torch.arange(md.CANVAS, dtype=torch.float32)
+    grid = torch.arange(clips.shape[-1], dtype=torch.float32)
     mass = frames.sum(dim=(2, 3))
     return torch.stack([(frames.sum(3) * grid).sum(2) / mass, (frames.sum(2) * grid).sum(2) / mass], dim=-1)
 
@@ -84,6 +84,22 @@ def test_samples_are_clips_of_the_requested_digits_moving(reference, score):
     speed = centroids(reference).diff(dim=1).norm(dim=-1)
     assert speed.median() <= 2 * md.MAX_SPEED
     assert (speed.mean(dim=1) > 0.3).float().mean() >= 0.5
+
+
+def test_the_long_variant_samples_its_digits_moving_on_a_larger_canvas(score):
+    # before: the short variant's 6 frames of 24 x 24; expected: 8 frames of 32 x 32 (512 tokens), trained less (40
+    # minutes): the classifier reads the requested digit in a third of the frames (chance: a tenth), and it moves
+    long = md.load_moving_digits_pipeline("long")
+    clips = sample(long)
+    assert clips.shape == (len(LABELS), md.LONG.frames, 1, md.LONG.canvas, md.LONG.canvas) and md.LONG.tokens == 512
+    assert score.accuracy(md.centered_digits(clips), torch.tensor(LABELS).repeat_interleave(md.LONG.frames)) >= 0.3
+    speed = centroids(clips).diff(dim=1).norm(dim=-1)
+    assert speed.median() <= 2 * md.MAX_SPEED and (speed.mean(dim=1) > 0.3).float().mean() >= 0.5
+
+
+def test_an_unknown_variant_is_refused_in_one_line():
+    with pytest.raises(InvalidOptionError, match=r"no moving-digits variant 'huge'; use one of \['long', 'short'\]"):
+        md.load_moving_digits_pipeline("huge")
 
 
 def test_samples_beat_noise_on_the_classifiers_features(reference, score):

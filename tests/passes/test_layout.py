@@ -363,6 +363,22 @@ def test_token_permutation_passes_constants_as_permuted_copies():
     assert g.op_counts() == {"add": 1, "tanh": 1}
 
 
+def test_token_permutation_passes_a_cast_of_a_constant_as_a_permuted_copy():
+    # before: x permuted, plus a float64 table cast to float32 (folding leaves large ones computed); expected:
+    # the add reads a permuted float32 copy of the table, and both permutations cancel
+    g = Graph()
+    x = g.add_input("x", f32(2, 6, 4))
+    table = g.add_node("cast", [g.add_constant(torch.randn(6, 4, dtype=torch.float64), "table")],
+                       {"dtype": torch.float32}).output
+    perm = [3, 0, 5, 1, 4, 2]
+    y = g.add_node("add", [insert_token_permutation(g, x, perm, 1), table]).output
+    g.outputs = [g.add_node("tanh", [y]).output]
+    insert_inverse_token_permutation(g, g.outputs[0], perm, 1)
+    result = run_exact(FoldTokenPermutations(), g)
+    assert (result.stats["transforms_before"], result.stats["transforms_after"]) == (2, 0)
+    assert "take" not in g.op_counts()
+
+
 def test_token_mixing_ops_block_the_permutation():
     g = token_graph("cumsum")
     assert not run_exact(FoldTokenPermutations(), g).modified
