@@ -54,8 +54,8 @@ class Settings:
         return self.order == "token"
 
     @property
-    def bands(self) -> list[Band]:
-        """The bands a head may run, narrowest first."""
+    def bands(self) -> tuple[Band, ...]:
+        """The bands a head may run, narrowest first (a tuple: part of ``kernel_for``'s key)."""
         bands: list[Band] = []
         for level in range(self.levels):
             band = Band.for_density(self.grid.video, self.density * 2 ** level, self.block)
@@ -63,7 +63,7 @@ class Settings:
                 break
             if not bands or band.window > bands[-1].window:
                 bands.append(band)
-        return bands
+        return tuple(bands)
 
 
 @dataclass

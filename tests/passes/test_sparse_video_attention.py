@@ -19,7 +19,7 @@ from graphopt.models import MODEL_CASES, build_allegro, build_cogvideox, build_m
 from graphopt.passes.sparse_attention.grid import Band, VideoGrid
 from graphopt.passes.sparse_attention.kernels import band_attention, band_attention_reference
 from graphopt.passes.sparse_attention.profile import DENSE, SPATIAL, TEMPORAL, classify_heads, sample_rows
-from graphopt.passes.sparse_attention.runtime import kernel_for
+from graphopt.passes.sparse_attention.runtime import Settings, kernel_for
 from graphopt.testing import max_rel_error, planted_video_heads
 
 
@@ -313,7 +313,7 @@ def test_the_kernel_is_the_one_timed_faster_once_per_shape():
         return run
 
     candidates = {"torch": kernel("torch", 0.02), "triton": kernel("triton", 0.0)}
-    shape = ("test", 1, 2, 3)
+    shape = (torch.float32, 1, 2, 3, Settings(VideoGrid(2, 4, 4), levels=2).bands)  # the runtime's key
     assert kernel_for(candidates, shape, torch.device("cpu")) == "triton"
     assert calls == {"torch": 2, "triton": 2}  # a warm-up (Triton compiles) and a timed call each
     assert kernel_for(candidates, shape, torch.device("cpu")) == "triton"
