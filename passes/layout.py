@@ -376,7 +376,8 @@ class _TokenPermutations(_Kind):
         if q is None or q[1] != key or key[0] != _rank(node.inputs[0]) - 2:
             return None
         given = node.inputs[3] if len(node.inputs) > 3 else None
-        if any(m is not None for m in mask) or (given is not None and (k is not None or (_shape(given) or (0, 0))[-2] != 1)):
+        per_row = given is not None and (_shape(given) or (0, 0))[-2] != 1
+        if any(m is not None for m in mask) or (given is not None and (k is not None or per_row)):
             return None  # a mask the same for every query row (a text key mask) only while keys stay put
         if node.attrs["is_causal"]:
             return None
