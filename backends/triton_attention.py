@@ -1,7 +1,8 @@
 """Band attention in Triton: the GPU kernel of ``passes/sparse_attention`` (Sparse VideoGen's block-sparse
 attention, with its token permutation folded into the loads).
 
-One program computes one block of query rows of one head, FlashAttention's way
+One program computes one tile of query rows of one head (a band's block, or
+a part of a block longer than ``MAX_ROWS``, sharing its window), FlashAttention's way
 (Dao et al. 2022: an online softmax over key blocks, nothing materialised),
 over the head's band of keys and then over the text keys. Each head reads its
 tokens through a row of ``order`` (``order[layout[h], i]`` is where token
@@ -10,6 +11,8 @@ token-major order without a permuted copy of q, k and v, and the output is
 stored straight back in frame-major order.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,6 +68,10 @@ def band_attention_kernel(Q, K, V, TK, TV, O, HEADS, ORDER, LAYOUT, STARTS, scal
 '''
 
 
+MAX_ROWS = 128
+"""Query rows per program at most: a band's longer blocks (CPU-sized, up to 1,024 rows) run as several."""
+
+
 def unavailable(device: torch.device) -> str | None:
     """Why the kernel cannot run on ``device`` here, or None."""
     return _triton.unavailable(device)
@@ -93,13 +100,15 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: li
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if heads is None:
         heads = torch.arange(count)
+    tile = math.gcd(block, MAX_ROWS) if block % 16 == 0 else block  # a program's rows; tiles of a block share its window
+    starts = [starts[i * tile // block] for i in range(-(-tokens // tile))]
     kernel = _triton.load_text("band_attention_kernel", KERNEL)
     device = q.device
-    kernel[(-(-tokens // block), len(heads))](
+    kernel[(len(starts), len(heads))](
         q, k, v, text_k, text_v, out, heads.to(device, torch.int32), order.to(device, torch.int32).contiguous(),
         layouts.to(device, torch.int32).contiguous(), torch.tensor(starts, dtype=torch.int32, device=device),
         dim ** -0.5 if scale is None else scale, tokens, text_k.shape[1], window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         text_k.stride(0), text_k.stride(1), text_v.stride(0), text_v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block, BLOCK_N=16 if _triton.interpreting() else 64, D=dim)
+        BLOCK_M=tile, BLOCK_N=16 if _triton.interpreting() else 64, D=dim)
     return out

@@ -57,7 +57,9 @@ def spread(times: list[float]) -> str:
 
 
 def flex_band(band: Band, tokens: int) -> Callable[..., torch.Tensor]:
-    """``flex_attention`` compiled for CPU, with the band's mask as its block mask."""
+    """``flex_attention`` compiled for CPU, with the band's mask as its block mask: compiled afresh for each
+    shape with static shapes (after a shape change torch compiles for dynamic shapes, and this torch's CPU
+    flex template then fails to build at 16,384 tokens)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     starts = torch.tensor(band.starts(tokens))
@@ -67,7 +69,8 @@ def flex_band(band: Band, tokens: int) -> Callable[..., torch.Tensor]:
         return (k >= lo) & (k < lo + band.window)
 
     block_mask = create_block_mask(mask_mod, None, None, tokens, tokens, device="cpu", BLOCK_SIZE=128)
-    compiled = torch.compile(flex_attention)
+    torch.compiler.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
@@ -328,7 +331,8 @@ def joint_stage(steps: int, repeats: int, variant: str) -> dict[str, Any]:
         gd.restore(pipe)
     return {"steps": steps, "quality": JOINT_QUALITY, "calibration seconds": round(seconds),
             "attention share": round(plan.attention_share, 3),
-            "plan": {"step_cache": plan.spec, "sparse_attention": plan.sparse, "measured": plan.measured},
+            "plan": {"step_cache": plan.spec, "sparse_attention": plan.sparse, "measured": plan.measured,
+                     "time model": plan.time, "alone": {k: a and a["time"] for k, a in alone.items()}},
             "clips": len(HELD_OUT), "rows": rows, **describe(variant)}
 
 

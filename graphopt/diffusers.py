@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,19 @@ class CachedDenoiser:
         dense = sum(w[0] for w in works)
         return sum(w[1] for w in works) / dense if dense else 1.0
 
+    def time_attention(self, on: bool) -> None:
+        """Time each call of the sparse attentions (calibration's time model) or stop."""
+        for attention in self.sparse_attentions():
+            attention.timing = on
+
+    def attention_timed(self) -> tuple[list[float], list[int]]:
+        """The sparse attentions' timed seconds and calls since the last reset, each ``[run dense, the rest]``."""
+        seconds, calls = [0.0, 0.0], [0, 0]
+        for attention in self.sparse_attentions():
+            s, n = attention.timed()
+            seconds, calls = [a + b for a, b in zip(seconds, s)], [a + b for a, b in zip(calls, n)]
+        return seconds, calls
+
     def attention_share(self, run: Any) -> tuple[Any, float]:
         """``run()``'s result, and the share of the denoiser's FLOPs in that run that its sparse attentions
         would spend dense: their own count over torch's count of everything else (FLOP counters do not see
@@ -396,19 +410,36 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str | None, auto_spa
             curves = fit_curves(recorders, caches[0].cached)
             policies = AUTO if step_cache == "auto" else (step_cache,)
             best, trials, fragile = calibrate(sample, reference, curves, quality, policies, note)
-            cache_trials = [sparse_calibration.Measured(t.spec, t.measured, skipped=t.skipped) for t in trials
-                            if t.skipped > 0]
+            cache_trials = [sparse_calibration.Measured(t.spec, t.measured, skipped=t.skipped, time=1 - t.skipped)
+                            for t in trials if t.skipped > 0]
         if not auto_sparse:
             return Plan(best.spec, curves, fingerprint(pipe), dict(quality), best.measured, best.skipped, trials,
                         fragile, sparse=sparse)
         for cache in caches:
             cache.set_policy(make_policy({"policy": "none"}))
+        denoiser.time_attention(True)
+        start = time.perf_counter()
+        run()  # every attention dense, as in the reference run, which FLOP counting slowed
+        dense_seconds = time.perf_counter() - start
+        attention_seconds, attention_calls = denoiser.attention_timed()
+        time_share = attention_seconds[0] / dense_seconds
+        dense_call = attention_seconds[0] / max(attention_calls[0], 1)
 
-        def sample_sparse(options: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        def attention_time() -> float:
+            """The run's time over dense, by the sparse attentions' own clocks: their calls after the dense
+            steps against those before (the dense run's where none were), weighted by attention's share of
+            the dense run. Steadier than timing whole runs apart: both kinds of call come from one run."""
+            seconds, calls = denoiser.attention_timed()
+            if not calls[1]:
+                return 1.0
+            dense = seconds[0] / calls[0] if calls[0] else dense_call
+            return 1 - time_share * (1 - seconds[1] / calls[1] / dense)
+
+        def sample_sparse(options: dict[str, Any]) -> tuple[torch.Tensor, float, float]:
             denoiser.set_sparse({**sparse, **options})
             images = run()
             bar.update(1)
-            return images, denoiser.attention_kept()
+            return images, denoiser.attention_kept(), attention_time()
 
         steps = int(arguments.get("num_inference_steps", 50))
         sparse_trials = sparse_calibration.sweep(sample_sparse, reference, steps, measure, note)
@@ -416,20 +447,22 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str | None, auto_spa
         def run_pair(c: Any, s: Any) -> Any:
             for cache in caches:
                 cache.set_policy(make_policy(dict(c.options), curves))
-            images, kept = sample_sparse(s.options)
-            return sparse_calibration.Measured(None, measure(images, reference), denoiser.skipped_fraction(), kept)
+            images, kept, took = sample_sparse(s.options)
+            skipped = denoiser.skipped_fraction()
+            return sparse_calibration.Measured(None, measure(images, reference), skipped, kept, (1 - skipped) * took)
 
-        pairs = sparse_calibration.candidates(cache_trials, sparse_trials, share, quality, meets)
+        pairs = sparse_calibration.candidates(cache_trials, sparse_trials, quality, meets)
         c, s, both = sparse_calibration.choose(pairs, run_pair, quality, meets)
     finally:
         bar.close()
+        denoiser.time_attention(False)
     spec = dict(c.options) if c is not None else {"policy": "none"}
     options = {**sparse, **s.options} if s is not None else None
     alone = {name: sparse_calibration.best_alone(trials, share, quality, meets)
              for name, trials in (("step_cache", cache_trials), ("sparse_attention", sparse_trials))}
     return Plan(spec, curves, fingerprint(pipe), dict(quality), both.measured, both.skipped, [], fragile,
                 sparse=options, attention_share=share,
-                work=sparse_calibration.work(both.skipped, both.kept, share), alone=alone)
+                work=sparse_calibration.work(both.skipped, both.kept, share), time=both.time, alone=alone)
 
 
 def images_of(output: Any) -> torch.Tensor:

@@ -6,10 +6,20 @@ dense, uncached samples: step caching's trials come from
 errors are close to independent (one skips whole blocks at some steps, the
 other drops attention far off each head's band at every step), so a pair's
 squared error is predicted as the sum of the two (PSNR, relative error; SSIM
-losses add), and its work as the product of the two savings. Pairs that the
-prediction says meet the budget are tried in order of predicted work, each
-one run, until one meets it: the budget is split between the passes where the
-split costs least, and a pass alone is a pair with nothing on the other side.
+losses add), and its time as the product of the two passes' times over dense.
+Pairs that the prediction says meet the budget are tried fastest first, each
+one run, until one meets it faster than the fastest pass alone that met it:
+the budget is split between the passes where the split costs least, and a pass
+alone is a pair with nothing on the other side.
+
+The time model: step caching leaves the block evaluations it does not skip;
+sparse attention leaves ``1 - share * (1 - ratio)``, where ``share`` is
+attention's part of a timed dense run and ``ratio`` its calls' mean time
+after the dense steps over before them, both clocked inside the attention
+modules during the run. Time, not FLOPs, ranks the pairs: where a pass's
+overhead outweighs what it skips (sparse attention over a few hundred tokens
+on a CPU) its FLOPs still fall while sampling gets slower. The FLOPs left
+(``work``) are recorded beside it.
 """
 from __future__ import annotations
 
@@ -44,6 +54,8 @@ class Measured:
     """Step caching: the block evaluations skipped."""
     kept: float = 1.0
     """Sparse attention: the share of the replaced attentions' FLOPs computed."""
+    time: float = 1.0
+    """The time it leaves, as a share of dense, uncached sampling (the time model's)."""
 
 
 def options_for(setting: Mapping[str, Any], steps: int) -> dict[str, Any]:
@@ -53,15 +65,15 @@ def options_for(setting: Mapping[str, Any], steps: int) -> dict[str, Any]:
     return setting
 
 
-def sweep(sample: Callable[[dict[str, Any]], tuple[torch.Tensor, float]], reference: torch.Tensor, steps: int,
-          measure: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+def sweep(sample: Callable[[dict[str, Any]], tuple[torch.Tensor, float, float]], reference: torch.Tensor,
+          steps: int, measure: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
           progress: Callable[[str], None] | None = None) -> list[Measured]:
-    """Every setting of ``SETTINGS``; ``sample(options)`` runs the samples and gives (images, kept)."""
+    """Every setting of ``SETTINGS``; ``sample(options)`` runs the samples and gives (images, kept, time)."""
     trials = []
     for setting in SETTINGS:
         options = options_for(setting, steps)
-        images, kept = sample(options)
-        trials.append(Measured(options, measure(images, reference), kept=kept))
+        images, kept, time = sample(options)
+        trials.append(Measured(options, measure(images, reference), kept=kept, time=time))
         if progress is not None:
             progress(f"sparse {options}: psnr {trials[-1].measured['psnr']:.1f}, attention kept {kept:.0%}")
     return trials
@@ -85,28 +97,28 @@ def predicted(cache: Measured | None, sparse: Measured | None) -> dict[str, floa
     return {**worst, **{f"worst_{k}": v for k, v in worst.items()}}
 
 
-def candidates(cache: Sequence[Measured], sparse: Sequence[Measured], attention_share: float,
-               quality: Mapping[str, float], meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
+def candidates(cache: Sequence[Measured], sparse: Sequence[Measured], quality: Mapping[str, float],
+               meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
                ) -> list[tuple[float, Measured | None, Measured | None]]:
-    """(predicted work, cache trial, sparse trial) of every pair predicted to meet ``quality``, least work
-    first; either side may be None (that pass left out), never both."""
+    """(predicted time over dense, cache trial, sparse trial) of every pair predicted to meet ``quality``,
+    fastest first; either side may be None (that pass left out), never both."""
     pairs = []
     for c in [None, *cache]:
         for s in [None, *sparse]:
             if (c is None and s is None) or not meets(predicted(c, s), quality):
                 continue
-            pairs.append((work(c.skipped if c else 0.0, s.kept if s else 1.0, attention_share), c, s))
+            pairs.append((math.prod(m.time for m in (c, s) if m is not None), c, s))
     return sorted(pairs, key=lambda p: p[0])
 
 
 def best_alone(trials: Sequence[Measured], attention_share: float, quality: Mapping[str, float],
                meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]) -> dict[str, Any] | None:
-    """The least-work trial of one pass that met ``quality`` on its own, as a plan records it."""
+    """The fastest trial of one pass that met ``quality`` on its own, as a plan records it."""
     good = [t for t in trials if meets(t.measured, quality)]
     if not good:
         return None
-    best = min(good, key=lambda t: work(t.skipped, t.kept, attention_share))
-    return {"options": best.options, "measured": best.measured,
+    best = min(good, key=lambda t: t.time)
+    return {"options": best.options, "measured": best.measured, "time": best.time,
             "work": work(best.skipped, best.kept, attention_share)}
 
 
@@ -114,8 +126,10 @@ def choose(pairs: Sequence[tuple[float, Measured | None, Measured | None]],
            run: Callable[[Measured | None, Measured | None], Measured], quality: Mapping[str, float],
            meets: Callable[[Mapping[str, float], Mapping[str, float]], bool]
            ) -> tuple[Measured | None, Measured | None, Measured]:
-    """The first pair (least predicted work) whose run meets ``quality``; after ``VERIFIED`` misses, the
-    pass alone of least work whose own calibration run met it."""
+    """The first pair (fastest predicted) whose run meets ``quality`` faster than the fastest pass alone
+    that met it; after ``VERIFIED`` tries, that pass alone."""
+    alone = [c or s for _, c, s in pairs if c is None or s is None]
+    to_beat = min((m.time for m in alone if meets(m.measured, quality)), default=math.inf)
     tried = 0
     for _, c, s in pairs:
         if c is not None and s is not None:
@@ -123,7 +137,7 @@ def choose(pairs: Sequence[tuple[float, Measured | None, Measured | None]],
                 continue
             tried += 1
             both = run(c, s)
-            if meets(both.measured, quality):
+            if meets(both.measured, quality) and both.time < to_beat:
                 return c, s, both
             continue
         alone = c if c is not None else s

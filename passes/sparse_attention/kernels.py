@@ -67,10 +67,9 @@ def _band_then_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ban
         out[..., rows, :], lse[..., rows] = attention_with_logsumexp(q[..., rows, :], k[..., keys, :],
                                                                      v[..., keys, :], scale)
     text_out, text_lse = text
-    top = torch.maximum(lse, text_lse)
-    own, other = torch.exp(lse - top), torch.exp(text_lse - top)
-    merged = (out * own[..., None] + text_out * other[..., None]) / (own + other)[..., None]
-    return merged.to(q.dtype).reshape(*shape[:-1], v.shape[-1])
+    band_share = torch.sigmoid(lse - text_lse)  # of each row's softmax mass: e^lse / (e^lse + e^text_lse)
+    merged = text_out.lerp_(out, band_share[..., None].to(out.dtype))  # one pass over the rows
+    return merged.reshape(*shape[:-1], v.shape[-1])
 
 
 def band_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band,

@@ -57,22 +57,23 @@ def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Vide
     rows = rows.to(device)
     stored = grid.orders(token_major)[0].to(device)  # where frame-major token i is held
     queries = q[:, span][:, stored[rows]]
-    scores = (queries @ k.transpose(-1, -2)).float() * scale
+    scores = (queries @ k.transpose(-1, -2)).float().mul_(scale)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # softmax's numerators, shared by every band
+        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask.float())
+    weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax's numerators, shared by every band
     values = v.float()
     exact = (weights @ values) / weights.sum(-1, keepdim=True)
     norm = exact.square().sum((-1, -2)).clamp_min(1e-30)
     errors = torch.empty(len(q), len(bands), 2, device=device)
-    keep = torch.ones(len(rows), grid.tokens, dtype=torch.bool, device=device)
+    keep = torch.ones(len(rows), grid.tokens, dtype=weights.dtype, device=device)
+    kept = torch.empty_like(weights)  # one buffer for every band: these are the profile's largest tensors
     held = torch.argsort(stored)  # the frame-major index of the token held at j
     for level, band in enumerate(bands):
         spatial = band.mask(rows, grid.video)[:, held]
         temporal = band.mask(positions[rows], grid.video)[:, positions[held]]
         for kind, video_keys in ((SPATIAL, spatial), (TEMPORAL, temporal)):
             keep[:, span] = video_keys
-            kept = weights * keep
+            torch.mul(weights, keep, out=kept)
             approx = (kept @ values) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
             errors[:, level, kind] = (approx - exact).square().sum((-1, -2)) / norm
     best, kinds = errors.min(-1)  # [heads, bands]

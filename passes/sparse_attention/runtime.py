@@ -10,10 +10,13 @@ video tokens in one of the two orders (``order``: the graph's layout, see
 the pass's ``layout`` option). With torch's kernels the heads of the other
 kind are permuted in and back (four gathers of their q, k, v and output per
 call); the Triton kernel reads every head through an order table, with no
-copies. Text rows attend densely; text keys are seen by every row.
+copies. Text rows attend densely; text keys are seen by every row. While
+``timing`` is set (calibration's time model), each call is clocked, the dense
+steps apart from the rest.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -77,6 +80,10 @@ class Memory:
     profiles: list[dict[str, int]] = field(default_factory=list)
     kernels: Counter = field(default_factory=Counter)
     """Calls whose sparse heads each kernel ran."""
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """While timed: seconds spent in the calls run dense (the first ``dense_steps``) and in the rest."""
+    timed: list[int] = field(default_factory=lambda: [0, 0])
+    """While timed: how many calls of each of the two."""
     dense_flops: float = 0.0
     """What the calls so far would have cost dense (``4 d`` per query-key pair, as FLOP counters count)."""
     flops: float = 0.0
@@ -91,6 +98,8 @@ class SparseVideoAttention(torch.nn.Module):
         self.settings = settings
         self.state = state
         self.key = key
+        self.timing = False
+        """Whether calls are timed (calibration's time model; on CUDA each timed call synchronises)."""
 
     def set_options(self, **options: Any) -> None:
         self.settings = replace(self.settings, **options)
@@ -99,6 +108,20 @@ class SparseVideoAttention(torch.nn.Module):
         return self.state.keep(self.key, Memory)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.timing:
+            return self.attend(q, k, v, mask)
+        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = self.attend(q, k, v, mask)
+        sync()
+        memory = self.memory()
+        ran_dense = memory.calls <= self.settings.dense_steps
+        memory.seconds[not ran_dense] += time.perf_counter() - start
+        memory.timed[not ran_dense] += 1
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         s = self.settings
         grid = s.grid.for_sequence(q.shape[-2])
         if grid is not s.grid:
@@ -230,6 +253,11 @@ class SparseVideoAttention(torch.nn.Module):
         memories of every branch since the last reset."""
         memories = self.state.memories_of(self.key)
         return sum(m.dense_flops for m in memories), sum(m.flops for m in memories)
+
+    def timed(self) -> tuple[list[float], list[int]]:
+        """Seconds and calls timed, each ``[run dense, the rest]``, over the memories of every branch."""
+        memories = self.state.memories_of(self.key)
+        return [sum(m.seconds[i] for m in memories) for i in (0, 1)], [sum(m.timed[i] for m in memories) for i in (0, 1)]
 
     def head_counts(self) -> dict[str, int]:
         """Heads of each kind over every profile so far (all branches), summed, and the calls made."""

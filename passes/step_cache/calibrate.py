@@ -172,16 +172,19 @@ class Plan:
     """The share of the denoiser's FLOPs its sparse attentions spend dense (calibration's work model)."""
     work: float | None = None
     """The denoiser's FLOPs the plan leaves, as a share of dense, uncached sampling (the work model's)."""
+    time: float | None = None
+    """The time the plan leaves, as a share of dense, uncached sampling (the time model's, which chose it:
+    ``passes/sparse_attention/calibrate.py``)."""
     alone: dict[str, Any] | None = None
-    """Calibrated together: each pass's best setting alone within the budget (``options``, ``measured``,
-    ``work``), what the pair was chosen against."""
+    """Calibrated together: each pass's fastest setting alone within the budget (``options``, ``measured``,
+    ``time``, ``work``), what the pair was chosen against."""
 
     def policy(self) -> Policy:
         return make_policy(dict(self.spec), self.curves)
 
     def to_json(self) -> dict[str, Any]:
         extra = {k: v for k, v in (("sparse_attention", self.sparse), ("attention_share", self.attention_share),
-                                   ("work", self.work), ("alone", self.alone)) if v is not None}
+                                   ("work", self.work), ("time", self.time), ("alone", self.alone)) if v is not None}
         return {"plan": "graphopt.step_cache/1", **self.spec,
                 "curves": None if self.curves is None else self.curves.to_json(),
                 "fingerprint": self.fingerprint, "quality": self.quality, "measured": self.measured,
@@ -199,11 +202,12 @@ class Plan:
                                      "make one with graphopt.diffusers.optimize(pipe, step_cache='auto', quality=...)")
         spec = {k: data.pop(k) for k in list(data) if k not in (
             "curves", "fingerprint", "quality", "measured", "skipped_fraction", "trials", "fragile_steps",
-            "sparse_attention", "attention_share", "work", "alone")}
+            "sparse_attention", "attention_share", "work", "time", "alone")}
         curves = Curves.from_json(data["curves"]) if data.get("curves") is not None else None
         return cls(spec, curves, data["fingerprint"], data["quality"], data["measured"], data["skipped_fraction"],
                    fragile_steps=data.get("fragile_steps", 0), sparse=data.get("sparse_attention"),
-                   attention_share=data.get("attention_share"), work=data.get("work"), alone=data.get("alone"))
+                   attention_share=data.get("attention_share"), work=data.get("work"), time=data.get("time"),
+                   alone=data.get("alone"))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

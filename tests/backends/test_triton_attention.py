@@ -54,6 +54,16 @@ def test_spatial_and_temporal_heads_equal_dense_attention_under_their_band(dim, 
 
 
 @needs_kernel
+def test_a_block_longer_than_a_program_runs_as_tiles_sharing_its_window():
+    grid = VideoGrid(5, 8, 16, text=3)  # 640 video tokens in blocks of 256: five programs of 128 rows, one cut short
+    q, k, v, tk, tv = video(grid, 2, 16)
+    band = Band(block=256, window=384)
+    out = triton_attention.band_attention(q, k, v, band.starts(grid.video), band.window, band.block,
+                                          grid.orders(), torch.tensor([SPATIAL, SPATIAL]), tk, tv)
+    torch.testing.assert_close(out, band_attention_reference(q, k, v, band, tk, tv), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_listed_heads_are_written_into_a_strided_output_and_the_rest_left_alone():
     grid = VideoGrid(3, 4, 4, text=4)
     q, k, v, tk, tv = video(grid, 4, 16)

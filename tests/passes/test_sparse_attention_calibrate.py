@@ -1,4 +1,4 @@
-"""Sparse attention and step caching under one budget: predicted pairs, tried in order of work."""
+"""Sparse attention and step caching under one budget: predicted pairs, tried fastest first."""
 import math
 
 import pytest
@@ -13,8 +13,9 @@ def quality(psnr: float) -> dict:
             "worst_rel_error": 0.01}
 
 
-CACHE = Measured({"policy": "fora", "interval": 2}, quality(33.0), skipped=0.5)
-SPARSE = Measured({"density": 0.25}, quality(36.0), kept=0.4)
+CACHE = Measured({"policy": "fora", "interval": 2}, quality(33.0), skipped=0.5, time=0.55)
+SPARSE = Measured({"density": 0.25}, quality(36.0), kept=0.4, time=0.8)
+SLOW_SPARSE = Measured({"density": 0.25}, quality(36.0), kept=0.4, time=1.1)  # fewer FLOPs, more overhead
 
 
 def test_a_pair_s_error_is_the_sum_of_its_passes_errors():
@@ -27,23 +28,43 @@ def test_work_multiplies_the_savings():
     assert work(0.5, 0.4, attention_share=0.5) == pytest.approx(0.5 * (1 - 0.5 * 0.6))
 
 
-def test_pairs_predicted_to_meet_the_budget_come_least_work_first():
-    pairs = candidates([CACHE], [SPARSE], 0.5, {"psnr": 30}, meets)
+def test_pairs_predicted_to_meet_the_budget_come_fastest_first():
+    pairs = candidates([CACHE], [SPARSE], {"psnr": 30}, meets)
     assert [(c is not None, s is not None) for _, c, s in pairs] == [(True, True), (True, False), (False, True)]
-    assert [round(w, 3) for w, _, _ in pairs] == [0.35, 0.5, 0.7]
-    assert len(candidates([CACHE], [SPARSE], 0.5, {"psnr": 33.5}, meets)) == 1  # only sparse alone fits
+    assert [round(t, 3) for t, _, _ in pairs] == [0.44, 0.55, 0.8]
+    assert len(candidates([CACHE], [SPARSE], {"psnr": 33.5}, meets)) == 1  # only sparse alone fits
 
 
-def test_a_pair_that_misses_when_run_gives_way_to_the_next():
-    pairs = candidates([CACHE], [SPARSE], 0.5, {"psnr": 30}, meets)
-    ran = []
+def test_a_pass_that_saves_flops_but_not_time_is_left_out():
+    pairs = candidates([CACHE], [SLOW_SPARSE], {"psnr": 30}, meets)
+    assert [(c, s) for _, c, s in pairs][0] == (CACHE, None)
+    c, s, measured = choose(pairs, lambda c, s: pytest.fail("the slower pair was run"), {"psnr": 30}, meets)
+    assert (c, s) == (CACHE, None) and measured is CACHE
 
+
+def run_returning(measured: Measured, ran: list):
     def run(c, s):
         ran.append((c, s))
-        return Measured(None, quality(29.0), 0.5, 0.4)  # the pair misses
+        return measured
+    return run
 
-    c, s, measured = choose(pairs, run, {"psnr": 30}, meets)
+
+@pytest.mark.parametrize("pair", [
+    Measured(None, quality(29.0), 0.5, 0.4, time=0.44),  # misses the budget
+    Measured(None, quality(31.0), 0.5, 0.4, time=0.6),  # meets it, but slower than caching alone ran
+])
+def test_a_pair_that_misses_or_is_slower_when_run_gives_way_to_the_next(pair):
+    pairs = candidates([CACHE], [SPARSE], {"psnr": 30}, meets)
+    ran = []
+    c, s, measured = choose(pairs, run_returning(pair, ran), {"psnr": 30}, meets)
     assert ran == [(CACHE, SPARSE)] and (c, s) == (CACHE, None) and measured is CACHE
+
+
+def test_a_pair_that_meets_the_budget_faster_than_either_pass_alone_is_chosen():
+    pair = Measured(None, quality(31.0), 0.5, 0.4, time=0.45)
+    c, s, measured = choose(candidates([CACHE], [SPARSE], {"psnr": 30}, meets), run_returning(pair, []),
+                            {"psnr": 30}, meets)
+    assert (c, s) == (CACHE, SPARSE) and measured is pair
 
 
 def test_nothing_within_the_budget_is_one_clear_error():

@@ -41,6 +41,17 @@ def test_a_band_keeps_its_density_of_key_blocks_centred_on_each_query_block():
     assert mask[512].nonzero().flatten().tolist() == list(range(448, 704))  # rows 512-639, centred at 576
 
 
+@pytest.mark.parametrize("tokens, density, block, window", [
+    (13312, 0.25, 1024, 3328),  # CogVideoX's 13 frames of 32 x 32: 13 blocks, a quarter of the keys in 256s
+    (4096, 0.25, 512, 1024),
+    (13312, 0.04, 512, 512),  # a window shorter than the longest block shortens the block
+])
+def test_long_sequences_get_long_query_blocks_and_their_windows_keep_the_density(tokens, density, block, window):
+    band = Band.for_density(tokens, density)
+    assert (band.block, band.window) == (block, window)
+    assert band.mask(torch.arange(tokens), tokens).float().mean().item() == pytest.approx(window / tokens)
+
+
 # ----------------------------------------------------------------- kernel
 @pytest.mark.parametrize("tokens, density, text", [(96, 0.25, 0), (100, 0.3, 7), (64, 0.5, 5)])
 def test_band_attention_equals_dense_attention_under_the_band_mask(tokens, density, text):
@@ -329,3 +340,21 @@ def test_on_cpu_the_sparse_heads_run_on_torch_s_kernels():
         module(*inputs)
     (attention,) = [m for m in module.modules() if hasattr(m, "kernel_calls")]
     assert attention.kernel_calls() == {"torch": 1}
+
+
+def test_a_timed_attention_clocks_its_dense_step_calls_and_the_rest_apart():
+    model, inputs = small_video_graph()
+    module = sparse({"density": 0.25, "dense_steps": 1}).to_torch()
+    (attention,) = [m for m in module.modules() if hasattr(m, "timed")]
+    with torch.no_grad():
+        module(*inputs)
+        assert attention.timed() == ([0.0, 0.0], [0, 0])  # untimed by default: nothing is synchronised
+        attention.timing = True
+        for _ in range(3):
+            module(*inputs)
+    seconds, calls = attention.timed()
+    assert calls == [0, 3] and seconds[0] == 0.0 < seconds[1]  # the dense step was the untimed first call
+    module.graphopt_state.reset()
+    with torch.no_grad():
+        module(*inputs)
+    assert attention.timed()[1] == [1, 0]  # a new run's first call is its dense step
