@@ -14,7 +14,9 @@ Stages (``--stages kernel,e2e,quality``):
 - ``together``: one calibration of step caching and sparse attention under one budget (PSNR 29, SSIM
   0.9) on the trained moving-digits DiT; the plan against each pass's best setting alone within the
   budget, on clips calibration never saw: quality, block evaluations skipped, attention kept, FLOPs
-  speed-up (the calibration's work model) and wall-clock speed-up.
+  speed-up (the calibration's work model) and wall-clock speed-up. ``--size`` samples the trained model at
+  more tokens than it was trained at (16,64: 16 frames of 16 x 16), where a sparse call is faster than a
+  dense one on a CPU; ``--clips`` keeps such runs short.
 - ``quality``: the trained moving-digits video DiT (``graphopt.moving_digits``), 50 steps, 8 clips:
   PSNR/SSIM against dense sampling, the share of attention work kept, and the head kinds, for graphopt's
   profiling and for SVG's recipe (rows drawn from the first tokens only, no dense choice) through the
@@ -22,6 +24,7 @@ Stages (``--stages kernel,e2e,quality``):
 
     python benchmarks/sparse_attention_compare.py [--stages kernel,e2e,quality,together] [--threads 2] [--repeats 5]
     python benchmarks/sparse_attention_compare.py --stages quality,together --variant long   # 512 tokens
+    python benchmarks/sparse_attention_compare.py --stages together --variant long --size 16,64 --clips 2 --steps 20
 
 Writes ``benchmarks/results/sparse_attention_compare.{md,json}``.
 """
@@ -238,13 +241,19 @@ def quality_stage(steps: int, variant: str) -> dict[str, Any]:
             **describe(variant)}
 
 
-def describe(variant: str) -> dict[str, Any]:
+def describe(variant: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
     from graphopt import moving_digits
 
     v = moving_digits.VARIANTS[variant]
-    return {"variant": variant, "model": f"{v.frames} frames of {v.canvas // moving_digits.PATCH}x"
-                                         f"{v.canvas // moving_digits.PATCH} tokens ({v.tokens}), "
-                                         f"{v.config['num_layers']} layers"}
+
+    def shape(frames: int, canvas: int) -> str:
+        side = canvas // moving_digits.PATCH
+        return f"{frames} frames of {side}x{side} tokens ({frames * side * side})"
+
+    model = f"{shape(v.frames, v.canvas)}, {v.config['num_layers']} layers"
+    if size is not None:
+        model = f"trained at {model}, sampled at {shape(*size)}"
+    return {"variant": variant, "model": model}
 
 
 def attention_kept(report: list[dict[str, Any]]) -> float:
@@ -283,19 +292,24 @@ CALIBRATION = {"class_labels": [0, 3, 5, 8], "seed": 7}
 HELD_OUT = [1, 2, 4, 6, 7, 9]
 
 
-def joint_stage(steps: int, repeats: int, variant: str) -> dict[str, Any]:
+def joint_stage(steps: int, repeats: int, variant: str, size: tuple[int, int] | None = None,
+                clips: int | None = None) -> dict[str, Any]:
     """One calibration of both passes under one budget; its plan, and each pass's best setting alone within
-    the budget, on clips calibration never saw."""
+    the budget, on clips calibration never saw. ``size``: (frames, canvas) to sample the trained model at
+    instead of its own; ``clips``: that many calibration and held-out clips (fewer, for long sequences)."""
     import graphopt.diffusers as gd
     from graphopt import moving_digits
     from graphopt.passes.sparse_attention.calibrate import work
     from graphopt.quality import psnr, ssim
 
     pipe = moving_digits.load_moving_digits_pipeline(variant)
-    run = lambda: pipe(HELD_OUT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    if size is not None:
+        pipe.frames, pipe.canvas = size
+    held_out = HELD_OUT[:clips]
+    calibration = {**CALIBRATION, "class_labels": CALIBRATION["class_labels"][:clips], "num_inference_steps": steps}
+    run = lambda: pipe(held_out, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))  # noqa: E731
     start = time.time()
-    gd.optimize(pipe, step_cache="auto", sparse_attention="auto", quality=JOINT_QUALITY,
-                calibration={**CALIBRATION, "num_inference_steps": steps})
+    gd.optimize(pipe, step_cache="auto", sparse_attention="auto", quality=JOINT_QUALITY, calibration=calibration)
     seconds = time.time() - start
     plan = pipe.graphopt.plan
     gd.restore(pipe)
@@ -312,7 +326,7 @@ def joint_stage(steps: int, repeats: int, variant: str) -> dict[str, Any]:
     for name, options in tqdm(settings.items(), desc="together", unit="setting"):
         if options:
             gd.optimize(pipe, **options)
-        pipe(HELD_OUT, num_inference_steps=2)  # captures this batch's graph outside the timed runs
+        pipe(held_out, num_inference_steps=2)  # captures this batch's graph outside the timed runs
         out, times = None, []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -333,7 +347,7 @@ def joint_stage(steps: int, repeats: int, variant: str) -> dict[str, Any]:
             "attention share": round(plan.attention_share, 3),
             "plan": {"step_cache": plan.spec, "sparse_attention": plan.sparse, "measured": plan.measured,
                      "time model": plan.time, "alone": {k: a and a["time"] for k, a in alone.items()}},
-            "clips": len(HELD_OUT), "rows": rows, **describe(variant)}
+            "clips": len(held_out), "rows": rows, **describe(variant, size)}
 
 
 # ----------------------------------------------------------------------- main
@@ -362,13 +376,12 @@ def write(results: dict[str, Any]) -> None:
                       f"{q['clips']} clips, against dense sampling", "", *table(q["rows"]), "",
                       f"Planted heads classified right: {q['planted']['right']} of {q['planted']['heads']} "
                       f"({100 * q['planted']['accuracy']:.1f} %).", ""]
-    for key in ("together", "together_long"):
-        if key in results:
-            j = results[key]
-            lines += [f"## Together with step caching ({j.get('model', 'short')}): one calibration for "
-                      f"{j['quality']}, {j['steps']} steps, {j['clips']} clips calibration never saw", "",
-                      f"Calibrated in {j['calibration seconds']} s; attention is {100 * j['attention share']:.0f} % "
-                      f"of this denoiser's FLOPs. Plan: {j['plan']}.", "", *table(j["rows"]), ""]
+    for key in sorted(k for k in results if k.startswith("together")):
+        j = results[key]
+        lines += [f"## Together with step caching ({j.get('model', 'short')}): one calibration for "
+                  f"{j['quality']}, {j['steps']} steps, {j['clips']} clips calibration never saw", "",
+                  f"Calibrated in {j['calibration seconds']} s; attention is {100 * j['attention share']:.0f} % "
+                  f"of this denoiser's FLOPs. Plan: {j['plan']}.", "", *table(j["rows"]), ""]
     (RESULTS / "sparse_attention_compare.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -387,6 +400,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--variant", choices=("short", "long"), default="short",
                         help="the trained moving-digits model of the quality and together stages")
+    parser.add_argument("--size", type=lambda text: tuple(int(x) for x in text.split(",")), default=None,
+                        help="FRAMES,CANVAS: sample the together stage's model at this size (e.g. 16,64: 4,096 tokens)")
+    parser.add_argument("--clips", type=int, default=None, help="the together stage's calibration and held-out clips")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / "sparse_attention_compare.json"
@@ -402,7 +418,8 @@ def main() -> None:
     if "quality" in stages:
         results["quality" + suffix] = quality_stage(args.steps, args.variant)
     if "together" in stages:
-        results["together" + suffix] = joint_stage(args.steps, 2, args.variant)
+        size = "" if args.size is None else "_at_" + "x".join(map(str, args.size))
+        results["together" + suffix + size] = joint_stage(args.steps, 2, args.variant, args.size, args.clips)
     print(f"{time.time() - start:.0f} s")
     write(results)
 

@@ -426,14 +426,8 @@ def _calibrate(pipe: Any, installed: Installed, step_cache: str | None, auto_spa
         dense_call = attention_seconds[0] / max(attention_calls[0], 1)
 
         def attention_time() -> float:
-            """The run's time over dense, by the sparse attentions' own clocks: their calls after the dense
-            steps against those before (the dense run's where none were), weighted by attention's share of
-            the dense run. Steadier than timing whole runs apart: both kinds of call come from one run."""
             seconds, calls = denoiser.attention_timed()
-            if not calls[1]:
-                return 1.0
-            dense = seconds[0] / calls[0] if calls[0] else dense_call
-            return 1 - time_share * (1 - seconds[1] / calls[1] / dense)
+            return sparse_calibration.time_left(time_share, seconds, calls, dense_call)
 
         def sample_sparse(options: dict[str, Any]) -> tuple[torch.Tensor, float, float]:
             denoiser.set_sparse({**sparse, **options})

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from graphopt.errors import GraphoptError
-from graphopt.passes.sparse_attention.calibrate import Measured, candidates, choose, predicted, work
+from graphopt.passes.sparse_attention.calibrate import Measured, candidates, choose, predicted, time_left, work
 from graphopt.passes.step_cache.calibrate import meets
 
 
@@ -26,6 +26,13 @@ def test_a_pair_s_error_is_the_sum_of_its_passes_errors():
 
 def test_work_multiplies_the_savings():
     assert work(0.5, 0.4, attention_share=0.5) == pytest.approx(0.5 * (1 - 0.5 * 0.6))
+
+
+def test_time_left_counts_every_call_the_dense_steps_included():
+    # attention is half the dense run; 2 dense-step calls of 1 s, 8 sparse calls of 0.5 s: calls average 0.6 s
+    assert time_left(0.5, [2.0, 4.0], [2, 8], dense_call=9.9) == pytest.approx(1 - 0.5 * 0.4)
+    assert time_left(0.5, [0.0, 4.0], [0, 8], dense_call=1.0) == pytest.approx(0.75)  # no dense step: a dense run's
+    assert time_left(0.5, [0.0, 0.0], [0, 0], dense_call=1.0) == 1.0
 
 
 def test_pairs_predicted_to_meet_the_budget_come_fastest_first():
