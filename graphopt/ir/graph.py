@@ -344,8 +344,18 @@ class Graph:
     def __len__(self) -> int:
         return self._count
 
-    def find(self, op: str) -> list[Node]:
-        return [n for n in self._walk() if n.op == op]
+    def find(self, op: str, nested: bool = False) -> list[Node]:
+        """The nodes of ``op`` in execution order; ``nested``: also those inside the bodies of region nodes
+        (any attribute that holds a graph), depth first."""
+        found = []
+        for n in self._walk():
+            if n.op == op:
+                found.append(n)
+            if nested:
+                for body in n.attrs.values():
+                    if isinstance(body, Graph):
+                        found.extend(body.find(op, nested=True))
+        return found
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

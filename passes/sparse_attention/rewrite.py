@@ -120,7 +120,8 @@ class SparseVideoAttentionPass(Pass):
 
     def call(self, graph: Graph) -> PassResult:
         self._check_options()
-        if graph.find("video_sparse_attention"):  # sparse already (a pipeline that repeats its passes)
+        if graph.find("video_sparse_attention", nested=True):  # sparse already (passes repeated; its layers
+            # may sit inside a region by now, as step caching's blocks do)
             return PassResult(graph, False)
         attentions = [n for n in graph.find("sdpa") if _self_attention(n)]
         if not attentions:

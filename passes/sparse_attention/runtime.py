@@ -82,7 +82,7 @@ class Memory:
     """Calls whose sparse heads each kernel ran."""
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
     """While timed: seconds spent in the calls run dense (the first ``dense_steps``) and in the rest."""
-    timed: list[int] = field(default_factory=lambda: [0, 0])
+    timed_calls: list[int] = field(default_factory=lambda: [0, 0])
     """While timed: how many calls of each of the two."""
     dense_flops: float = 0.0
     """What the calls so far would have cost dense (``4 d`` per query-key pair, as FLOP counters count)."""
@@ -118,7 +118,7 @@ class SparseVideoAttention(torch.nn.Module):
         memory = self.memory()
         ran_dense = memory.calls <= self.settings.dense_steps
         memory.seconds[not ran_dense] += time.perf_counter() - start
-        memory.timed[not ran_dense] += 1
+        memory.timed_calls[not ran_dense] += 1
         return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -257,7 +257,8 @@ class SparseVideoAttention(torch.nn.Module):
     def timed(self) -> tuple[list[float], list[int]]:
         """Seconds and calls timed, each ``[run dense, the rest]``, over the memories of every branch."""
         memories = self.state.memories_of(self.key)
-        return [sum(m.seconds[i] for m in memories) for i in (0, 1)], [sum(m.timed[i] for m in memories) for i in (0, 1)]
+        seconds = [sum(m.seconds[i] for m in memories) for i in (0, 1)]
+        return seconds, [sum(m.timed_calls[i] for m in memories) for i in (0, 1)]
 
     def head_counts(self) -> dict[str, int]:
         """Heads of each kind over every profile so far (all branches), summed, and the calls made."""

@@ -61,7 +61,8 @@ def find_blocks(graph: Graph, min_repeats: int = 2) -> BlockSpan | None:
             span = _validated(graph, nodes, runs)
             if span is None or _covered(span) < len(nodes) / 4:
                 continue  # a few repeated ops (a reshape and a permute), not the model's stack of blocks
-            span = _validated(graph, nodes, _add_neighbour_runs(graph, nodes, keys, crossing, runs, min_repeats))
+            runs = _add_neighbour_runs(graph, nodes, keys, crossing, runs, min_repeats)
+            span = _validated(graph, nodes, _add_head(graph, nodes, crossing, runs))
             if span is not None and (best is None or _rank_of(span) > _rank_of(best)):
                 best = span  # the phase of fewest crossings may start a run mid-block and strand its neighbours
         if best is not None:
@@ -214,7 +215,7 @@ _PHASES_TRIED = 8
 blocks concatenate text and image and split them again; the cut between keeps both streams)."""
 
 
-# ------------------------------------------------------------------ more runs, tail
+# ------------------------------------------------------------------ more runs, head, tail
 def _add_neighbour_runs(graph: Graph, nodes: list[Node], keys: np.ndarray, crossing: np.ndarray,
                         runs: list[list[int]], min_repeats: int) -> list[list[int]]:
     """Runs of another block right before or after the found ones (FLUX's single-stream blocks after its
@@ -280,6 +281,30 @@ def _add_tail(graph: Graph, nodes: list[Node], crossing: np.ndarray,
     span = _validated(graph, nodes, candidate)
     if span is None or len(span.blocks[-1]) < 0.5 * len(span.blocks[-2]):
         return runs  # too small for a block: the model's output head
+    return candidate
+
+
+def _add_head(graph: Graph, nodes: list[Node], crossing: np.ndarray,
+              runs: list[list[int]]) -> list[list[int]]:
+    """A first block that differs from its run (a pass left the first layer's attention dense, as Sparse
+    VideoGen does): the period before the run, cut where the fewest values cross nearest a whole period back,
+    as long as it looks like a block (most of its ops occur in the run's block, and it is at least half as
+    big). Without it the first block runs at every step, cached or not."""
+    cuts = runs[0]
+    period = cuts[1] - cuts[0]
+    end = cuts[0]
+    candidates = range(max(0, end - period), end - period // 2 + 1)
+    if not candidates:
+        return runs
+    begin = min(candidates, key=lambda c: (crossing[c], abs(c - (end - period))))
+    block_ops = _op_counts(nodes[end:cuts[1]])
+    head_ops = _op_counts(nodes[begin:end])
+    if sum(min(k, block_ops.get(op, 0)) for op, k in head_ops.items()) < 0.5 * (end - begin):
+        return runs
+    candidate = [[begin, end], *runs]
+    span = _validated(graph, nodes, candidate)
+    if span is None or len(span.blocks[0]) < 0.5 * len(span.blocks[1]):
+        return runs  # too small for a block: the model's input embedding
     return candidate
 
 

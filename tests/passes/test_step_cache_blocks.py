@@ -153,3 +153,23 @@ def test_runs_of_unequal_length():
     span = find_blocks(graph)
     assert span.runs == [(0, 2), (2, 5), (5, 6)]
     _check_invariants(graph, span)
+
+
+def test_a_first_block_that_differs_is_a_block_of_its_own():
+    """A pass changed the first layer only (sparse attention leaves the first layer's attention dense, as
+    Sparse VideoGen does): that layer is still a block, a run of its own before the rest, not work left
+    outside the span to run at every step."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    model = models.KwargsWrapper(dit, ("hidden_states", "timestep", "class_labels"), {"return_dict": False}).eval()
+    graph = _in_conditioning_first(graphopt.capture(model, (torch.randn(1, 4, 8, 8), torch.tensor([10]),
+                                                            torch.tensor([3]))))
+    assert find_blocks(graph).runs == [(0, 3)]  # before: three equal blocks
+    first = graph.find("sdpa")[0]
+    first.attrs["scale"] = 16 ** -0.5  # the default scale spelled out: the same attention, another key
+    span = find_blocks(graph)
+    assert span.runs == [(0, 1), (1, 3)]
+    _check_invariants(graph, span)
