@@ -272,10 +272,7 @@ def _add_tail(graph: Graph, nodes: list[Node], crossing: np.ndarray,
         return runs
     candidates = range(last_read + 1, limit + 1)
     end = min(candidates, key=lambda c: (crossing[c], c))
-    block_ops = _op_counts(nodes[cuts[-2]:begin])
-    tail_ops = _op_counts(nodes[begin:end])
-    shared = sum(min(k, block_ops.get(op, 0)) for op, k in tail_ops.items())
-    if shared < 0.5 * (end - begin):
+    if not _mostly_ops_of(nodes[begin:end], nodes[cuts[-2]:begin]):
         return runs
     candidate = [*runs, [begin, end]]
     span = _validated(graph, nodes, candidate)
@@ -297,15 +294,19 @@ def _add_head(graph: Graph, nodes: list[Node], crossing: np.ndarray,
     if not candidates:
         return runs
     begin = min(candidates, key=lambda c: (crossing[c], abs(c - (end - period))))
-    block_ops = _op_counts(nodes[end:cuts[1]])
-    head_ops = _op_counts(nodes[begin:end])
-    if sum(min(k, block_ops.get(op, 0)) for op, k in head_ops.items()) < 0.5 * (end - begin):
+    if not _mostly_ops_of(nodes[begin:end], nodes[end:cuts[1]]):
         return runs
     candidate = [[begin, end], *runs]
     span = _validated(graph, nodes, candidate)
     if span is None or len(span.blocks[0]) < 0.5 * len(span.blocks[1]):
         return runs  # too small for a block: the model's input embedding
     return candidate
+
+
+def _mostly_ops_of(part: list[Node], block: list[Node]) -> bool:
+    """Whether at least half of ``part``'s ops occur in ``block`` (a head or tail that looks like a block)."""
+    block_ops = _op_counts(block)
+    return sum(min(k, block_ops.get(op, 0)) for op, k in _op_counts(part).items()) >= 0.5 * len(part)
 
 
 def _op_counts(nodes: list[Node]) -> dict[str, int]:
