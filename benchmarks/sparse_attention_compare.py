@@ -419,7 +419,8 @@ def main() -> None:
         results["quality" + suffix] = quality_stage(args.steps, args.variant)
     if "together" in stages:
         size = "" if args.size is None else "_at_" + "x".join(map(str, args.size))
-        results["together" + suffix + size] = joint_stage(args.steps, 2, args.variant, args.size, args.clips)
+        steps = "" if args.steps == 50 else f"_{args.steps}_steps"
+        results["together" + suffix + size + steps] = joint_stage(args.steps, 2, args.variant, args.size, args.clips)
     print(f"{time.time() - start:.0f} s")
     write(results)
 
